@@ -1,0 +1,1 @@
+"""Local checkpoint store: atomic commit, metadata, retention, resume lookup."""

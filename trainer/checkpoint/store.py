@@ -1,0 +1,203 @@
+"""The local checkpoint store: atomic commit, listing, retention and resume lookup.
+
+Layout: `<run_dir>/<run_id>/checkpoints/step-00000100/` holds DeepSpeed's files, per-rank RNG
+states, the resolved config and `metadata.json`. `metadata.json` is written last and atomically
+(temp file, fsync, rename, fsync of the folder): a folder without it is partial, never listed or
+resumed from, and removed at the next start.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from trainer.errors import UserError
+from trainer.log import get_logger
+
+log = get_logger("checkpoint")
+
+METADATA = "metadata.json"
+METADATA_FORMAT = 1
+TAG_PREFIX = "step-"
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `path` so that readers see the old file or the whole new one, never a torn one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    metadata: dict
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+    @property
+    def step(self) -> int:
+        return int(self.metadata["step"])
+
+    @property
+    def run_id(self) -> str:
+        return str(self.metadata["run_id"])
+
+    @property
+    def loss(self) -> Optional[float]:
+        return self.metadata.get("loss")
+
+
+def read_metadata(ckpt_dir: Path) -> dict:
+    path = Path(ckpt_dir) / METADATA
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{ckpt_dir}: not a committed checkpoint (no {METADATA})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: corrupt checkpoint metadata ({exc.msg})") from None
+    if not isinstance(data, dict) or "step" not in data or "run_id" not in data:
+        raise UserError(f"{path}: checkpoint metadata lacks step/run_id")
+    return data
+
+
+def is_committed(ckpt_dir: Path) -> bool:
+    return (Path(ckpt_dir) / METADATA).is_file()
+
+
+class CheckpointStore:
+    """The checkpoints of one run: `<run_root>/checkpoints/`."""
+
+    def __init__(self, run_root: Path):
+        self.run_root = Path(run_root)
+        self.root = self.run_root / "checkpoints"
+
+    def path(self, tag: str) -> Path:
+        return self.root / tag
+
+    def committed(self) -> list[Checkpoint]:
+        """Committed checkpoints, oldest step first."""
+        out = []
+        if self.root.is_dir():
+            for d in self.root.iterdir():
+                if d.is_dir() and d.name.startswith(TAG_PREFIX) and is_committed(d):
+                    try:
+                        out.append(Checkpoint(d, read_metadata(d)))
+                    except UserError as exc:
+                        log.warning("skipping checkpoint with unreadable metadata: %s", exc)
+        return sorted(out, key=lambda c: c.step)
+
+    def remove_partials(self) -> list[Path]:
+        """Delete checkpoint folders that were never committed (a crash or kill mid-save)."""
+        removed = []
+        if self.root.is_dir():
+            for d in sorted(self.root.iterdir()):
+                if d.is_dir() and not is_committed(d):
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d)
+                    log.warning("removed partial checkpoint %s (no %s: the save never completed)", d, METADATA)
+        return removed
+
+    def commit(self, tag: str, metadata: dict, side_files: dict[str, str]) -> Path:
+        """Write the side files, then `metadata.json` last and atomically: the checkpoint exists."""
+        d = self.path(tag)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text in side_files.items():
+            atomic_write(d / name, text)
+        atomic_write(d / METADATA, json.dumps({"format": METADATA_FORMAT, **metadata}, indent=2, default=str) + "\n")
+        return d
+
+    def retention(self, keep_last: int, keep_best: bool) -> list[Path]:
+        """Delete committed checkpoints beyond the newest `keep_last` and the best by loss."""
+        ckpts = self.committed()
+        keep = {c.path for c in ckpts[-keep_last:]}
+        if keep_best:
+            scored = [c for c in ckpts if c.loss is not None]
+            if scored:
+                keep.add(min(scored, key=lambda c: (c.loss, -c.step)).path)
+        deleted = []
+        for c in ckpts:
+            if c.path not in keep:
+                delete_checkpoint(c.path)
+                deleted.append(c.path)
+                log.info("retention: deleted %s (keeping the newest %d and the best)", c.tag, keep_last)
+        return deleted
+
+
+def delete_checkpoint(ckpt_dir: Path) -> None:
+    """Un-commit first (remove metadata.json), then delete: a crash in between leaves a partial."""
+    (Path(ckpt_dir) / METADATA).unlink(missing_ok=True)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def all_committed(run_dir: Path) -> list[Checkpoint]:
+    """Committed checkpoints of every run under `run_dir`."""
+    run_dir = Path(run_dir)
+    out: list[Checkpoint] = []
+    if run_dir.is_dir():
+        for run_root in sorted(run_dir.iterdir()):
+            if (run_root / "checkpoints").is_dir():
+                out += CheckpointStore(run_root).committed()
+    return out
+
+
+def _newest(ckpts: list[Checkpoint]) -> Checkpoint:
+    return max(ckpts, key=lambda c: (str(c.metadata.get("committed_at", "")), c.step))
+
+
+def resolve_resume(run_dir: Path, spec: Optional[str]) -> Optional[Checkpoint]:
+    """The checkpoint `--resume SPEC` names, None for a fresh start, `UserError` if missing.
+
+    SPEC: `auto` (newest committed checkpoint under run_dir, else a fresh start), `latest` (the
+    same, but it is an error if there is none), a tag `step-00000100` (newest run holding it),
+    `RUN_ID/step-00000100`, or the path of a checkpoint folder.
+    """
+    if spec is None or spec in ("", "none", "no"):
+        return None
+    run_dir = Path(run_dir)
+    if spec in ("auto", "latest"):
+        ckpts = all_committed(run_dir)
+        if ckpts:
+            return _newest(ckpts)
+        if spec == "auto":
+            return None
+        raise UserError(f"--resume latest: no committed checkpoint under {run_dir}/")
+    path = Path(spec)
+    if path.is_dir():
+        if not is_committed(path):
+            raise UserError(f"--resume {spec}: {path} is not a committed checkpoint (no {METADATA}: partial or not a checkpoint)")
+        return Checkpoint(path, read_metadata(path))
+    candidates: list[Checkpoint]
+    if "/" in spec and not path.is_absolute():
+        run_id, _, tag = spec.partition("/")
+        candidates = [c for c in CheckpointStore(run_dir / run_id).committed() if c.tag == tag]
+    else:
+        candidates = [c for c in all_committed(run_dir) if c.tag == spec]
+    if candidates:
+        return _newest(candidates)
+    available = sorted({c.tag for c in all_committed(run_dir)})
+    hint = f" (available: {', '.join(available[-5:])})" if available else " (there are none)"
+    raise UserError(f"--resume {spec}: no committed checkpoint with that tag or path under {run_dir}/{hint}")

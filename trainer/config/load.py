@@ -1,0 +1,201 @@
+"""Load a run config: YAML file -> overrides -> validated `RunConfig`.
+
+Errors are `UserError`s with one line per problem naming the file and line (or the `--set`
+override) and the field, e.g. `configs/x.yaml:12: train.micro_batch_size: Input should be
+greater than or equal to 1 (got 0)`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+from pydantic import ValidationError
+
+from trainer.config.schema import RunConfig
+from trainer.errors import UserError
+
+
+@dataclass
+class Overrides:
+    """Command-line changes applied over the YAML file, in order."""
+
+    sets: list[str] = field(default_factory=list)
+    max_steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    learning_rate: Optional[float] = None
+    resume: Optional[str] = None
+
+    def as_pairs(self) -> list[tuple[str, str, Any]]:
+        """(origin, dotted key, value) for every override; origin names the flag for error lines."""
+        pairs: list[tuple[str, str, Any]] = []
+        for item in self.sets:
+            if "=" not in item:
+                raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
+            key, raw = item.split("=", 1)
+            key = key.strip()
+            if not key:
+                raise UserError(f"--set {item}: the key before '=' is empty")
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                value = raw
+            pairs.append((f"--set {item}", key, value))
+        for flag, key, value in (
+            ("--max-steps", "train.max_steps", self.max_steps),
+            ("--batch-size", "train.micro_batch_size", self.batch_size),
+            ("--learning-rate", "optim.lr", self.learning_rate),
+            ("--resume", "checkpoint.resume", self.resume),
+        ):
+            if value is not None:
+                pairs.append((f"{flag} {value}", key, value))
+        return pairs
+
+    def to_argv(self) -> list[str]:
+        """The same overrides as command-line arguments (passed through the launcher to every rank)."""
+        argv: list[str] = []
+        for item in self.sets:
+            argv += ["--set", item]
+        if self.max_steps is not None:
+            argv += ["--max-steps", str(self.max_steps)]
+        if self.batch_size is not None:
+            argv += ["--batch-size", str(self.batch_size)]
+        if self.learning_rate is not None:
+            argv += ["--learning-rate", repr(self.learning_rate)]
+        if self.resume is not None:
+            argv += ["--resume", self.resume]
+        return argv
+
+
+def _read_yaml(path: Path) -> tuple[dict, Optional[yaml.Node]]:
+    if not path.exists():
+        raise UserError(f"{path}: config file not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a YAML config file")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}:1: expected a mapping of config sections at the top level, got {type(data).__name__}")
+    return data, node
+
+
+def _line_of(node: Optional[yaml.Node], loc: Iterable[Any]) -> Optional[int]:
+    """1-based line of the deepest key of `loc` found in the YAML node tree."""
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                node = node.value[part]
+                line = node.start_mark.line + 1
+                continue
+            break
+        for key_node, value_node in node.value:
+            if key_node.value == str(part):
+                line = key_node.start_mark.line + 1
+                node = value_node
+                break
+        else:
+            break
+    return line
+
+
+def _set_dotted(data: dict, key: str, value: Any, origin: str) -> None:
+    parts = key.split(".")
+    cursor = data
+    for part in parts[:-1]:
+        nxt = cursor.get(part)
+        if nxt is None:
+            nxt = cursor[part] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"{origin}: {part} is not a section, cannot set {key}")
+        cursor = nxt
+    cursor[parts[-1]] = value
+
+
+def _describe(err: dict) -> str:
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return "unknown key (check the spelling; `trainer config show --fields` lists the valid keys)"
+    if err["type"] == "missing":
+        return "required field is missing"
+    if "input" in err and err["type"] not in ("model_type",) and not isinstance(err["input"], dict):
+        return f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def load_config(path: Path | str, overrides: Optional[Overrides] = None) -> RunConfig:
+    """Read, override and validate a run config; raise `UserError` listing every problem."""
+    path = Path(path)
+    data, node = _read_yaml(path)
+    origins: dict[tuple[str, ...], str] = {}
+    for origin, key, value in (overrides or Overrides()).as_pairs():
+        _set_dotted(data, key, value, origin)
+        origins[tuple(key.split("."))] = origin
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            dotted = ".".join(loc) if loc else "(config)"
+            origin = next((o for k, o in origins.items() if loc[: len(k)] == k), None)
+            if origin is not None:
+                where = origin
+            else:
+                line = _line_of(node, err["loc"])
+                where = f"{path}:{line}" if line else str(path)
+            msg = _describe(err)
+            if err["type"] == "value_error":
+                msg = msg.removeprefix("Value error, ")
+            lines.append(f"{where}: {dotted}: {msg}")
+        raise UserError("\n".join(lines)) from None
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """JSON-safe dict of the resolved config (paths as strings)."""
+    return cfg.model_dump(mode="json")
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Stable short hash of the settings that define the training trajectory.
+
+    Excludes what may legitimately change between a run and its resume (where to resume from, how
+    long to train, where outputs and uploads go, tracking).
+    """
+    data = config_to_dict(cfg)
+    data.pop("run_dir", None)
+    data.pop("run_id", None)
+    data.pop("upload", None)
+    data.pop("tracking", None)
+    data["checkpoint"].pop("resume", None)
+    data["train"].pop("max_steps", None)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1} (MLflow params, config diffs)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

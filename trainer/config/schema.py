@@ -1,0 +1,154 @@
+"""The typed run configuration.
+
+Every field carries a docstring (shown by `trainer config show --help-fields` and in error
+messages), unknown keys are rejected, and cross-field rules live in one validator per section so
+that all problems of a file are collected in one pass.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    preset: Literal["neox-tiny", "neox-1.2b"] = "neox-tiny"
+    """Architecture preset: `neox-tiny` (tests and demos on a CPU) or `neox-1.2b` (Pythia-1.4B shape)."""
+    vocab_size: Optional[int] = Field(default=None, ge=2)
+    """Vocabulary size before padding; defaults to the preset's (50257 for neox-1.2b, 512 for neox-tiny)."""
+    pad_vocab_to: int = Field(default=128, ge=1)
+    """Pad the embedding rows up to a multiple of this (efficient matmuls on tensor cores)."""
+    seq_len: Optional[int] = Field(default=None, ge=8)
+    """Training sequence length in tokens; defaults to the preset's context (2048 / 128)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (saves memory, costs ~30% compute)."""
+
+
+class DataConfig(Section):
+    path: Path = Path("data/tiny_shards")
+    """Folder of pre-tokenized shards (`*.npy` memory-mapped, or `*.npz` with one array)."""
+    max_files: Optional[int] = Field(default=None, ge=1)
+    """Use only the first N shard files in name order (None: all)."""
+    check_token_ids: bool = True
+    """Scan every shard at start for token ids outside the vocabulary (one pass over the data)."""
+
+
+class OptimConfig(Section):
+    lr: float = Field(default=3e-4, gt=0, le=1.0)
+    """Peak learning rate."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Final learning rate of the decay, as a fraction of `lr`."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear down to `min_lr_ratio * lr`, or constant."""
+    warmup_steps: int = Field(default=10, ge=0)
+    """Linear warmup from 0 to `lr` over this many optimizer steps."""
+    decay_steps: Optional[int] = Field(default=None, ge=1)
+    """Steps of the whole schedule (warmup included); None: train.max_steps. Fix it to extend a run without changing its LR curve."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = Field(default=1e-8, gt=0)
+    """AdamW epsilon."""
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimConfig":
+        for b in self.betas:
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        return self
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(default=100, ge=1)
+    """Optimizer steps to train for (the run ends at this step, also after a resume)."""
+    micro_batch_size: int = Field(default=4, ge=1)
+    """Sequences per rank per forward pass."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    global_batch_size: Optional[int] = Field(default=None, ge=1)
+    """Optional check: must equal micro_batch_size x grad_accum x world size when set."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision (bf16/fp16 mixed precision through DeepSpeed)."""
+    log_every: int = Field(default=10, ge=1)
+    """Log loss, lr, grad norm, step time and tokens/s every N steps."""
+    seed: int = 1234
+    """Seed of model init and of the data order; batches are a pure function of (seed, step, rank)."""
+
+
+class CheckpointConfig(Section):
+    save_every: int = Field(default=100, ge=1)
+    """Save a checkpoint every N optimizer steps (and at the last step)."""
+    keep_last: int = Field(default=3, ge=1)
+    """Keep the newest N committed checkpoints locally (the best by loss is kept as well)."""
+    keep_best: bool = True
+    """Also keep the checkpoint with the lowest loss."""
+    resume: Optional[str] = None
+    """`latest`, a tag (`step-00000100` or `RUN_ID/step-00000100`), or a checkpoint path."""
+
+
+class UploadConfig(Section):
+    url: Optional[str] = None
+    """Where committed checkpoints go (`gs://bucket/prefix` or `file:///path`); None keeps them local."""
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    """Log params, metrics and artifacts to MLflow (rank 0)."""
+    uri: Optional[str] = None
+    """MLflow tracking URI; None uses a local sqlite store `<run_dir>/mlflow.db` (no server)."""
+    experiment: Optional[str] = None
+    """MLflow experiment name; defaults to the task name."""
+    flush_every_s: float = Field(default=5.0, gt=0)
+    """Background thread sends batched metrics at least this often."""
+
+
+class DeepSpeedConfig(Section):
+    template: str = "zero2"
+    """Template in ds_configs/ (zero0, zero1, zero2, zero3, zero2_offload, zero3_offload) or a JSON path."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Keys merged (recursively) over the rendered template, e.g. {zero_optimization: {stage: 1}}."""
+
+
+class RunConfig(Section):
+    task: Literal["pretrain"] = "pretrain"
+    """Which job to run: `pretrain` (GPT-NeoX causal LM on token shards)."""
+    run_dir: Path = Path("runs")
+    """Root of the run folders: `<run_dir>/<run_id>/checkpoints/step-NNNNNNNN/`."""
+    run_id: Optional[str] = None
+    """Name of the run folder; None creates `{uuid hex}_{YYYYmmdd_HHMMSS}` (a resume reuses the checkpoint's)."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Model architecture."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Training data."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Loop settings."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+    upload: UploadConfig = Field(default_factory=UploadConfig)
+    """Checkpoint uploads."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """MLflow experiment tracking."""
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine configuration."""
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "RunConfig":
+        schedule_steps = self.optim.decay_steps or self.train.max_steps
+        if self.optim.warmup_steps > schedule_steps:
+            raise ValueError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) must not exceed the schedule length"
+                f" ({schedule_steps}, optim.decay_steps or train.max_steps)"
+            )
+        return self

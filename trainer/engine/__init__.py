@@ -1,0 +1,1 @@
+"""The training loop around the DeepSpeed engine: distributed setup, optimizer, metrics, signals."""

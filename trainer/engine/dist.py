@@ -1,0 +1,102 @@
+"""Process-group helpers: rank info from the launcher's environment, init, and small collectives."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, TypeVar
+
+from trainer.errors import UserError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def rank_info() -> RankInfo:
+    """Rank and world size as set by the `deepspeed` launcher (or by hand for one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return RankInfo(
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world_size=int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(world)))),
+    )
+
+
+def init_distributed(timeout_s: float = 600) -> None:
+    """Join the process group (gloo on CPU, nccl on CUDA), also for a single process."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), timeout=timedelta(seconds=timeout_s), verbose=False)
+
+
+def barrier() -> None:
+    import deepspeed.comm as dist
+
+    dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    import deepspeed.comm as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few floats over all ranks (one small collective)."""
+    import torch
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    t = torch.tensor(values, dtype=torch.float64, device=get_accelerator().current_device_name())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (ranks agree, e.g. on a stop step)."""
+    return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+
+def on_main_then_share(fn: Callable[[], T], info: RankInfo) -> T:
+    """Run `fn` on rank 0 and give its result (or its `UserError`) to every rank.
+
+    Used for checks and decisions that must be taken once and agreed on: a bad shard found by
+    rank 0 stops every rank with the same one-line error instead of leaving the others waiting.
+    """
+    result: tuple[str, Any] = ("ok", None)
+    if info.is_main:
+        try:
+            result = ("ok", fn())
+        except UserError as exc:
+            result = ("user_error", exc.message)
+    result = broadcast_object(result) if info.world_size > 1 else result
+    if result[0] == "user_error":
+        raise UserError(result[1])
+    return result[1]

@@ -1,0 +1,63 @@
+"""Per-rank entry point, started by the `deepspeed` launcher through launch/train.py.
+
+Parses the same config flags as `trainer train` (plus the `--local_rank` the launcher injects),
+runs the task's training, and maps the outcome to the documented exit codes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Optional, Sequence
+
+from trainer.errors import EXIT_BUG, EXIT_USER_ERROR, UserError
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="launch/train.py", description="Train one rank of a run (started by the deepspeed launcher).")
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override any field")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, help="train.micro_batch_size")
+    p.add_argument("--learning-rate", type=float, help="optim.lr")
+    p.add_argument("--resume", help="auto | latest | TAG | RUN_ID/TAG | PATH")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from trainer.config.load import Overrides, load_config
+    from trainer.log import setup_logging
+
+    setup_logging()
+    trainer = None
+    try:
+        overrides = Overrides(sets=args.sets, max_steps=args.max_steps, batch_size=args.batch_size,
+                              learning_rate=args.learning_rate, resume=args.resume)
+        cfg = load_config(args.config, overrides)
+        from trainer.engine.loop import Trainer
+        from trainer.tasks import build_task
+
+        trainer = Trainer(cfg, build_task(cfg), source=args.config)
+        trainer.setup()
+        return trainer.train()
+    except UserError as exc:
+        if trainer is not None:
+            trainer.fail()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except BaseException:
+        if trainer is not None:
+            trainer.fail()
+        traceback.print_exc()
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

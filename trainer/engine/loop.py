@@ -1,0 +1,336 @@
+"""The training loop around a DeepSpeed engine. It runs any `Task` and knows no model or dataset."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from trainer.checkpoint.store import Checkpoint, CheckpointStore, all_committed, resolve_resume, tag_for
+from trainer.config.deepspeed import render_ds_config, uses_ds_optimizer, zero_stage
+from trainer.config.load import config_hash, config_to_dict, config_to_yaml, flatten
+from trainer.config.schema import RunConfig
+from trainer.engine import dist
+from trainer.engine.metrics import accelerator_name, mfu, peak_flops, system_info
+from trainer.engine.optim import optimizer_factory, param_groups, reapply_schedule, scheduler_factory
+from trainer.engine.signals import StopFlag
+from trainer.errors import EXIT_OK, EXIT_PREEMPTED, UserError
+from trainer.log import add_log_file, get_logger
+from trainer.tasks.base import Task
+from trainer.tracking.mlflow_tracker import make_tracker, redact
+from trainer.tracking.plots import plot_curves
+
+log = get_logger("engine")
+
+
+def new_run_id() -> str:
+    return f"{uuid.uuid4().hex}_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}"
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunState:
+    """What the loop carries from step to step and into every checkpoint's metadata."""
+
+    step: int = 0
+    loss_history: list[list[float]] = field(default_factory=list)
+    lr_history: list[list[float]] = field(default_factory=list)
+    best_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    last_loss: Optional[float] = None
+    last_saved_step: Optional[int] = None
+
+    def record(self, step: int, loss: float, lr: float) -> None:
+        self.loss_history.append([step, loss])
+        self.lr_history.append([step, lr])
+        self.last_loss = loss
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss, self.best_step = loss, step
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> "RunState":
+        return cls(
+            step=int(meta["step"]),
+            loss_history=list(meta.get("loss_history", [])),
+            lr_history=list(meta.get("lr_history", [])),
+            best_loss=meta.get("best_loss"),
+            best_step=meta.get("best_step"),
+            last_loss=meta.get("loss"),
+            last_saved_step=int(meta["step"]),
+        )
+
+
+class LossWindow:
+    """Sums losses on the device between log points; one all-reduce turns them into a global mean."""
+
+    def __init__(self) -> None:
+        self.total: Any = 0.0
+        self.count = 0
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: Any) -> None:
+        self.total = self.total + loss.detach().float()
+        self.count += 1
+
+    def close(self) -> tuple[float, int, float]:
+        """(global mean loss, steps in window, seconds) and start a new window. Collective."""
+        local = float(self.total) if self.count else 0.0
+        total, count = dist.all_reduce_sum([local, float(self.count)])
+        elapsed = time.perf_counter() - self.started
+        steps = self.steps
+        self.__init__()
+        return (total / count if count else float("nan")), steps, elapsed
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, task: Task, source: str = "config"):
+        self.cfg = cfg
+        self.task = task
+        self.source = source
+        self.ranks = dist.rank_info()
+        self.stop = StopFlag()
+        self.tracker: Any = None
+        self.engine: Any = None
+
+    # ----------------------------------------------------------------------------------- setup
+    def _decide_run(self) -> dict:
+        """On rank 0: which checkpoint to resume (if any) and the run id. Shared with all ranks."""
+        ckpt = resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume)
+        if ckpt is None:
+            return {"run_id": self.cfg.run_id or new_run_id(), "resume": None, "metadata": None}
+        meta = ckpt.metadata
+        if int(meta.get("world_size", self.ranks.world_size)) != self.ranks.world_size:
+            raise UserError(
+                f"--resume {self.cfg.checkpoint.resume}: {ckpt.path} was saved by {meta['world_size']} ranks, this job has"
+                f" {self.ranks.world_size}; DeepSpeed ZeRO checkpoints resume on the same world size"
+            )
+        if meta.get("task", self.cfg.task) != self.cfg.task:
+            raise UserError(f"--resume {self.cfg.checkpoint.resume}: {ckpt.path} is a {meta.get('task')!r} checkpoint, this run is {self.cfg.task!r}")
+        if int(meta["step"]) >= self.cfg.train.max_steps:
+            raise UserError(
+                f"--resume {self.cfg.checkpoint.resume}: {ckpt.tag} is already at step {meta['step']} >= train.max_steps"
+                f" {self.cfg.train.max_steps}; raise --max-steps to train further"
+            )
+        return {"run_id": ckpt.run_id, "resume": str(ckpt.path), "metadata": meta}
+
+    def setup(self) -> None:
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        dist.init_distributed()
+        cfg, r = self.cfg, self.ranks
+        self.ds_config = render_ds_config(cfg, r.world_size, self.task.model_hints().get("hidden_size"), self.source)
+        self.stage = zero_stage(self.ds_config)
+        dist.on_main_then_share(self.task.preflight, r)
+        decision = dist.on_main_then_share(self._decide_run, r)
+        self.run_id = decision["run_id"]
+        self.run_root = Path(cfg.run_dir) / self.run_id
+        self.store = CheckpointStore(self.run_root)
+        if r.is_local_main:
+            for run in {c.path.parent.parent for c in all_committed(cfg.run_dir)} | {self.run_root}:
+                CheckpointStore(run).remove_partials()
+            self.run_root.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        if r.is_main:
+            add_log_file(self.run_root / "train.log", r.rank)
+            (self.run_root / "config.yaml").write_text(config_to_yaml(cfg))
+        self.config_hash = config_hash(cfg)
+        log.info("run %s: %d rank(s), ZeRO stage %d, %s, config %s (hash %s)", self.run_id, r.world_size, self.stage,
+                 cfg.train.precision, self.source, self.config_hash)
+
+        model = self._build_model(deepspeed)
+        for line in self.task.describe_model(model):
+            log.info(line)
+        groups = param_groups(model.named_parameters(), cfg.optim.weight_decay)
+        optimizer = None if uses_ds_optimizer(self.ds_config) else optimizer_factory(cfg.optim, fused=self._on_gpu())
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, optimizer=optimizer,
+            lr_scheduler=scheduler_factory(cfg.optim, cfg.train.max_steps), config=self.ds_config,
+        )
+        self.state = RunState()
+        meta = decision["metadata"]
+        if decision["resume"]:
+            self._load(Path(decision["resume"]), meta)
+        self.task.setup_data(r, cfg.train.micro_batch_size, cfg.train.grad_accum)
+        if r.is_main:
+            self.tracker = make_tracker(cfg.tracking, Path(cfg.run_dir), cfg.tracking.experiment or cfg.task, self.run_id,
+                                        (meta or {}).get("mlflow_run_id"))
+            self.tracker.log_params({**flatten(config_to_dict(cfg)), "world_size": r.world_size, "zero_stage": self.stage})
+            self.tracker.set_tags({"trainer.run_id": self.run_id, "trainer.config_hash": self.config_hash})
+            self.tracker.log_artifact(self.run_root / "config.yaml", "config")
+        self.flops_per_token = self.task.flops_per_token(model)
+        self.peak = peak_flops(accelerator_name()) if self._on_gpu() else None
+        self.stop.install()
+
+    def _on_gpu(self) -> bool:
+        from deepspeed.accelerator import get_accelerator
+
+        return get_accelerator().device_name() != "cpu"
+
+    def _build_model(self, deepspeed: Any) -> Any:
+        if self.stage == 3:
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+                return self.task.build_model()
+        return self.task.build_model()
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _rng_file(self, ckpt_dir: Path) -> Path:
+        return ckpt_dir / f"rng_state_rank{self.ranks.rank:05d}.pt"
+
+    def _save(self, reason: str) -> Path:
+        import numpy as np
+        import torch
+
+        step, tag = self.state.step, tag_for(self.state.step)
+        t0 = time.perf_counter()
+        self.engine.save_checkpoint(str(self.store.root), tag=tag, client_state={"trainer_step": step}, save_latest=False)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, self._rng_file(self.store.path(tag)))
+        dist.barrier()  # every rank's files are on disk before anyone commits
+        if self.ranks.is_local_main:
+            self.store.commit(tag, self._metadata(reason), {
+                "config.yaml": config_to_yaml(self.cfg),
+                "ds_config.json": json.dumps(self.ds_config, indent=2) + "\n",
+            })
+            self.store.retention(self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
+        dist.barrier()
+        self.state.last_saved_step = step
+        log.info("saved checkpoint %s (%s) in %.1f s", self.store.path(tag), reason, time.perf_counter() - t0)
+        return self.store.path(tag)
+
+    def _metadata(self, reason: str) -> dict:
+        s = self.state
+        pos = self.task.data_position(s.step)
+        return {
+            "step": s.step,
+            "tag": tag_for(s.step),
+            "reason": reason,
+            "epoch": pos.get("epoch"),
+            "tokens_seen": pos.get("tokens_seen"),
+            "loss": s.last_loss,
+            "best_loss": s.best_loss,
+            "best_step": s.best_step,
+            "loss_history": s.loss_history,
+            "lr_history": s.lr_history,
+            "data_position": pos,
+            "run_id": self.run_id,
+            "task": self.cfg.task,
+            "mlflow_run_id": getattr(self.tracker, "run_id", None),
+            "config_hash": self.config_hash,
+            "world_size": self.ranks.world_size,
+            "zero_stage": self.stage,
+            "committed_at": utc_now(),
+            "system": system_info(self.cfg.train.precision, self.ranks.world_size, self.stage),
+        }
+
+    def _load(self, ckpt_dir: Path, meta: dict) -> None:
+        import numpy as np
+        import torch
+
+        load_path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        if load_path is None:
+            raise UserError(f"--resume: DeepSpeed found no loadable checkpoint in {ckpt_dir}")
+        reapply_schedule(self.engine.lr_scheduler, self.cfg.optim, self.cfg.train.max_steps)
+        rng_file = self._rng_file(ckpt_dir)
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        else:
+            log.warning("no RNG state for rank %d in %s; continuing with fresh RNG", self.ranks.rank, ckpt_dir)
+        self.state = RunState.from_metadata(meta)
+        if meta.get("config_hash") != config_hash(self.cfg):
+            log.warning("resuming %s saved with config hash %s; this config hashes to %s (training settings changed)",
+                        ckpt_dir.name, meta.get("config_hash"), config_hash(self.cfg))
+        log.info("resumed from %s at step %d (run %s)", ckpt_dir, self.state.step, self.run_id)
+
+    # ------------------------------------------------------------------------------------- loop
+    def train(self) -> int:
+        cfg, s, eng = self.cfg, self.state, self.engine
+        gas, world = cfg.train.grad_accum, self.ranks.world_size
+        tokens_per_step = self.task.tokens_per_micro_batch() * gas * world
+        window = LossWindow()
+        start_step, t_start = s.step, time.perf_counter()
+        log.info("training steps %d -> %d (%s tokens per step)", s.step, cfg.train.max_steps, f"{tokens_per_step:,}")
+        stopped = False
+        while s.step < cfg.train.max_steps:
+            lr = eng.get_lr()[0]
+            for micro in range(gas):
+                loss = self.task.loss(eng, self.task.batch(s.step, micro, eng.device))
+                eng.backward(loss)
+                eng.step()
+                window.add(loss)
+            s.step += 1
+            window.steps += 1
+            stopped = dist.any_rank(self.stop.is_set())
+            last = s.step == cfg.train.max_steps
+            save = last or stopped or s.step % cfg.checkpoint.save_every == 0
+            if save or s.step % cfg.train.log_every == 0:
+                self._log_window(window, lr, tokens_per_step)
+            if save:
+                self._save("preemption" if stopped else "final" if last else "scheduled")
+            if stopped:
+                log.warning("stop requested (%s): stopped at step %d after saving", self.stop.signal_name, s.step)
+                break
+        self._finish(start_step, time.perf_counter() - t_start, tokens_per_step, stopped)
+        return EXIT_PREEMPTED if stopped else EXIT_OK
+
+    def _log_window(self, window: LossWindow, lr: float, tokens_per_step: int) -> None:
+        loss, steps, elapsed = window.close()
+        if steps == 0:
+            return
+        s = self.state
+        s.record(s.step, loss, lr)
+        step_time = elapsed / steps
+        tps = tokens_per_step / step_time
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        util = mfu(tps / self.ranks.world_size, self.flops_per_token, self.peak)
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "perf/step_time_s": step_time,
+                   "perf/tokens_per_s": tps, "perf/mfu": util}
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, s.step)
+        log.info("step %d/%d loss %.4f lr %.3e grad_norm %s step %.3fs %s tok/s%s", s.step, self.cfg.train.max_steps, loss, lr,
+                 f"{grad_norm:.3f}" if grad_norm is not None else "n/a", step_time, f"{tps:,.0f}",
+                 f" mfu {util:.1%}" if util is not None else "")
+
+    def _finish(self, start_step: int, elapsed: float, tokens_per_step: int, stopped: bool) -> None:
+        s = self.state
+        if not self.ranks.is_main:
+            return
+        steps = s.step - start_step
+        tps = steps * tokens_per_step / elapsed if elapsed > 0 else 0.0
+        first = s.loss_history[0][1] if s.loss_history else float("nan")
+        plot = None
+        if s.loss_history:
+            plot = plot_curves(s.loss_history, s.lr_history, self.run_root / "curves.png", f"run {self.run_id}")
+            self.tracker.log_artifact(plot, "plots")
+        self.tracker.finish("KILLED" if stopped else "FINISHED")
+        newest = self.store.committed()[-1].tag if self.store.committed() else "none"
+        log.info("%s: %d steps in %.1f s, loss %.4f -> %.4f (best %.4f at step %s), %s tokens/s",
+                 "stopped" if stopped else "done", steps, elapsed, first, s.last_loss or float("nan"),
+                 s.best_loss or float("nan"), s.best_step, f"{tps:,.0f}")
+        log.info("checkpoints: %s (newest %s)", self.store.root, newest)
+        if getattr(self.tracker, "run_id", None):
+            log.info("MLflow: run %s in %s", self.tracker.run_id, redact(self.tracker.uri))
+        if plot:
+            log.info("curves: %s", plot)
+
+    def fail(self) -> None:
+        """Mark the tracking run FAILED (called on an exception)."""
+        if self.tracker is not None:
+            self.tracker.finish("FAILED")

@@ -1,0 +1,24 @@
+"""Error types and exit codes shared by the CLI and the launcher entry point."""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with state saved; run the same command again
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, hostfile, shards, CLI arguments).
+
+    Reported as one line, without a traceback, and the process exits with code 2. The message
+    names the file, the field or line, and what was expected.
+    """
+
+    exit_code = EXIT_USER_ERROR
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,0 +1,40 @@
+"""What the engine needs from a task. The engine knows nothing else about models or data."""
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol
+
+from trainer.engine.dist import RankInfo
+
+
+class Task(Protocol):
+    name: str
+
+    def preflight(self) -> None:
+        """Check the task's inputs (data, paths) and raise `UserError` before any heavy work."""
+
+    def model_hints(self) -> dict[str, int]:
+        """Sizes the DeepSpeed config can use (e.g. `hidden_size` for bucket sizes)."""
+
+    def build_model(self) -> Any:
+        """Build the torch module (the engine may call this inside `deepspeed.zero.Init`)."""
+
+    def describe_model(self, model: Any) -> list[str]:
+        """Start-up log lines: parameter counts and what is trainable."""
+
+    def setup_data(self, ranks: RankInfo, micro_batch: int, grad_accum: int) -> None:
+        """Open the data for this rank."""
+
+    def batch(self, step: int, micro: int, device: Any) -> dict[str, Any]:
+        """The micro-batch `micro` of optimizer step `step` (0-based): a pure function of its arguments."""
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        """Scalar training loss of `batch` (the mean over its target tokens)."""
+
+    def tokens_per_micro_batch(self) -> int:
+        """Tokens one rank processes per micro-batch (for tokens/s)."""
+
+    def flops_per_token(self, model: Any) -> Optional[float]:
+        """Training FLOPs per token for MFU, or None."""
+
+    def data_position(self, step: int) -> dict[str, Any]:
+        """Where the data stream stands after `step` optimizer steps (stored in checkpoint metadata)."""

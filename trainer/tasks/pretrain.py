@@ -1,0 +1,113 @@
+"""Pretraining: a GPT-NeoX causal LM on pre-tokenized shards."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from trainer.config.schema import RunConfig
+from trainer.data.sampler import ResumableSampler
+from trainer.data.shards import TokenShards, check_token_ids, find_shards, open_shard
+from trainer.engine.dist import RankInfo
+from trainer.log import get_logger
+from trainer.models.neox import neox_config, parameter_counts, resolve_dims
+
+log = get_logger("pretrain")
+
+# Set by `trainer train` after it scanned the shards, so the ranks it launches do not scan again.
+SHARDS_CHECKED_ENV = "TRAINER_SHARDS_CHECKED"
+
+
+class PretrainTask:
+    name = "pretrain"
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        m = cfg.model
+        self.dims = resolve_dims(m.preset, m.vocab_size, m.pad_vocab_to, m.seq_len)
+        self.seq_len = self.dims["seq_len"]
+        self.shards: Optional[TokenShards] = None
+        self.sampler: Optional[ResumableSampler] = None
+
+    def preflight(self) -> None:
+        files = find_shards(self.cfg.data.path, self.cfg.data.max_files)
+        check = self.cfg.data.check_token_ids and os.environ.get(SHARDS_CHECKED_ENV) != "1"
+        tokens = windows = 0
+        for f in files:
+            arr = open_shard(f)
+            tokens += len(arr)
+            windows += TokenShards.windows_in(len(arr), self.seq_len)
+            if check:
+                check_token_ids(f, arr, self.dims["vocab_size"])
+        if windows == 0:
+            raise TokenShards.too_small(files[0].parent, tokens, self.seq_len)
+
+    def model_hints(self) -> dict[str, int]:
+        return {"hidden_size": self.dims["hidden_size"]}
+
+    def build_model(self) -> Any:
+        import torch
+        from transformers import GPTNeoXForCausalLM
+
+        m = self.cfg.model
+        config = neox_config(m.preset, m.vocab_size, m.pad_vocab_to, m.seq_len, m.attn_implementation)
+        torch.manual_seed(self.cfg.train.seed)
+        model = GPTNeoXForCausalLM(config)
+        if m.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        return model
+
+    def describe_model(self, model: Any) -> list[str]:
+        c = parameter_counts(model)
+        d = self.dims
+        return [
+            f"model {self.cfg.model.preset}: {d['num_layers']} layers, hidden {d['hidden_size']}, {d['num_heads']} heads,"
+            f" seq {self.seq_len}, vocab {d['vocab_size']} (padded to {d['padded_vocab_size']})",
+            f"parameters: {c['total']:,} total ({c['total'] / 1e9:.2f}B), {c['non_embedding']:,} non-embedding"
+            f" ({c['non_embedding'] / 1e9:.2f}B)",
+        ]
+
+    def setup_data(self, ranks: RankInfo, micro_batch: int, grad_accum: int) -> None:
+        files = find_shards(self.cfg.data.path, self.cfg.data.max_files)
+        self.shards = TokenShards(files, self.seq_len)
+        self.sampler = ResumableSampler(len(self.shards), self.cfg.train.seed, ranks.rank, ranks.world_size, micro_batch, grad_accum)
+        log.info(
+            "data: %d shard(s) in %s, %s tokens, %s windows of %d tokens",
+            len(files), self.cfg.data.path, f"{self.shards.num_tokens:,}", f"{len(self.shards):,}", self.seq_len,
+        )
+
+    def batch(self, step: int, micro: int, device: Any) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        assert self.shards is not None and self.sampler is not None, "setup_data() first"
+        rows = np.stack([self.shards.window(int(i)) for i in self.sampler.indices(step, micro)])
+        tokens = torch.from_numpy(rows).to(device, non_blocking=True)
+        return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        import torch.nn.functional as F
+
+        logits = model(input_ids=batch["input_ids"]).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+
+    def tokens_per_micro_batch(self) -> int:
+        return self.cfg.train.micro_batch_size * self.seq_len
+
+    def flops_per_token(self, model: Any) -> Optional[float]:
+        """6N + 12*L*d*T, with N the parameters that do matmuls (all but the input embedding lookup)."""
+        c = parameter_counts(model)
+        n = c["total"] - c["embedding"] // 2
+        d = self.dims
+        return 6 * n + 12 * d["num_layers"] * d["hidden_size"] * self.seq_len
+
+    def data_position(self, step: int) -> dict[str, Any]:
+        assert self.sampler is not None
+        return {
+            "step": step,
+            "samples_seen": self.sampler.samples_before(step),
+            "tokens_seen": self.sampler.samples_before(step) * self.seq_len,
+            "epoch": round(self.sampler.epoch_of(step), 6),
+            "num_windows": self.sampler.n,
+            "seed": self.cfg.train.seed,
+        }

@@ -1,0 +1,1 @@
+"""Experiment tracking (MLflow, rank 0) and plots."""

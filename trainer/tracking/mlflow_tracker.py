@@ -1,0 +1,139 @@
+"""MLflow tracking from rank 0, without slowing the training loop.
+
+Metrics are queued and sent in batches by a background thread through `MlflowClient` with an
+explicit run id (the fluent `mlflow.log_metric` from another thread would silently start a new
+run). The run is ended FINISHED, FAILED or KILLED by the engine; a resumed run continues the same
+MLflow run.
+"""
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from trainer.config.schema import TrackingConfig
+from trainer.log import get_logger
+
+log = get_logger("tracking")
+
+_MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+_URL_CREDENTIALS = re.compile(r"(//)([^/@:]+)(:[^/@]*)?@")
+
+
+def redact(uri: str) -> str:
+    """Hide credentials embedded in a URI (`https://user:token@host` -> `https://***@host`)."""
+    return _URL_CREDENTIALS.sub(r"\1***@", uri)
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
+
+
+class NullTracker:
+    """Tracking switched off: every call is a no-op."""
+
+    run_id: Optional[str] = None
+    uri: Optional[str] = None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def finish(self, status: str) -> None: ...
+
+
+class MlflowTracker:
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, experiment: str, run_name: str, resume_run_id: Optional[str] = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = cfg.uri or default_tracking_uri(run_dir)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None if cfg.uri else (Path(run_dir) / "mlartifacts").resolve().as_uri()
+            exp_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        self.resumed = False
+        if resume_run_id:
+            try:
+                self.client.get_run(resume_run_id)
+                self.client.update_run(resume_run_id, status="RUNNING")
+                self.run_id = resume_run_id
+                self.resumed = True
+            except Exception as exc:  # the store was lost with the VM: continue in a new run
+                log.warning("MLflow run %s not found in %s (%s); logging to a new run", resume_run_id, redact(self.uri), type(exc).__name__)
+        if not self.resumed:
+            self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self._flush_every = cfg.flush_every_s
+        self._thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
+        self._thread.start()
+        log.info("MLflow run %s (%s) at %s", self.run_id, "continued" if self.resumed else "new", redact(self.uri))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params once per MLflow run (a resumed run keeps the params it started with)."""
+        if self.resumed:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            self._safe(self.client.log_batch, self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._safe(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if value is not None:
+                self._queue.put((key, float(value), ts, step))
+
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        self._safe(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str) -> None:
+        """Flush queued metrics and end the run with FINISHED, FAILED or KILLED."""
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+        self._safe(self.client.set_terminated, self.run_id, status)
+
+    def _worker(self) -> None:
+        from mlflow.entities import Metric
+
+        pending: list[tuple] = []
+        last = time.monotonic()
+        done = False
+        while not done:
+            try:
+                item = self._queue.get(timeout=max(0.05, self._flush_every - (time.monotonic() - last)))
+                if item is None:
+                    done = True
+                else:
+                    pending.append(item)
+            except queue.Empty:
+                pass
+            if pending and (done or len(pending) >= _MAX_BATCH or time.monotonic() - last >= self._flush_every):
+                for i in range(0, len(pending), _MAX_BATCH):
+                    batch = [Metric(k, v, ts, step) for k, v, ts, step in pending[i : i + _MAX_BATCH]]
+                    self._safe(self.client.log_batch, self.run_id, metrics=batch)
+                pending.clear()
+                last = time.monotonic()
+
+    def _safe(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # tracking must never stop training
+            log.warning("MLflow %s failed: %s", getattr(fn, "__name__", "call"), redact(str(exc))[:300])
+
+
+def make_tracker(cfg: TrackingConfig, run_dir: Path, experiment: str, run_name: str, resume_run_id: Optional[str]) -> "MlflowTracker | NullTracker":
+    if not cfg.enabled:
+        return NullTracker()
+    return MlflowTracker(cfg, run_dir, experiment, run_name, resume_run_id)
