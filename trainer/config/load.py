@@ -127,7 +127,7 @@ def _set_dotted(data: dict, key: str, value: Any, origin: str) -> None:
 def _describe(err: dict) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        return "unknown key (check the spelling; `trainer config show --fields` lists the valid keys)"
+        return "unknown key (check the spelling; `trainer config fields` lists the valid keys)"
     if err["type"] == "missing":
         return "required field is missing"
     if "input" in err and err["type"] not in ("model_type",) and not isinstance(err["input"], dict):

@@ -1,0 +1,58 @@
+"""`trainer config show|fields`: the resolved config and DeepSpeed JSON, and the field reference."""
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from trainer.cli.options import BatchSizeOpt, ConfigArg, HostfileOpt, LearningRateOpt, MaxStepsOpt, NumRanksOpt, SetOpt, overrides
+
+app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
+
+
+@app.command("show")
+def show(
+    config: ConfigArg,
+    sets: SetOpt = None,
+    max_steps: MaxStepsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    learning_rate: LearningRateOpt = None,
+    hostfile: HostfileOpt = None,
+    num_ranks: NumRanksOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document instead of YAML.")] = False,
+) -> None:
+    """Print the resolved config (defaults filled, overrides applied) and the rendered DeepSpeed JSON."""
+    import yaml
+
+    from trainer.config.deepspeed import render_ds_config
+    from trainer.config.load import config_hash, config_to_dict, load_config
+    from trainer.launcher.hostfile import parse_hostfile
+    from trainer.models.neox import resolve_dims
+
+    cfg = load_config(config, overrides(sets, max_steps, batch_size, learning_rate))
+    world = sum(parse_hostfile(hostfile).values()) if hostfile else (num_ranks or 1)
+    hidden = resolve_dims(cfg.model.preset, cfg.model.vocab_size, cfg.model.pad_vocab_to, cfg.model.seq_len)["hidden_size"]
+    ds = render_ds_config(cfg, world, hidden, str(config))
+    doc = {**config_to_dict(cfg), "resolved": {"world_size": world, "config_hash": config_hash(cfg), "deepspeed_json": ds}}
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        typer.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
+
+
+@app.command("fields")
+def fields() -> None:
+    """List every config key with its type, default and meaning."""
+    from trainer.config.schema import RunConfig
+
+    def walk(model: type, prefix: str = "") -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = f.default if f.default_factory is None else f.default_factory()
+            typer.echo(f"{prefix}{name} = {default!r}\n    {f.description or ''}")
+
+    walk(RunConfig)

@@ -1,0 +1,89 @@
+"""`trainer train`: validate everything, then start the `deepspeed` launcher as one process group."""
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from trainer.cli.options import (BatchSizeOpt, ConfigArg, HostfileOpt, LearningRateOpt, MaxStepsOpt, NumRanksOpt, ResumeOpt,
+                                 SetOpt, overrides)
+from trainer.errors import UserError
+
+
+def default_num_ranks() -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+def train(
+    config: ConfigArg,
+    hostfile: HostfileOpt = None,
+    num_ranks: NumRanksOpt = None,
+    sets: SetOpt = None,
+    max_steps: MaxStepsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    learning_rate: LearningRateOpt = None,
+    resume: ResumeOpt = None,
+    node_rank: Annotated[Optional[int], typer.Option("--node-rank", min=0, help="Start only this node's ranks (no ssh); run once per node.")] = None,
+    master_addr: Annotated[Optional[str], typer.Option("--master-addr", help="Address of the node with rank 0.")] = None,
+    master_port: Annotated[Optional[int], typer.Option("--master-port", help="Rendezvous port (default: a free one locally).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the launcher command, run nothing.")] = False,
+) -> int:
+    """Train a run config with DeepSpeed: checks the config, hostfile and data, then launches the ranks."""
+    from trainer.config.deepspeed import render_ds_config
+    from trainer.config.load import load_config
+    from trainer.checkpoint.store import resolve_resume
+    from trainer.launcher.command import LaunchPlan, free_port, run_process_group
+    from trainer.launcher.hostfile import parse_hostfile, render_hostfile
+    from trainer.tasks import build_task
+    from trainer.tasks.pretrain import SHARDS_CHECKED_ENV
+
+    ov = overrides(sets, max_steps, batch_size, learning_rate, resume)
+    cfg = load_config(config, ov)
+    if hostfile is not None and num_ranks is not None:
+        raise UserError("--hostfile and --num-ranks: give one (the hostfile's slots set the ranks)")
+    tmp = None
+    if hostfile is not None:
+        hosts = parse_hostfile(hostfile)
+    else:
+        hosts = {"localhost": num_ranks or default_num_ranks()}
+    plan = LaunchPlan(hostfile=hostfile or Path("<generated>"), hosts=hosts, master_addr=master_addr,
+                      master_port=master_port, node_rank=node_rank)
+    if node_rank is not None and node_rank >= len(hosts):
+        raise UserError(f"--node-rank {node_rank}: the hostfile has {len(hosts)} host(s)")
+    task = build_task(cfg)
+    render_ds_config(cfg, plan.world_size, task.model_hints().get("hidden_size"), str(config))
+    task.preflight()
+    resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
+    if plan.master_port is None:
+        plan.master_port = free_port() if plan.single_local_host or node_rank is not None else 29500
+    if hostfile is None:
+        tmp = tempfile.NamedTemporaryFile("w", prefix="trainer-hostfile-", delete=False)
+        tmp.write(render_hostfile(hosts))
+        tmp.close()
+        plan.hostfile = Path(tmp.name)
+    try:
+        cmd = plan.command(str(config), ov.to_argv())
+        typer.echo(f"world size {plan.world_size} on {len(hosts)} host(s); launcher:\n  {shlex.join(cmd)}")
+        if dry_run:
+            return 0
+        env = dict(os.environ)
+        env[SHARDS_CHECKED_ENV] = "1"
+        if not _has_gpu():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+            env.setdefault("OMP_NUM_THREADS", "1")
+        return run_process_group(cmd, env)
+    finally:
+        if tmp is not None:
+            Path(tmp.name).unlink(missing_ok=True)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,80 @@
+"""The `deepspeed` launcher command for a run, and running it as one process group."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from trainer.launcher.hostfile import is_local
+
+REPO_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "train.py"
+ENTRY_MODULE = "trainer.engine.entry"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LaunchPlan:
+    hostfile: Path
+    hosts: dict[str, int]
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+    node_rank: Optional[int] = None
+
+    @property
+    def world_size(self) -> int:
+        return sum(self.hosts.values())
+
+    @property
+    def single_local_host(self) -> bool:
+        return len(self.hosts) == 1 and is_local(next(iter(self.hosts)))
+
+    def command(self, config: str, worker_args: list[str]) -> list[str]:
+        """`python -m deepspeed.launcher.runner ...` (the `deepspeed` script) for this plan."""
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(self.hostfile)]
+        if self.node_rank is not None:
+            # One launcher per node, started by hand or by a scheduler on each node: no ssh at all.
+            cmd += ["--no_ssh", "--node_rank", str(self.node_rank), "--master_addr", self.master_addr or "127.0.0.1"]
+        elif self.single_local_host:
+            # The runner would ssh to "localhost" to check reachability and to find the address.
+            cmd += ["--no_ssh_check", "--master_addr", self.master_addr or "127.0.0.1"]
+        elif self.master_addr:
+            cmd += ["--master_addr", self.master_addr]
+        cmd += ["--master_port", str(self.master_port or 29500)]
+        if REPO_SCRIPT.exists():
+            cmd += [str(REPO_SCRIPT)]
+        else:
+            cmd += ["--module", ENTRY_MODULE]
+        return cmd + ["--config", config, *worker_args]
+
+
+def run_process_group(cmd: list[str], env: dict[str, str]) -> int:
+    """Run `cmd` in its own session; forward SIGINT/SIGTERM to the whole group; return its exit code.
+
+    The deepspeed runner does not forward SIGTERM to its workers, so the signal goes to every
+    process of the group (runner, per-node launcher, workers) and the workers agree on a stop step.
+    """
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 - code if code < 0 else code
