@@ -70,6 +70,22 @@ class Checkpoint:
     def loss(self) -> Optional[float]:
         return self.metadata.get("loss")
 
+    def check_resumable(self, spec: str, world_size: int, task: str, max_steps: int) -> None:
+        """`UserError` if this checkpoint cannot continue a job of that shape."""
+        meta = self.metadata
+        if int(meta.get("world_size", world_size)) != world_size:
+            raise UserError(
+                f"--resume {spec}: {self.path} was saved by {meta['world_size']} ranks, this job has {world_size};"
+                " DeepSpeed ZeRO checkpoints resume on the same world size"
+            )
+        if meta.get("task", task) != task:
+            raise UserError(f"--resume {spec}: {self.path} is a {meta.get('task')!r} checkpoint, this run is {task!r}")
+        if self.step >= max_steps:
+            raise UserError(
+                f"--resume {spec}: {self.tag} is already at step {self.step} >= train.max_steps {max_steps};"
+                " raise --max-steps to train further"
+            )
+
 
 def read_metadata(ckpt_dir: Path) -> dict:
     path = Path(ckpt_dir) / METADATA

@@ -59,7 +59,9 @@ def train(
     task = build_task(cfg)
     render_ds_config(cfg, plan.world_size, task.model_hints().get("hidden_size"), str(config))
     task.preflight()
-    resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
+    ckpt = resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
+    if ckpt is not None:
+        ckpt.check_resumable(str(cfg.checkpoint.resume), plan.world_size, cfg.task, cfg.train.max_steps)
     if plan.master_port is None:
         plan.master_port = free_port() if plan.single_local_host or node_rank is not None else 29500
     if hostfile is None:

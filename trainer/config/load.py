@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -135,6 +136,9 @@ def _describe(err: dict) -> str:
     return msg
 
 
+_LEADING_FIELD = re.compile(r"^([a-z_]+(?:\.[a-z_]+)+)\b")
+
+
 def load_config(path: Path | str, overrides: Optional[Overrides] = None) -> RunConfig:
     """Read, override and validate a run config; raise `UserError` listing every problem."""
     path = Path(path)
@@ -149,6 +153,10 @@ def load_config(path: Path | str, overrides: Optional[Overrides] = None) -> RunC
         lines = []
         for err in exc.errors():
             loc = tuple(str(p) for p in err["loc"])
+            named = _LEADING_FIELD.match(err["msg"].removeprefix("Value error, "))
+            if not loc and named:  # a cross-field rule: point at the first field its message names
+                loc = tuple(named.group(1).split("."))
+                err = {**err, "loc": loc}
             dotted = ".".join(loc) if loc else "(config)"
             origin = next((o for k, o in origins.items() if loc[: len(k)] == k), None)
             if origin is not None:

@@ -107,19 +107,8 @@ class Trainer:
         ckpt = resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume)
         if ckpt is None:
             return {"run_id": self.cfg.run_id or new_run_id(), "resume": None, "metadata": None}
+        ckpt.check_resumable(str(self.cfg.checkpoint.resume), self.ranks.world_size, self.cfg.task, self.cfg.train.max_steps)
         meta = ckpt.metadata
-        if int(meta.get("world_size", self.ranks.world_size)) != self.ranks.world_size:
-            raise UserError(
-                f"--resume {self.cfg.checkpoint.resume}: {ckpt.path} was saved by {meta['world_size']} ranks, this job has"
-                f" {self.ranks.world_size}; DeepSpeed ZeRO checkpoints resume on the same world size"
-            )
-        if meta.get("task", self.cfg.task) != self.cfg.task:
-            raise UserError(f"--resume {self.cfg.checkpoint.resume}: {ckpt.path} is a {meta.get('task')!r} checkpoint, this run is {self.cfg.task!r}")
-        if int(meta["step"]) >= self.cfg.train.max_steps:
-            raise UserError(
-                f"--resume {self.cfg.checkpoint.resume}: {ckpt.tag} is already at step {meta['step']} >= train.max_steps"
-                f" {self.cfg.train.max_steps}; raise --max-steps to train further"
-            )
         return {"run_id": ckpt.run_id, "resume": str(ckpt.path), "metadata": meta}
 
     def setup(self) -> None:

@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make run` (the tiny job end to end) and `make test` (the suite).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+RANKS   ?= 2
+# DeepSpeed JIT-compiles a few ops on first use (~1-2 min here): keep them in the ignored build folder.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
+
+.PHONY: setup run test bench clean
+
+$(VENV)/.installed: setup.py requirements-lock.txt constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: on a CPU machine this takes the CPU build; everything else is pinned against it.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -r requirements-lock.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+data/tiny_shards/shard_00000.npy: tools/make_synthetic_shards.py | setup
+	$(BIN)/python tools/make_synthetic_shards.py --out data/tiny_shards --vocab 512 --tokens 400000 --shards 4
+
+# 2 CPU ranks through the real deepspeed launcher: 150 steps, then a resume to 300 steps.
+run: setup data/tiny_shards/shard_00000.npy
+	$(BIN)/trainer train configs/pretrain_tiny.yaml --num-ranks $(RANKS) --max-steps 150 --set optim.decay_steps=300
+	$(BIN)/trainer train configs/pretrain_tiny.yaml --num-ranks $(RANKS) --max-steps 300 --set optim.decay_steps=300 --resume latest
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup data/tiny_shards/shard_00000.npy
+	$(BIN)/python tools/bench_train.py neox-tiny
+
+clean:
+	rm -rf runs build .pytest_cache

@@ -1,0 +1,81 @@
+"""Single-process runs (RANK/WORLD_SIZE set by hand): checkpoints, retention, partials, MLflow."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from conftest import run_rank
+
+
+def _cfg(tiny_config: Path, **sections: dict) -> Path:
+    cfg = yaml.safe_load(tiny_config.read_text())
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    tiny_config.write_text(yaml.safe_dump(cfg))
+    return tiny_config
+
+
+def test_checkpoints_metadata_retention_and_mlflow(tiny_config: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs"
+    cfg = _cfg(tiny_config, train={"max_steps": 12, "log_every": 2}, checkpoint={"save_every": 3, "keep_last": 2},
+               tracking={"enabled": True})
+    r = run_rank("--config", str(cfg))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run_root,) = [p for p in run_dir.iterdir() if p.is_dir() and (p / "checkpoints").is_dir()]
+    run_id = run_root.name
+    assert len(run_id.split("_")[0]) == 32 and len(run_id.split("_", 1)[1]) == 15  # {uuid hex}_{YYYYmmdd_HHMMSS}
+
+    ckpts = sorted(p.name for p in (run_root / "checkpoints").glob("step-*"))
+    metas = {n: json.loads((run_root / "checkpoints" / n / "metadata.json").read_text()) for n in ckpts}
+    best = min(metas.values(), key=lambda m: m["loss"])
+    # Retention: the newest two, plus the best by loss (which on a falling curve is the newest).
+    assert ckpts[-2:] == ["step-00000009", "step-00000012"] and best["tag"] in ckpts
+    assert len(ckpts) <= 3
+    m = metas["step-00000012"]
+    for key in ("step", "epoch", "tokens_seen", "loss", "best_loss", "loss_history", "lr_history", "data_position", "run_id",
+                "mlflow_run_id", "config_hash", "world_size", "zero_stage", "system", "committed_at"):
+        assert key in m, key
+    assert m["step"] == 12 and m["run_id"] == run_id and m["reason"] == "final"
+    assert m["tokens_seen"] == 12 * 8 * 128
+    assert m["system"]["torch"] and m["system"]["deepspeed"] and m["system"]["precision"] == "fp32"
+    assert m["best_loss"] == min(loss for _, loss in m["loss_history"])
+    saved = yaml.safe_load((run_root / "checkpoints" / "step-00000012" / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 12 and saved["data"]["path"]
+    assert json.loads((run_root / "checkpoints" / "step-00000012" / "ds_config.json").read_text())["train_batch_size"] == 8
+
+    # MLflow: the local store under run_dir, status FINISHED, metrics, params and artifacts.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run(m["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.003" and run.data.params["train.max_steps"] == "12"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(x.step for x in losses) == [2, 3, 4, 6, 8, 9, 10, 12]  # every log_every steps and at each save
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "plots"} <= artifacts
+
+    # A partial checkpoint (no metadata.json) is removed at the next start; the resume continues
+    # the same run folder and the same MLflow run.
+    partial = run_root / "checkpoints" / "step-00000013"
+    partial.mkdir()
+    (partial / "junk").write_text("half-written")
+    r = run_rank("--config", str(cfg), "--resume", "latest", "--max-steps", "14")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not partial.exists()
+    m14 = json.loads((run_root / "checkpoints" / "step-00000014" / "metadata.json").read_text())
+    assert m14["mlflow_run_id"] == m["mlflow_run_id"] and m14["run_id"] == run_id
+    assert m14["loss_history"][: len(m["loss_history"])] == m["loss_history"]
+    assert client.get_run(m["mlflow_run_id"]).info.status == "FINISHED"
+    assert max(x.step for x in client.get_metric_history(run.info.run_id, "train/loss")) == 14
+
+
+def test_resume_unknown_tag_is_a_user_error(tiny_config: Path) -> None:
+    r = run_rank("--config", str(tiny_config), "--resume", "step-00000999")
+    assert r.returncode == 2
+    assert "step-00000999" in r.stderr and "Traceback" not in r.stderr + r.stdout
