@@ -22,3 +22,7 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def lines(self) -> list[str]:
+        """One `error: ...` line per problem (a message may list several, one per line)."""
+        return [f"error: {line}" for line in self.message.splitlines() if line.strip()]

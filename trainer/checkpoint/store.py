@@ -8,6 +8,7 @@ resumed from, and removed at the next start.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -151,7 +152,7 @@ class CheckpointStore:
         ckpts = self.committed()
         keep = {c.path for c in ckpts[-keep_last:]}
         if keep_best:
-            scored = [c for c in ckpts if c.loss is not None]
+            scored = [c for c in ckpts if c.loss is not None and math.isfinite(c.loss)]
             if scored:
                 keep.add(min(scored, key=lambda c: (c.loss, -c.step)).path)
         deleted = []

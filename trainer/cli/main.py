@@ -38,7 +38,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = app(args=argv, standalone_mode=False)
         return int(result or 0)
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo("\n".join(exc.lines()), err=True)
         return exc.exit_code
     except typer.Exit as exc:
         return int(exc.exit_code or 0)

@@ -73,6 +73,8 @@ def train(
         cmd = plan.command(str(config), ov.to_argv())
         typer.echo(f"world size {plan.world_size} on {len(hosts)} host(s); launcher:\n  {shlex.join(cmd)}")
         if dry_run:
+            if hostfile is None:
+                typer.echo(f"(the generated hostfile holds: {render_hostfile(hosts).strip()}; it exists only while training runs)")
             return 0
         env = dict(os.environ)
         env[SHARDS_CHECKED_ENV] = "1"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -136,6 +137,20 @@ def _describe(err: dict) -> str:
     return msg
 
 
+def _is_text_field(dotted: str) -> bool:
+    """True if the schema types `dotted` as text (str or Path, optionally None)."""
+    model: Any = RunConfig
+    annotation: Any = None
+    for part in dotted.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        annotation = fields[part].annotation
+        model = annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return all(a in (str, Path) for a in args)
+
+
 _LEADING_FIELD = re.compile(r"^([a-z_]+(?:\.[a-z_]+)+)\b")
 
 
@@ -145,6 +160,8 @@ def load_config(path: Path | str, overrides: Optional[Overrides] = None) -> RunC
     data, node = _read_yaml(path)
     origins: dict[tuple[str, ...], str] = {}
     for origin, key, value in (overrides or Overrides()).as_pairs():
+        if value is not None and not isinstance(value, str) and _is_text_field(key) and origin.startswith("--set "):
+            value = origin.split("=", 1)[1]  # `--set run_id=0042` means the text "0042", not a number
         _set_dotted(data, key, value, origin)
         origins[tuple(key.split("."))] = origin
     try:

@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if trainer is not None:
             trainer.fail()
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            print("\n".join(exc.lines()), file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except BaseException:
         if trainer is not None:

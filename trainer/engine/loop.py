@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import logging
 import random
 import time
@@ -52,7 +53,7 @@ class RunState:
         self.loss_history.append([step, loss])
         self.lr_history.append([step, lr])
         self.last_loss = loss
-        if self.best_loss is None or loss < self.best_loss:
+        if math.isfinite(loss) and (self.best_loss is None or loss < self.best_loss):
             self.best_loss, self.best_step = loss, step
 
     @classmethod
@@ -167,6 +168,11 @@ class Trainer:
 
     def _build_model(self, deepspeed: Any) -> Any:
         if self.stage == 3:
+            # zero.Init patches tensor constructors; modules imported inside it (torch._dynamo's
+            # polyfills, lazily imported model classes) fail their import-time checks. Import first.
+            import torch._dynamo  # noqa: F401
+
+            self.task.import_model_classes()
             with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
                 return self.task.build_model()
         return self.task.build_model()

@@ -15,6 +15,9 @@ class Task(Protocol):
     def model_hints(self) -> dict[str, int]:
         """Sizes the DeepSpeed config can use (e.g. `hidden_size` for bucket sizes)."""
 
+    def import_model_classes(self) -> None:
+        """Import the model code up front (the engine calls this before `deepspeed.zero.Init`)."""
+
     def build_model(self) -> Any:
         """Build the torch module (the engine may call this inside `deepspeed.zero.Init`)."""
 

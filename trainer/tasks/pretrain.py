@@ -44,6 +44,9 @@ class PretrainTask:
     def model_hints(self) -> dict[str, int]:
         return {"hidden_size": self.dims["hidden_size"]}
 
+    def import_model_classes(self) -> None:
+        from transformers import GPTNeoXForCausalLM  # noqa: F401
+
     def build_model(self) -> Any:
         import torch
         from transformers import GPTNeoXForCausalLM

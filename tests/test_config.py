@@ -1,0 +1,356 @@
+"""Config loading: defaults, `--set` and flag overrides, the config hash, and DeepSpeed rendering."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli
+from trainer.config.deepspeed import list_templates, render_ds_config, zero_stage
+from trainer.config.load import Overrides, config_hash, config_to_dict, flatten, load_config
+from trainer.config.schema import RunConfig
+from trainer.errors import UserError
+
+EXPECTED_TEMPLATES = {"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"}
+TEMPLATES = sorted(p.stem for p in (REPO / "ds_configs").glob("*.json"))
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def schema_leaves(model: type = RunConfig, prefix: str = "") -> set[str]:
+    """Dotted names of every leaf field of the schema."""
+    out: set[str] = set()
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and hasattr(ann, "model_fields"):
+            out |= schema_leaves(ann, f"{prefix}{name}.")
+        else:
+            out.add(f"{prefix}{name}")
+    return out
+
+
+def file_batch(config: Path) -> tuple[int, int]:
+    """(micro_batch_size, grad_accum) as written in a config file."""
+    train = yaml.safe_load(config.read_text())["train"]
+    return train["micro_batch_size"], train.get("grad_accum", 1)
+
+
+def autos(node, path: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [a for k, v in node.items() for a in autos(v, f"{path}.{k}" if path else k)]
+    if isinstance(node, list):
+        return [a for i, v in enumerate(node) for a in autos(v, f"{path}[{i}]")]
+    return [path] if node == "auto" else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults
+
+
+def test_minimal_file_gets_every_default(tmp_path: Path) -> None:
+    cfg = load_config(write_yaml(tmp_path / "min.yaml", {"task": "pretrain"}))
+    assert cfg == RunConfig()
+    assert cfg.optim.lr == 3e-4
+    assert cfg.optim.warmup_steps == 10
+    assert cfg.train.micro_batch_size == 4
+    assert cfg.train.grad_accum == 1
+    assert cfg.train.precision == "fp32"
+    assert cfg.checkpoint.keep_last == 3
+    assert cfg.deepspeed.template == "zero2"
+    assert cfg.deepspeed.overrides == {}
+
+
+def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing set\n")
+    assert load_config(path) == RunConfig()
+
+
+def test_partial_section_keeps_other_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write_yaml(tmp_path / "p.yaml", {"optim": {"lr": 0.01}, "train": {"grad_accum": 4}}))
+    assert cfg.optim.lr == 0.01
+    assert cfg.optim.warmup_steps == 10 and cfg.optim.schedule == "cosine" and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.train.grad_accum == 4 and cfg.train.micro_batch_size == 4 and cfg.train.max_steps == 100
+
+
+def test_file_values_are_read(tiny_config: Path, tiny_shards: Path) -> None:
+    raw = yaml.safe_load(tiny_config.read_text())
+    cfg = load_config(tiny_config)
+    assert cfg.data.path == tiny_shards
+    assert cfg.run_dir == Path(raw["run_dir"])
+    for section in ("optim", "train", "checkpoint"):
+        for key, value in raw[section].items():
+            assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+    assert cfg.tracking.enabled is False
+
+
+# ---------------------------------------------------------------------------------------------
+# --set overrides
+
+
+@pytest.mark.parametrize(
+    "item, dotted, expected",
+    [
+        ("optim.lr=3e-4", "optim.lr", 3e-4),
+        ("optim.lr=0.01", "optim.lr", 0.01),
+        ("optim.betas=[0.8, 0.99]", "optim.betas", (0.8, 0.99)),
+        ("optim.schedule=linear", "optim.schedule", "linear"),
+        ("optim.decay_steps=1000", "optim.decay_steps", 1000),
+        ("train.max_steps=50", "train.max_steps", 50),
+        ("train.micro_batch_size=2", "train.micro_batch_size", 2),
+        ("train.precision=bf16", "train.precision", "bf16"),
+        ("train.global_batch_size=8", "train.global_batch_size", 8),
+        ("model.preset=neox-1.2b", "model.preset", "neox-1.2b"),
+        ("model.vocab_size=1000", "model.vocab_size", 1000),
+        ("model.vocab_size=null", "model.vocab_size", None),
+        ("model.gradient_checkpointing=true", "model.gradient_checkpointing", True),
+        ("data.path=/somewhere/else", "data.path", Path("/somewhere/else")),
+        ("data.check_token_ids=false", "data.check_token_ids", False),
+        ("checkpoint.resume=latest", "checkpoint.resume", "latest"),
+        ("upload.url=file:///tmp/uploads", "upload.url", "file:///tmp/uploads"),
+        ("tracking.uri=http://mlflow:5000", "tracking.uri", "http://mlflow:5000"),
+        ("tracking.flush_every_s=2.5", "tracking.flush_every_s", 2.5),
+        ("deepspeed.template=zero3", "deepspeed.template", "zero3"),
+        ("run_id=my-run", "run_id", "my-run"),
+        ("run_dir=/tmp/elsewhere", "run_dir", Path("/tmp/elsewhere")),
+    ],
+)
+def test_set_overrides_a_field_with_its_type(tiny_config: Path, item: str, dotted: str, expected) -> None:
+    cfg = load_config(tiny_config, Overrides(sets=[item]))
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_set_lr_scientific_notation_gives_float(tiny_config: Path) -> None:
+    cfg = load_config(tiny_config, Overrides(sets=["optim.lr=3e-4"]))
+    assert isinstance(cfg.optim.lr, float)
+    assert cfg.optim.lr == pytest.approx(3e-4)
+
+
+def test_set_nested_dict_into_deepspeed_overrides(tiny_config: Path) -> None:
+    cfg = load_config(tiny_config, Overrides(sets=["deepspeed.overrides.zero_optimization.stage=1",
+                                                   "deepspeed.overrides.zero_optimization.overlap_comm=false"]))
+    assert cfg.deepspeed.overrides == {"zero_optimization": {"stage": 1, "overlap_comm": False}}
+    ds = render_ds_config(cfg, 1, 64)
+    assert zero_stage(ds) == 1
+    assert ds["zero_optimization"]["overlap_comm"] is False
+    assert ds["zero_optimization"]["contiguous_gradients"] is True  # merged, not replaced
+
+
+def test_later_set_wins(tiny_config: Path) -> None:
+    cfg = load_config(tiny_config, Overrides(sets=["train.seed=1", "train.seed=2"]))
+    assert cfg.train.seed == 2
+
+
+def test_every_schema_field_can_be_set(tiny_config: Path) -> None:
+    """`--set KEY=VALUE` works for every leaf of the schema: setting each to another valid value round-trips."""
+    base = load_config(tiny_config)
+    leaves = flatten(config_to_dict(base))
+    assert set(leaves) == schema_leaves()
+    sets = [f"{key}={json.dumps(value)}" for key, value in leaves.items()]
+    assert config_to_dict(load_config(tiny_config, Overrides(sets=sets))) == config_to_dict(base)
+
+
+@pytest.mark.parametrize("item, dotted, expected", [("run_id=1234", "run_id", "1234"),
+                                                    ("tracking.experiment=2024", "tracking.experiment", "2024")])
+def test_set_numeric_looking_value_into_string_field(tiny_config: Path, item: str, dotted: str, expected: str) -> None:
+    cfg = load_config(tiny_config, Overrides(sets=[item]))
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    assert value == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag overrides
+
+
+def test_overrides_flags_set_their_fields(tiny_config: Path) -> None:
+    cfg = load_config(tiny_config, Overrides(max_steps=50, batch_size=2, learning_rate=1e-3, resume="latest"))
+    assert cfg.train.max_steps == 50
+    assert cfg.train.micro_batch_size == 2
+    assert cfg.optim.lr == 1e-3
+    assert cfg.checkpoint.resume == "latest"
+
+
+def test_flags_apply_after_set(tiny_config: Path) -> None:
+    cfg = load_config(tiny_config, Overrides(sets=["train.max_steps=70", "optim.lr=0.5"], max_steps=50, learning_rate=1e-3))
+    assert cfg.train.max_steps == 50
+    assert cfg.optim.lr == 1e-3
+
+
+def test_no_overrides_leave_file_values(tiny_config: Path) -> None:
+    assert load_config(tiny_config, Overrides()) == load_config(tiny_config)
+
+
+def test_overrides_to_argv_round_trip() -> None:
+    ov = Overrides(sets=["optim.lr=3e-4", "train.seed=7"], max_steps=50, batch_size=2, learning_rate=1e-3, resume="step-00000100")
+    argv = ov.to_argv()
+    assert argv == ["--set", "optim.lr=3e-4", "--set", "train.seed=7", "--max-steps", "50", "--batch-size", "2",
+                    "--learning-rate", "0.001", "--resume", "step-00000100"]
+    assert float(argv[argv.index("--learning-rate") + 1]) == 1e-3
+
+
+def test_flags_via_cli(tiny_config: Path) -> None:
+    r = run_cli("config", "show", str(tiny_config), "--json", "--max-steps", "50", "--batch-size", "2",
+                "--learning-rate", "0.001", "--set", "train.grad_accum=3")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["train"]["max_steps"] == 50
+    assert doc["train"]["micro_batch_size"] == 2
+    assert doc["train"]["grad_accum"] == 3
+    assert doc["optim"]["lr"] == 0.001
+    assert doc["resolved"]["deepspeed_json"]["train_batch_size"] == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Config hash
+
+
+def test_config_hash_is_stable(tiny_config: Path) -> None:
+    h = config_hash(load_config(tiny_config))
+    assert h == config_hash(load_config(tiny_config))
+    assert len(h) == 16 and int(h, 16) >= 0
+
+
+def test_config_hash_same_in_another_process(tiny_config: Path) -> None:
+    r = run_cli("config", "show", str(tiny_config), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resolved"]["config_hash"] == config_hash(load_config(tiny_config))
+
+
+@pytest.mark.parametrize("ov", [
+    Overrides(max_steps=1000),
+    Overrides(sets=["train.max_steps=25"]),
+    Overrides(resume="latest"),
+    Overrides(sets=["checkpoint.resume=step-00000100"]),
+    Overrides(sets=["run_dir=/tmp/another/place"]),
+    Overrides(sets=["run_id=some-run"]),
+    Overrides(sets=["upload.url=file:///tmp/up"]),
+    Overrides(sets=["tracking.enabled=true"]),
+], ids=["max-steps", "set-max-steps", "resume", "set-resume", "run_dir", "run_id", "upload", "tracking"])
+def test_config_hash_ignores_run_length_resume_and_outputs(tiny_config: Path, ov: Overrides) -> None:
+    assert config_hash(load_config(tiny_config, ov)) == config_hash(load_config(tiny_config))
+
+
+@pytest.mark.parametrize("item", ["optim.lr=0.001", "train.seed=7", "train.micro_batch_size=2", "model.seq_len=64",
+                                  "deepspeed.template=zero1", "train.precision=bf16"])
+def test_config_hash_changes_with_trajectory_settings(tiny_config: Path, item: str) -> None:
+    assert config_hash(load_config(tiny_config, Overrides(sets=[item]))) != config_hash(load_config(tiny_config))
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed rendering
+
+
+def test_all_expected_templates_exist() -> None:
+    assert EXPECTED_TEMPLATES <= set(TEMPLATES)
+    assert EXPECTED_TEMPLATES <= set(list_templates())
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("hidden", [64, None], ids=["hidden", "no-hidden"])
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_render_fills_every_auto(tiny_config: Path, template: str, world: int, hidden) -> None:
+    cfg = load_config(tiny_config, Overrides(sets=[f"deepspeed.template={template}", "train.micro_batch_size=2",
+                                                   "train.grad_accum=3", "optim.grad_clip=0.5"]))
+    ds = render_ds_config(cfg, world, hidden)
+    assert autos(ds) == []
+    assert "auto" not in json.dumps(ds)
+    assert ds["train_batch_size"] == 2 * 3 * world
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+    assert ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    assert zero_stage(ds) == int(template.removeprefix("zero")[0])
+    if "optimizer" in ds:
+        params = ds["optimizer"]["params"]
+        assert params["lr"] == cfg.optim.lr
+        assert params["betas"] == list(cfg.optim.betas)
+        assert params["eps"] == cfg.optim.eps
+        assert params["weight_decay"] == cfg.optim.weight_decay
+    if hidden:
+        zo = ds["zero_optimization"]
+        if "reduce_bucket_size" in zo:
+            assert zo["reduce_bucket_size"] == hidden * hidden
+    json.dumps(ds)  # a valid JSON document
+
+
+@pytest.mark.parametrize("template", ["zero2_offload", "zero3_offload"])
+def test_offload_templates_keep_offload_and_optimizer(tiny_config: Path, template: str) -> None:
+    cfg = load_config(tiny_config, Overrides(sets=[f"deepspeed.template={template}"]))
+    ds = render_ds_config(cfg, 2, 64)
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["optimizer"]["type"] == "AdamW"
+
+
+@pytest.mark.parametrize("precision, bf16, fp16", [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)])
+def test_render_precision_switches(tiny_config: Path, precision: str, bf16: bool, fp16: bool) -> None:
+    cfg = load_config(tiny_config, Overrides(sets=[f"train.precision={precision}"]))
+    ds = render_ds_config(cfg, 1, 64)
+    assert ds["bf16"]["enabled"] is bf16
+    assert ds["fp16"]["enabled"] is fp16
+
+
+def test_render_accepts_a_json_path(tiny_config: Path, tmp_path: Path) -> None:
+    custom = tmp_path / "custom.json"
+    custom.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                  "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 1}}))
+    cfg = load_config(tiny_config, Overrides(sets=[f"deepspeed.template={custom}", "train.micro_batch_size=8",
+                                                   "train.grad_accum=1"]))
+    ds = render_ds_config(cfg, 2, 64)
+    assert ds == {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": 1}}
+
+
+def test_render_global_batch_size_matching_world_is_accepted(tiny_config: Path) -> None:
+    cfg = load_config(tiny_config, Overrides(sets=["train.global_batch_size=16", "train.micro_batch_size=8", "train.grad_accum=1"]))
+    assert render_ds_config(cfg, 2, 64)["train_batch_size"] == 16
+    with pytest.raises(UserError, match="global_batch_size"):
+        render_ds_config(cfg, 1, 64)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_config_show_json_reports_deepspeed_json(tiny_config: Path, world: int) -> None:
+    r = run_cli("config", "show", str(tiny_config), "--num-ranks", str(world), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    micro, accum = file_batch(tiny_config)
+    resolved = doc["resolved"]
+    assert resolved["world_size"] == world
+    ds = resolved["deepspeed_json"]
+    assert ds["train_batch_size"] == micro * accum * world
+    assert ds["train_micro_batch_size_per_gpu"] == micro
+    assert ds["gradient_accumulation_steps"] == accum
+    assert autos(ds) == []
+    assert doc["optim"]["lr"] == yaml.safe_load(tiny_config.read_text())["optim"]["lr"]
+    assert doc["deepspeed"]["template"] == "zero2"
+
+
+def test_config_show_yaml_default_output(tiny_config: Path) -> None:
+    r = run_cli("config", "show", str(tiny_config), "--num-ranks", "2", "--set", "train.grad_accum=2")
+    assert r.returncode == 0, r.stderr
+    doc = yaml.safe_load(r.stdout)
+    micro, _ = file_batch(tiny_config)
+    assert doc["resolved"]["deepspeed_json"]["train_batch_size"] == micro * 2 * 2
+    assert doc["train"]["grad_accum"] == 2
+
+
+def test_config_show_uses_hostfile_slots(tiny_config: Path, tmp_path: Path) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two workers\nworker-1 slots=2\nworker-2 slots=2\n")
+    r = run_cli("config", "show", str(tiny_config), "--hostfile", str(hostfile), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    micro, accum = file_batch(tiny_config)
+    assert doc["resolved"]["world_size"] == 4
+    assert doc["resolved"]["deepspeed_json"]["train_batch_size"] == micro * accum * 4
