@@ -255,22 +255,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- loop
     def train(self) -> int:
-        cfg, s, eng = self.cfg, self.state, self.engine
-        gas, world = cfg.train.grad_accum, self.ranks.world_size
-        tokens_per_step = self.task.tokens_per_micro_batch() * gas * world
+        cfg, s = self.cfg, self.state
+        tokens_per_step = self.tokens_per_step()
         window = LossWindow()
         start_step, t_start = s.step, time.perf_counter()
         log.info("training steps %d -> %d (%s tokens per step)", s.step, cfg.train.max_steps, f"{tokens_per_step:,}")
         stopped = False
         while s.step < cfg.train.max_steps:
-            lr = eng.get_lr()[0]
-            for micro in range(gas):
-                loss = self.task.loss(eng, self.task.batch(s.step, micro, eng.device))
-                eng.backward(loss)
-                eng.step()
-                window.add(loss)
-            s.step += 1
-            window.steps += 1
+            lr = self.engine.get_lr()[0]
+            self.train_step(window)
             stopped = dist.any_rank(self.stop.is_set())
             last = s.step == cfg.train.max_steps
             save = last or stopped or s.step % cfg.checkpoint.save_every == 0
@@ -283,6 +276,23 @@ class Trainer:
                 break
         self._finish(start_step, time.perf_counter() - t_start, tokens_per_step, stopped)
         return EXIT_PREEMPTED if stopped else EXIT_OK
+
+    def tokens_per_step(self) -> int:
+        """Tokens all ranks process together in one optimizer step."""
+        return self.task.tokens_per_micro_batch() * self.cfg.train.grad_accum * self.ranks.world_size
+
+    def train_step(self, window: Optional["LossWindow"] = None) -> None:
+        """One optimizer step: `grad_accum` micro-batches, forward, backward, DeepSpeed step."""
+        s, eng = self.state, self.engine
+        for micro in range(self.cfg.train.grad_accum):
+            loss = self.task.loss(eng, self.task.batch(s.step, micro, eng.device))
+            eng.backward(loss)
+            eng.step()
+            if window is not None:
+                window.add(loss)
+        s.step += 1
+        if window is not None:
+            window.steps += 1
 
     def _log_window(self, window: LossWindow, lr: float, tokens_per_step: int) -> None:
         loss, steps, elapsed = window.close()

@@ -83,3 +83,11 @@ def parameter_counts(model: Any) -> dict[str, int]:
     total = sum(numel(p) for p in model.parameters())
     embed = numel(model.get_input_embeddings().weight) + numel(model.get_output_embeddings().weight)
     return {"total": total, "embedding": embed, "non_embedding": total - embed}
+
+
+def human_count(n: int) -> str:
+    """1414647808 -> '1.41B', 165632 -> '165.6K'."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}" if unit == "B" else f"{n / size:.1f}{unit}"
+    return str(n)

@@ -9,7 +9,7 @@ from trainer.data.sampler import ResumableSampler
 from trainer.data.shards import TokenShards, check_token_ids, find_shards, open_shard
 from trainer.engine.dist import RankInfo
 from trainer.log import get_logger
-from trainer.models.neox import neox_config, parameter_counts, resolve_dims
+from trainer.models.neox import human_count, neox_config, parameter_counts, resolve_dims
 
 log = get_logger("pretrain")
 
@@ -66,8 +66,8 @@ class PretrainTask:
         return [
             f"model {self.cfg.model.preset}: {d['num_layers']} layers, hidden {d['hidden_size']}, {d['num_heads']} heads,"
             f" seq {self.seq_len}, vocab {d['vocab_size']} (padded to {d['padded_vocab_size']})",
-            f"parameters: {c['total']:,} total ({c['total'] / 1e9:.2f}B), {c['non_embedding']:,} non-embedding"
-            f" ({c['non_embedding'] / 1e9:.2f}B)",
+            f"parameters: {c['total']:,} total ({human_count(c['total'])}), {c['non_embedding']:,} non-embedding"
+            f" ({human_count(c['non_embedding'])})",
         ]
 
     def setup_data(self, ranks: RankInfo, micro_batch: int, grad_accum: int) -> None:
