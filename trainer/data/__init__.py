@@ -1,0 +1,1 @@
+"""Training data: token shards and the resumable distributed sampler."""

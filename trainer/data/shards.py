@@ -1,0 +1,97 @@
+"""Pre-tokenized token shards: discovery, validation and fixed-length windows.
+
+A shard is a 1-D array of integer token ids in a `.npy` file (memory-mapped, never read whole)
+or a `.npz` file holding one array. Shards are read in name order; each contributes
+`(len - 1) // seq_len` windows of `seq_len + 1` tokens (inputs plus the shifted labels).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from trainer.errors import UserError
+
+SHARD_SUFFIXES = (".npy", ".npz")
+_SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning for out-of-range ids
+
+
+def find_shards(folder: Path, max_files: Optional[int] = None, field: str = "data.path") -> list[Path]:
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"{field}: shard folder {folder} does not exist (make one with tools/make_synthetic_shards.py)")
+    if not folder.is_dir():
+        raise UserError(f"{field}: {folder} is not a folder of .npy/.npz shards")
+    files = sorted(p for p in folder.iterdir() if p.suffix in SHARD_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"{field}: no .npy or .npz shards in {folder}")
+    return files[:max_files] if max_files else files
+
+
+def open_shard(path: Path) -> np.ndarray:
+    """The shard's token ids as a 1-D integer array (memory-mapped for .npy)."""
+    try:
+        if path.suffix == ".npy":
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                if len(z.files) != 1:
+                    raise UserError(f"{path}: expected one array in the .npz shard, found {len(z.files)} ({', '.join(z.files)})")
+                arr = z[z.files[0]]
+    except UserError:
+        raise
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"{path}: not a readable numpy shard ({exc})") from None
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise UserError(f"{path}: expected a 1-D array of integer token ids, got shape {arr.shape} dtype {arr.dtype}")
+    return arr
+
+
+def check_token_ids(path: Path, arr: np.ndarray, vocab_size: int) -> None:
+    """Raise `UserError` naming the first token id outside [0, vocab_size)."""
+    if np.issubdtype(arr.dtype, np.unsignedinteger) and np.iinfo(arr.dtype).max < vocab_size:
+        return
+    for start in range(0, len(arr), _SCAN_CHUNK):
+        chunk = np.asarray(arr[start : start + _SCAN_CHUNK])
+        bad = (chunk >= vocab_size) | (chunk < 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise UserError(
+                f"{path}: token id {int(chunk[i])} at index {start + i} is outside the model vocabulary"
+                f" [0, {vocab_size}) (set model.vocab_size or re-tokenize)"
+            )
+
+
+class TokenShards:
+    """Random access to fixed-length token windows across a list of shards."""
+
+    def __init__(self, files: list[Path], seq_len: int):
+        self.files = list(files)
+        self.seq_len = seq_len
+        self.arrays = [open_shard(f) for f in self.files]
+        counts = np.array([self.windows_in(len(a), seq_len) for a in self.arrays], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.num_tokens = int(sum(len(a) for a in self.arrays))
+        if self.offsets[-1] == 0:
+            raise self.too_small(self.files[0].parent, self.num_tokens, seq_len)
+
+    @staticmethod
+    def windows_in(num_tokens: int, seq_len: int) -> int:
+        return max(0, (num_tokens - 1) // seq_len)
+
+    @staticmethod
+    def too_small(folder: Path, num_tokens: int, seq_len: int) -> UserError:
+        return UserError(
+            f"data.path: the shards in {folder} hold {num_tokens} tokens, no shard has a full window of"
+            f" seq_len + 1 = {seq_len + 1} tokens"
+        )
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def window(self, index: int) -> np.ndarray:
+        """Window `index` as int64 tokens of length seq_len + 1."""
+        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        start = (index - int(self.offsets[shard])) * self.seq_len
+        return np.asarray(self.arrays[shard][start : start + self.seq_len + 1], dtype=np.int64)
