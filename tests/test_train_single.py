@@ -79,3 +79,35 @@ def test_resume_unknown_tag_is_a_user_error(tiny_config: Path) -> None:
     r = run_rank("--config", str(tiny_config), "--resume", "step-00000999")
     assert r.returncode == 2
     assert "step-00000999" in r.stderr and "Traceback" not in r.stderr + r.stdout
+
+
+def test_sigterm_saves_marks_killed_and_exits_75(tiny_config: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from trainer.launcher.command import free_port
+
+    run_dir = tmp_path / "runs"
+    cfg = _cfg(tiny_config, train={"max_steps": 100000, "log_every": 5}, checkpoint={"save_every": 100000},
+               tracking={"enabled": True})
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    seen = ""
+    while "step 10/" not in seen and time.monotonic() < deadline:  # wait until it is training
+        seen += proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, seen + out
+    (ckpt,) = list(run_dir.glob("*/checkpoints/step-*/metadata.json"))
+    meta = json.loads(ckpt.read_text())
+    assert meta["reason"] == "preemption" and meta["step"] >= 10
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}").get_run(meta["mlflow_run_id"])
+    assert run.info.status == "KILLED"

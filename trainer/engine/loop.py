@@ -115,6 +115,7 @@ class Trainer:
     def setup(self) -> None:
         import deepspeed
 
+        self.stop.install()  # from here on a signal stops the job at the next step boundary
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         dist.init_distributed()
         cfg, r = self.cfg, self.ranks
@@ -159,7 +160,6 @@ class Trainer:
             self.tracker.log_artifact(self.run_root / "config.yaml", "config")
         self.flops_per_token = self.task.flops_per_token(model)
         self.peak = peak_flops(accelerator_name()) if self._on_gpu() else None
-        self.stop.install()
 
     def _on_gpu(self) -> bool:
         from deepspeed.accelerator import get_accelerator
