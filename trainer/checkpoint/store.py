@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from trainer.errors import UserError
 from trainer.log import get_logger
@@ -147,8 +147,11 @@ class CheckpointStore:
         atomic_write(d / METADATA, json.dumps({"format": METADATA_FORMAT, **metadata}, indent=2, default=str) + "\n")
         return d
 
-    def retention(self, keep_last: int, keep_best: bool) -> list[Path]:
-        """Delete committed checkpoints beyond the newest `keep_last` and the best by loss."""
+    def retention(self, keep_last: int, keep_best: bool, deletable: Optional[Callable[[Path], bool]] = None) -> list[Path]:
+        """Delete committed checkpoints beyond the newest `keep_last` and the best by loss.
+
+        `deletable` vetoes deletions (with uploads on: only checkpoints verified in the bucket go).
+        """
         ckpts = self.committed()
         keep = {c.path for c in ckpts[-keep_last:]}
         if keep_best:
@@ -157,10 +160,11 @@ class CheckpointStore:
                 keep.add(min(scored, key=lambda c: (c.loss, -c.step)).path)
         deleted = []
         for c in ckpts:
-            if c.path not in keep:
+            if c.path not in keep and (deletable is None or deletable(c.path)):
                 delete_checkpoint(c.path)
                 deleted.append(c.path)
-                log.info("retention: deleted %s (keeping the newest %d and the best)", c.tag, keep_last)
+                log.info("cleaned up %s (keeping the newest %d and the best%s)", c.tag, keep_last,
+                         "; it is uploaded and verified" if deletable is not None else "")
         return deleted
 
 

@@ -171,7 +171,7 @@ def load_config(path: Path | str, overrides: Optional[Overrides] = None) -> RunC
         for err in exc.errors():
             loc = tuple(str(p) for p in err["loc"])
             named = _LEADING_FIELD.match(err["msg"].removeprefix("Value error, "))
-            if not loc and named:  # a cross-field rule: point at the first field its message names
+            if named and named.group(1).startswith(".".join(loc)):  # a section rule: point at the field it names
                 loc = tuple(named.group(1).split("."))
                 err = {**err, "loc": loc}
             dotted = ".".join(loc) if loc else "(config)"
@@ -184,6 +184,8 @@ def load_config(path: Path | str, overrides: Optional[Overrides] = None) -> RunC
             msg = _describe(err)
             if err["type"] == "value_error":
                 msg = msg.removeprefix("Value error, ")
+                if msg.startswith(dotted + " "):
+                    msg = msg[len(dotted) + 1 :]
             lines.append(f"{where}: {dotted}: {msg}")
         raise UserError("\n".join(lines)) from None
 

@@ -25,6 +25,9 @@ from trainer.log import add_log_file, get_logger
 from trainer.tasks.base import Task
 from trainer.tracking.mlflow_tracker import make_tracker, redact
 from trainer.tracking.plots import plot_curves
+from trainer.upload.storage import open_storage
+from trainer.upload.uploader import NodeInfo, is_uploaded, make_uploader
+from trainer.upload.uploader import read_state as read_upload_state
 
 log = get_logger("engine")
 
@@ -101,6 +104,7 @@ class Trainer:
         self.stop = StopFlag()
         self.tracker: Any = None
         self.engine: Any = None
+        self.uploader: Any = None
 
     # ----------------------------------------------------------------------------------- setup
     def _decide_run(self) -> dict:
@@ -122,6 +126,8 @@ class Trainer:
         self.ds_config = render_ds_config(cfg, r.world_size, self.task.model_hints().get("hidden_size"), self.source)
         self.stage = zero_stage(self.ds_config)
         dist.on_main_then_share(self.task.preflight, r)
+        if cfg.upload.url:
+            dist.on_main_then_share(lambda: open_storage(cfg.upload.url).check(), r)
         decision = dist.on_main_then_share(self._decide_run, r)
         self.run_id = decision["run_id"]
         self.run_root = Path(cfg.run_dir) / self.run_id
@@ -158,6 +164,10 @@ class Trainer:
             self.tracker.log_params({**flatten(config_to_dict(cfg)), "world_size": r.world_size, "zero_stage": self.stage})
             self.tracker.set_tags({"trainer.run_id": self.run_id, "trainer.config_hash": self.config_hash})
             self.tracker.log_artifact(self.run_root / "config.yaml", "config")
+        if cfg.upload.url and r.is_local_main:
+            u = cfg.upload
+            node = NodeInfo(r.rank // r.local_world_size, max(1, r.world_size // r.local_world_size), r.local_world_size)
+            self.uploader = make_uploader(u.url, u.compression, u.workers, u.retries, u.background, u.queue_size, node, u.keep_remote)
         self.flops_per_token = self.task.flops_per_token(model)
         self.peak = peak_flops(accelerator_name()) if self._on_gpu() else None
 
@@ -198,11 +208,35 @@ class Trainer:
                 "config.yaml": config_to_yaml(self.cfg),
                 "ds_config.json": json.dumps(self.ds_config, indent=2) + "\n",
             })
-            self.store.retention(self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
+            if self.uploader is not None:
+                self.uploader.submit(self.store.path(tag))
+            self._retention()
         dist.barrier()
         self.state.last_saved_step = step
         log.info("saved checkpoint %s (%s) in %.1f s", self.store.path(tag), reason, time.perf_counter() - t0)
         return self.store.path(tag)
+
+    def _retention(self) -> None:
+        self.store.retention(self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best,
+                             deletable=is_uploaded if self.uploader is not None else None)
+
+    def _drain_uploads(self, stopped: bool) -> None:
+        """Wait for queued uploads (bounded), then report where every checkpoint is."""
+        if self.uploader is None:
+            return
+        waiting = self.uploader.pending()
+        if waiting:
+            log.info("waiting for %d checkpoint upload(s) to finish: %s", len(waiting), ", ".join(p.name for p in waiting))
+        timeout = min(self.cfg.upload.drain_timeout_s, 20.0) if stopped else self.cfg.upload.drain_timeout_s
+        if not self.uploader.close(timeout):
+            log.warning("uploads did not finish within %.0f s", timeout)
+        self._retention()
+        for c in self.store.committed():
+            st = read_upload_state(c.path)
+            where = st.get("url", "") if st["state"] == "uploaded" else str(c.path)
+            log.info("checkpoint %s: %s%s", c.tag, {"uploaded": "uploaded", "failed": "upload FAILED, still local",
+                                                     "local": "local only"}.get(st["state"], f"{st['state']}, still local"),
+                     f" ({where})" if where else "")
 
     def _metadata(self, reason: str) -> dict:
         s = self.state
@@ -274,6 +308,7 @@ class Trainer:
             if stopped:
                 log.warning("stop requested (%s): stopped at step %d after saving", self.stop.signal_name, s.step)
                 break
+        self._drain_uploads(stopped)
         self._finish(start_step, time.perf_counter() - t_start, tokens_per_step, stopped)
         return EXIT_PREEMPTED if stopped else EXIT_OK
 

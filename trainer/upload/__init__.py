@@ -1,0 +1,1 @@
+"""Checkpoint uploads: storage backends (file://, gs://), streaming tar parts, background uploader."""

@@ -1,0 +1,240 @@
+"""Storage backends for uploaded checkpoints: `file:///path` and `gs://bucket/prefix`.
+
+Both offer the same small interface over object names relative to the URL's prefix. Writes are
+create-only (a generation precondition on GCS, an exclusive rename locally), so a retry can never
+clobber an object written by someone else; objects become visible whole or not at all.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator, Optional, Protocol
+from urllib.parse import urlparse
+
+from trainer.errors import UserError
+from trainer.log import get_logger
+
+log = get_logger("storage")
+
+CHUNK_BYTES = 32 * 1024 * 1024  # resumable-upload chunk: small chunks are slow (and emulators slower still)
+
+
+class ObjectExists(Exception):
+    """A create-only write found the object already there."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str
+    size: int
+    crc32c: Optional[str]  # base64 of the big-endian CRC32C, as GCS reports it
+
+
+def crc32c_of_file(path: Path, block: int = 8 * 1024 * 1024) -> str:
+    import google_crc32c
+
+    c = google_crc32c.Checksum()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            c.update(chunk)
+    return base64.b64encode(c.digest()).decode()
+
+
+class Storage(Protocol):
+    url: str
+
+    def check(self) -> None: ...
+    def writer(self, name: str) -> contextlib.AbstractContextManager[BinaryIO]: ...
+    def put_bytes(self, name: str, data: bytes) -> None: ...
+    def get_bytes(self, name: str) -> Optional[bytes]: ...
+    def stat(self, name: str) -> Optional[ObjectInfo]: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def delete(self, name: str) -> None: ...
+    def download(self, name: str, dest: Path) -> None: ...
+    def display(self, name: str) -> str: ...
+
+
+class FileStorage:
+    """`file:///path`: a folder (a mounted bucket, an NFS share, or a local test target)."""
+
+    def __init__(self, url: str, root: Path):
+        self.url = url
+        self.root = root
+
+    def display(self, name: str) -> str:
+        return f"file://{self.root / name}"
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"upload.url {self.url}: cannot create {self.root} ({exc.strerror})") from None
+        if not os.access(self.root, os.W_OK):
+            raise UserError(f"upload.url {self.url}: {self.root} is not writable")
+
+    @contextlib.contextmanager
+    def writer(self, name: str) -> Iterator[BinaryIO]:
+        dest = self.root / name
+        if dest.exists():
+            raise ObjectExists(self.display(name))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, dest)  # create-only: fails if someone else wrote the object meanwhile
+        except FileExistsError:
+            raise ObjectExists(self.display(name)) from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        with self.writer(name) as f:
+            f.write(data)
+
+    def get_bytes(self, name: str) -> Optional[bytes]:
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def stat(self, name: str) -> Optional[ObjectInfo]:
+        path = self.root / name
+        if not path.is_file():
+            return None
+        return ObjectInfo(name, path.stat().st_size, crc32c_of_file(path))
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.exists():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+
+    def delete(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+
+    def download(self, name: str, dest: Path) -> None:
+        shutil.copyfile(self.root / name, dest)
+
+
+class GCSStorage:
+    """`gs://bucket/prefix` through google-cloud-storage (Application Default Credentials).
+
+    Anonymous credentials are used only when STORAGE_EMULATOR_HOST points at a local emulator.
+    """
+
+    def __init__(self, url: str, bucket: str, prefix: str):
+        from google.cloud import storage
+
+        self.url = url
+        self.bucket_name = bucket
+        self.prefix = prefix.strip("/")
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            from google.auth.credentials import AnonymousCredentials
+
+            self.client = storage.Client(project="emulator", credentials=AnonymousCredentials())
+        else:
+            try:
+                self.client = storage.Client()
+            except Exception as exc:  # google.auth.exceptions.DefaultCredentialsError and friends
+                raise UserError(f"upload.url {url}: no Google Cloud credentials ({type(exc).__name__}); set"
+                                " GOOGLE_APPLICATION_CREDENTIALS or run on a VM with a service account") from None
+        self.bucket = self.client.bucket(bucket)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def display(self, name: str) -> str:
+        return f"gs://{self.bucket_name}/{self._key(name)}"
+
+    def check(self) -> None:
+        from google.api_core import exceptions as gexc
+
+        try:
+            self.client.get_bucket(self.bucket_name, timeout=30)
+        except gexc.NotFound:
+            raise UserError(f"upload.url {self.url}: bucket {self.bucket_name!r} does not exist") from None
+        except gexc.Forbidden:
+            raise UserError(f"upload.url {self.url}: no permission to use bucket {self.bucket_name!r}") from None
+        except gexc.GoogleAPICallError as exc:
+            raise UserError(f"upload.url {self.url}: storage error {exc.code}: {exc.message}") from None
+        except Exception as exc:  # connection refused, DNS, timeouts
+            raise UserError(f"upload.url {self.url}: cannot reach the storage service ({type(exc).__name__})") from None
+
+    @contextlib.contextmanager
+    def writer(self, name: str) -> Iterator[BinaryIO]:
+        from google.api_core import exceptions as gexc
+
+        blob = self.bucket.blob(self._key(name))
+        f = blob.open("wb", chunk_size=CHUNK_BYTES, if_generation_match=0, ignore_flush=True)
+        try:
+            yield f
+        except BaseException:
+            try:
+                f.terminate()  # cancel the resumable session; never let its error hide the original
+            except Exception as exc:
+                log.debug("cancelling the upload session of %s failed: %s", name, exc)
+            raise
+        try:
+            f.close()
+        except gexc.PreconditionFailed:
+            raise ObjectExists(self.display(name)) from None
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        from google.api_core import exceptions as gexc
+
+        try:
+            self.bucket.blob(self._key(name)).upload_from_string(data, if_generation_match=0, checksum="crc32c")
+        except gexc.PreconditionFailed:
+            raise ObjectExists(self.display(name)) from None
+
+    def get_bytes(self, name: str) -> Optional[bytes]:
+        from google.api_core import exceptions as gexc
+
+        try:
+            return self.bucket.blob(self._key(name)).download_as_bytes(checksum="crc32c")
+        except gexc.NotFound:
+            return None
+
+    def stat(self, name: str) -> Optional[ObjectInfo]:
+        blob = self.bucket.get_blob(self._key(name))
+        if blob is None:
+            return None
+        return ObjectInfo(name, int(blob.size), blob.crc32c)
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(b.name[cut:] for b in self.client.list_blobs(self.bucket_name, prefix=full))
+
+    def delete(self, name: str) -> None:
+        from google.api_core import exceptions as gexc
+
+        try:
+            self.bucket.blob(self._key(name)).delete()
+        except gexc.NotFound:
+            pass
+
+    def download(self, name: str, dest: Path) -> None:
+        self.bucket.blob(self._key(name)).download_to_filename(str(dest), checksum="crc32c")
+
+
+def open_storage(url: str) -> Storage:
+    """The backend for an upload URL; `UserError` for a URL that is not file:// or gs://."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise UserError(f"upload.url {url}: expected file:///absolute/path (three slashes)")
+        return FileStorage(url, Path(parsed.path))
+    if parsed.scheme == "gs":
+        if not parsed.netloc:
+            raise UserError(f"upload.url {url}: expected gs://BUCKET/PREFIX")
+        return GCSStorage(url, parsed.netloc, parsed.path)
+    raise UserError(f"upload.url {url}: expected gs://BUCKET/PREFIX or file:///PATH")

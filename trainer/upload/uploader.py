@@ -1,0 +1,372 @@
+"""Uploading committed checkpoints: parts first, verified, then the manifest last.
+
+Remote layout under the upload URL:
+
+    <run_id>/<tag>/part-000.tar[.zst|.gz] ...   tar parts (node 0; other nodes: node01-part-000.tar ...)
+    <run_id>/<tag>/node01.json ...              what nodes > 0 uploaded (multi-node runs only)
+    <run_id>/<tag>/manifest.json                LAST: every file with size and CRC32C, every part
+
+A checkpoint without `manifest.json` is incomplete and invisible to readers. The upload state of
+each checkpoint lives in `upload_state.json` inside the local checkpoint folder, so other processes
+(`trainer upload status`, retention) can read it.
+"""
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import random
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from trainer.checkpoint.store import METADATA, atomic_write, read_metadata
+from trainer.log import get_logger
+from trainer.upload.archive import SUFFIX, Compression, PartResult, plan_parts, write_part
+from trainer.upload.storage import Storage
+
+log = get_logger("upload")
+
+STATE_FILE = "upload_state.json"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_RANKED_FILE = re.compile(r"(?:zero_pp_rank_|rng_state_rank)(\d+)")
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Which node this process uploads for, and how ranks map to nodes (homogeneous nodes)."""
+
+    node_rank: int = 0
+    num_nodes: int = 1
+    ranks_per_node: int = 1
+
+    def owns(self, rel: str) -> bool:
+        """Files written by this node's ranks; rank-less files (metadata, configs) belong to node 0."""
+        m = _RANKED_FILE.search(Path(rel).name)
+        if m is None:
+            return self.node_rank == 0
+        return int(m.group(1)) // self.ranks_per_node == self.node_rank
+
+    @property
+    def part_prefix(self) -> str:
+        return "part" if self.node_rank == 0 else f"node{self.node_rank:02d}-part"
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_state(ckpt_dir: Path) -> dict:
+    try:
+        return json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"state": "local"}
+
+
+def write_state(ckpt_dir: Path, state: str, **fields: Any) -> dict:
+    data = {"state": state, "updated_at": utc_now(), **fields}
+    if Path(ckpt_dir).is_dir():
+        atomic_write(Path(ckpt_dir) / STATE_FILE, json.dumps(data, indent=2) + "\n")
+    return data
+
+
+def is_uploaded(ckpt_dir: Path) -> bool:
+    return read_state(ckpt_dir).get("state") == "uploaded"
+
+
+def remote_prefix(meta: dict) -> str:
+    return f"{meta['run_id']}/{meta['tag'] if 'tag' in meta else 'step-%08d' % meta['step']}"
+
+
+def local_files(ckpt_dir: Path, node: NodeInfo) -> list[tuple[str, int]]:
+    """(relative path, size) of the checkpoint's files this node uploads."""
+    out = []
+    for p in sorted(Path(ckpt_dir).rglob("*")):
+        rel = str(p.relative_to(ckpt_dir))
+        if p.is_file() and p.name != STATE_FILE and not p.name.startswith(".") and node.owns(rel):
+            out.append((rel, p.stat().st_size))
+    return out
+
+
+def verify_remote(storage: Storage, prefix: str) -> tuple[bool, str, Optional[dict]]:
+    """Is `<prefix>/manifest.json` there, and does every part it names have its size and CRC32C?"""
+    raw = storage.get_bytes(f"{prefix}/{MANIFEST}")
+    if raw is None:
+        return False, "no manifest", None
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError:
+        return False, "manifest is not valid JSON", None
+    for part in manifest.get("parts", []):
+        info = storage.stat(f"{prefix}/{part['name']}")
+        if info is None:
+            return False, f"part {part['name']} is missing", manifest
+        if info.size != part["size"] or (info.crc32c and info.crc32c != part["crc32c"]):
+            return False, f"part {part['name']} has size {info.size} crc32c {info.crc32c}, manifest says {part['size']} {part['crc32c']}", manifest
+    return True, "verified", manifest
+
+
+class UploadFailed(Exception):
+    pass
+
+
+class CheckpointUploader:
+    """Uploads one checkpoint folder at a time; used by the background thread and the CLI."""
+
+    def __init__(self, storage: Storage, compression: Compression = "none", workers: int = 4, retries: int = 5,
+                 node: NodeInfo = NodeInfo(), node_wait_s: float = 600.0, backoff_s: float = 1.0,
+                 keep_remote: Optional[int] = None):
+        self.storage = storage
+        self.compression = compression
+        self.workers = workers
+        self.retries = retries
+        self.node = node
+        self.node_wait_s = node_wait_s
+        self.backoff_s = backoff_s
+        self.keep_remote = keep_remote
+
+    def upload(self, ckpt_dir: Path, progress: Optional[Callable[[int], None]] = None) -> dict:
+        """Upload `ckpt_dir` unless it is already verified remotely; return the final state."""
+        ckpt_dir = Path(ckpt_dir)
+        meta = read_metadata(ckpt_dir)
+        prefix = remote_prefix(meta)
+        tag = ckpt_dir.name
+        ok, _, manifest = verify_remote(self.storage, prefix)
+        if ok and manifest is not None:
+            log.info("%s is already uploaded and verified at %s", tag, self.storage.display(prefix))
+            return write_state(ckpt_dir, "uploaded", url=self.storage.display(prefix), bytes=manifest.get("bytes"),
+                               manifest_crc32c=manifest.get("manifest_crc32c"), skipped=True)
+        files = local_files(ckpt_dir, self.node)
+        total = sum(size for _, size in files)
+        groups = plan_parts(files, self.workers)
+        started = time.monotonic()
+        write_state(ckpt_dir, "uploading", url=self.storage.display(prefix), bytes=total, started_at=utc_now())
+        self._remove_stale_parts(prefix)
+        log.info("archiving %s: %d files, %.1f MB into %d part(s) (%s)", tag, len(files), total / MB, len(groups), self.compression)
+        log.info("uploading %s to %s", tag, self.storage.display(prefix))
+        try:
+            names = [f"{self.node.part_prefix}-{i:03d}{SUFFIX[self.compression]}" for i in range(len(groups))]
+            with ThreadPoolExecutor(max_workers=max(1, len(groups)), thread_name_prefix="upload-part") as pool:
+                results = list(pool.map(lambda a: self._upload_part(ckpt_dir, prefix, a[0], a[1], progress), zip(names, groups)))
+            manifest = self._publish(prefix, meta, results)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            write_state(ckpt_dir, "failed", url=self.storage.display(prefix), bytes=total, error=reason, failed_at=utc_now())
+            raise UploadFailed(f"{tag}: {reason}") from exc
+        seconds = time.monotonic() - started
+        rate = total / MB / seconds if seconds > 0 else 0.0
+        log.info("uploaded %s: %.1f MB in %.1f s = %.1f MB/s (verified)", tag, total / MB, seconds, rate)
+        if self.keep_remote and self.node.node_rank == 0:
+            self.prune_remote(meta["run_id"], self.keep_remote)
+        return write_state(ckpt_dir, "uploaded", url=self.storage.display(prefix), bytes=total, seconds=round(seconds, 3),
+                           rate_mb_s=round(rate, 2), parts=len(results), manifest_crc32c=manifest.get("manifest_crc32c"))
+
+    def prune_remote(self, run_id: str, keep: int) -> list[str]:
+        """Remote retention: keep the run's newest `keep` complete checkpoints and the best by loss."""
+        complete = []
+        for name in self.storage.list(f"{run_id}/"):
+            if name.endswith("/" + MANIFEST):
+                raw = self.storage.get_bytes(name)
+                if raw:
+                    m = json.loads(raw)
+                    complete.append((int(m["step"]), m.get("checkpoint", {}).get("loss"), name.rsplit("/", 1)[0]))
+        complete.sort()
+        keepers = {p for _, _, p in complete[-keep:]}
+        scored = [c for c in complete if isinstance(c[1], (int, float)) and c[1] == c[1]]
+        if scored:
+            keepers.add(min(scored, key=lambda c: (c[1], -c[0]))[2])
+        deleted = []
+        for _, _, prefix in complete:
+            if prefix not in keepers:
+                self.storage.delete(f"{prefix}/{MANIFEST}")  # invisible first, then the parts
+                for name in self.storage.list(prefix + "/"):
+                    self.storage.delete(name)
+                deleted.append(prefix)
+                log.info("remote retention: deleted %s", self.storage.display(prefix))
+        return deleted
+
+    def _remove_stale_parts(self, prefix: str) -> None:
+        """Parts left by an earlier failed attempt: no manifest refers to them, so they are ours to replace."""
+        for name in self.storage.list(prefix + "/"):
+            base = name.rsplit("/", 1)[-1]
+            if base.startswith(self.node.part_prefix + "-") or base == f"node{self.node.node_rank:02d}.json":
+                self.storage.delete(name)
+
+    def _upload_part(self, ckpt_dir: Path, prefix: str, name: str, files: list[tuple[str, int]],
+                     progress: Optional[Callable[[int], None]]) -> PartResult:
+        key = f"{prefix}/{name}"
+        last_exc: Optional[BaseException] = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                delay = min(60.0, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                log.warning("retrying %s in %.1f s (attempt %d of %d): %s", self.storage.display(key), delay, attempt + 1,
+                            self.retries + 1, str(last_exc)[:200])
+                time.sleep(delay)
+                self.storage.delete(key)
+            try:
+                with self.storage.writer(key) as sink:
+                    result = write_part(ckpt_dir, files, sink, self.compression, name)
+                info = self.storage.stat(key)
+                if info is None or info.size != result.size or (info.crc32c and info.crc32c != result.crc32c):
+                    raise UploadFailed(f"{self.storage.display(key)} does not match what was sent"
+                                       f" (sent {result.size} bytes crc32c {result.crc32c}, stored {info})")
+                if progress is not None:
+                    progress(sum(size for _, size in files))
+                return result
+            except Exception as exc:  # network errors, server restarts, checksum mismatches: re-upload the part
+                last_exc = exc
+        assert last_exc is not None
+        raise last_exc
+
+    def _publish(self, prefix: str, meta: dict, results: list[PartResult]) -> dict:
+        """Nodes > 0 record their parts; node 0 waits for them, then writes the manifest last."""
+        mine = {"node": self.node.node_rank, "parts": [self._part_json(r) for r in results]}
+        if self.node.node_rank > 0:
+            self.storage.put_bytes(f"{prefix}/node{self.node.node_rank:02d}.json", json.dumps(mine).encode())
+            return {}
+        parts = list(mine["parts"])
+        deadline = time.monotonic() + self.node_wait_s
+        for other in range(1, self.node.num_nodes):
+            while (raw := self.storage.get_bytes(f"{prefix}/node{other:02d}.json")) is None:
+                if time.monotonic() > deadline:
+                    raise UploadFailed(f"node {other} did not report its parts within {self.node_wait_s:.0f} s")
+                time.sleep(1.0)
+            parts += json.loads(raw)["parts"]
+        files = [f for p in parts for f in p.pop("files")]
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "run_id": meta["run_id"],
+            "tag": meta.get("tag"),
+            "step": meta["step"],
+            "world_size": meta.get("world_size"),
+            "zero_stage": meta.get("zero_stage"),
+            "config_hash": meta.get("config_hash"),
+            "compression": self.compression,
+            "created_at": utc_now(),
+            "bytes": sum(f["size"] for f in files),
+            "files": sorted(files, key=lambda f: f["path"]),
+            "parts": parts,
+            "checkpoint": meta,
+        }
+        self.storage.put_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        info = self.storage.stat(f"{prefix}/{MANIFEST}")
+        manifest["manifest_crc32c"] = info.crc32c if info else None
+        return manifest
+
+    @staticmethod
+    def _part_json(r: PartResult) -> dict:
+        return {"name": r.name, "size": r.size, "crc32c": r.crc32c, "files": [asdict(f) for f in r.files]}
+
+
+class BackgroundUploader:
+    """One per node: a thread that uploads queued checkpoints in order; training never waits for it.
+
+    `submit` never blocks and never drops a checkpoint: past `queue_size` waiting checkpoints it
+    logs backpressure and keeps them queued.
+    """
+
+    def __init__(self, uploader: CheckpointUploader, queue_size: int = 2):
+        self.uploader = uploader
+        self.queue_size = queue_size
+        self._waiting: collections.deque[Path] = collections.deque()
+        self._cond = threading.Condition()
+        self._in_flight: Optional[Path] = None
+        self._closed = False
+        self.results: dict[str, str] = {}
+        self._thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
+        self._thread.start()
+
+    def submit(self, ckpt_dir: Path) -> None:
+        write_state(ckpt_dir, "pending", queued_at=utc_now())
+        with self._cond:
+            self._waiting.append(Path(ckpt_dir))
+            waiting = len(self._waiting)
+            self._cond.notify_all()
+        log.info("queued %s for background upload", Path(ckpt_dir).name)
+        if waiting > self.queue_size:
+            log.warning("upload backpressure: %d checkpoints waiting (uploads are slower than saves); none is skipped", waiting)
+
+    def pending(self) -> list[Path]:
+        with self._cond:
+            return ([self._in_flight] if self._in_flight else []) + list(self._waiting)
+
+    def drain(self, timeout: Optional[float] = None) -> bool:
+        """Wait until everything queued is uploaded (or failed); False if the timeout came first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._waiting or self._in_flight is not None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(timeout=remaining if remaining is not None else 1.0)
+        return True
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        done = self.drain(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+        return done
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if not self._waiting:
+                    return
+                job = self._in_flight = self._waiting.popleft()
+            try:
+                if (job / METADATA).exists():
+                    self.results[job.name] = self.uploader.upload(job)["state"]
+            except UploadFailed as exc:
+                self.results[job.name] = "failed"
+                log.error("upload failed after %d attempts: %s (the checkpoint stays local; `trainer upload-all` retries)",
+                          self.uploader.retries + 1, exc)
+            except Exception:
+                self.results[job.name] = "failed"
+                log.exception("upload of %s crashed", job.name)
+            finally:
+                with self._cond:
+                    self._in_flight = None
+                    self._cond.notify_all()
+
+
+class SyncUploader:
+    """`upload.background: false`: the upload runs in the training thread right after each save."""
+
+    def __init__(self, uploader: CheckpointUploader):
+        self.uploader = uploader
+        self.results: dict[str, str] = {}
+
+    def submit(self, ckpt_dir: Path) -> None:
+        write_state(ckpt_dir, "pending", queued_at=utc_now())
+        try:
+            self.results[Path(ckpt_dir).name] = self.uploader.upload(ckpt_dir)["state"]
+        except UploadFailed as exc:
+            self.results[Path(ckpt_dir).name] = "failed"
+            log.error("upload failed: %s (the checkpoint stays local; `trainer upload-all` retries)", exc)
+
+    def pending(self) -> list[Path]:
+        return []
+
+    def drain(self, timeout: Optional[float] = None) -> bool:
+        return True
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        return True
+
+
+def make_uploader(url: str, compression: Compression, workers: int, retries: int, background: bool, queue_size: int,
+                  node: NodeInfo, keep_remote: Optional[int] = None) -> "BackgroundUploader | SyncUploader":
+    from trainer.upload.storage import open_storage
+
+    uploader = CheckpointUploader(open_storage(url), compression, workers, retries, node, keep_remote=keep_remote)
+    return BackgroundUploader(uploader, queue_size) if background else SyncUploader(uploader)
