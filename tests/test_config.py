@@ -308,7 +308,9 @@ def test_render_accepts_a_json_path(tiny_config: Path, tmp_path: Path) -> None:
     cfg = load_config(tiny_config, Overrides(sets=[f"deepspeed.template={custom}", "train.micro_batch_size=8",
                                                    "train.grad_accum=1"]))
     ds = render_ds_config(cfg, 2, 64)
+    # The keys the run config owns are filled even when a custom template leaves them out.
     assert ds == {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+                  "gradient_clipping": cfg.optim.grad_clip, "bf16": {"enabled": False}, "fp16": {"enabled": False},
                   "zero_optimization": {"stage": 1}}
 
 

@@ -16,9 +16,10 @@ class UserError(Exception):
 
     exit_code = EXIT_USER_ERROR
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, shared: bool = False):
         super().__init__(message)
         self.message = message
+        self.shared = shared  # every rank raised the same error (rank 0 found it and shared it)
 
     def __str__(self) -> str:
         return self.message

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -52,6 +53,14 @@ def add_log_file(log_file: Path, rank: int | None = None) -> None:
     handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S"))
     handler.addFilter(_RankFilter(rank))
     logger.addHandler(handler)
+
+
+_URL_CREDENTIALS = re.compile(r"(//)([^/@:\s]+)(:[^/@\s]*)?@")
+
+
+def redact(text: str) -> str:
+    """Hide credentials embedded in URLs (`https://user:token@host` -> `https://***@host`)."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
 
 
 def get_logger(name: str = "") -> logging.Logger:

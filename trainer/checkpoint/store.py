@@ -71,9 +71,19 @@ class Checkpoint:
     def loss(self) -> Optional[float]:
         return self.metadata.get("loss")
 
-    def check_resumable(self, spec: str, world_size: int, task: str, max_steps: int) -> None:
+    def matches(self, task: Optional[str], model: Optional[dict]) -> bool:
+        """Was this checkpoint saved by the same task and model architecture (when it recorded them)?"""
+        meta = self.metadata
+        if task is not None and meta.get("task", task) != task:
+            return False
+        return model is None or meta.get("model") is None or _arch(meta["model"]) == _arch(model)
+
+    def check_resumable(self, spec: str, world_size: int, task: str, max_steps: int, model: Optional[dict] = None) -> None:
         """`UserError` if this checkpoint cannot continue a job of that shape."""
         meta = self.metadata
+        if model is not None and meta.get("model") is not None and _arch(meta["model"]) != _arch(model):
+            raise UserError(f"--resume {spec}: {self.path} holds a different model ({_arch(meta['model'])}) than this config"
+                            f" ({_arch(model)})")
         if int(meta.get("world_size", world_size)) != world_size:
             raise UserError(
                 f"--resume {spec}: {self.path} was saved by {meta['world_size']} ranks, this job has {world_size};"
@@ -174,6 +184,11 @@ def delete_checkpoint(ckpt_dir: Path) -> None:
     shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
+def _arch(model: dict) -> dict:
+    """The model settings that change the parameters' shapes (not kernels or recomputation)."""
+    return {k: v for k, v in model.items() if k not in ("attn_implementation", "gradient_checkpointing")}
+
+
 def all_committed(run_dir: Path) -> list[Checkpoint]:
     """Committed checkpoints of every run under `run_dir`."""
     run_dir = Path(run_dir)
@@ -189,18 +204,18 @@ def _newest(ckpts: list[Checkpoint]) -> Checkpoint:
     return max(ckpts, key=lambda c: (str(c.metadata.get("committed_at", "")), c.step))
 
 
-def resolve_resume(run_dir: Path, spec: Optional[str]) -> Optional[Checkpoint]:
+def resolve_resume(run_dir: Path, spec: Optional[str], task: Optional[str] = None, model: Optional[dict] = None) -> Optional[Checkpoint]:
     """The checkpoint `--resume SPEC` names, None for a fresh start, `UserError` if missing.
 
-    SPEC: `auto` (newest committed checkpoint under run_dir, else a fresh start), `latest` (the
-    same, but it is an error if there is none), a tag `step-00000100` (newest run holding it),
+    SPEC: `auto` (newest committed checkpoint under run_dir of the same task and model, else a
+    fresh start), `latest` (the same, but it is an error if there is none), a tag `step-00000100` (newest run holding it),
     `RUN_ID/step-00000100`, or the path of a checkpoint folder.
     """
     if spec is None or spec in ("", "none", "no"):
         return None
     run_dir = Path(run_dir)
     if spec in ("auto", "latest"):
-        ckpts = all_committed(run_dir)
+        ckpts = [c for c in all_committed(run_dir) if c.matches(task, model)]  # never another job's checkpoint
         if ckpts:
             return _newest(ckpts)
         if spec == "auto":

@@ -36,7 +36,7 @@ def train(
 ) -> int:
     """Train a run config with DeepSpeed: checks the config, hostfile and data, then launches the ranks."""
     from trainer.config.deepspeed import render_ds_config
-    from trainer.config.load import load_config
+    from trainer.config.load import config_to_dict, load_config
     from trainer.checkpoint.store import resolve_resume
     from trainer.launcher.command import LaunchPlan, free_port, run_process_group
     from trainer.launcher.hostfile import parse_hostfile, render_hostfile
@@ -59,9 +59,10 @@ def train(
     task = build_task(cfg)
     render_ds_config(cfg, plan.world_size, task.model_hints().get("hidden_size"), str(config))
     task.preflight()
-    ckpt = resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
+    model = config_to_dict(cfg)["model"]
+    ckpt = resolve_resume(cfg.run_dir, cfg.checkpoint.resume, task=cfg.task, model=model)
     if ckpt is not None:
-        ckpt.check_resumable(str(cfg.checkpoint.resume), plan.world_size, cfg.task, cfg.train.max_steps)
+        ckpt.check_resumable(str(cfg.checkpoint.resume), plan.world_size, cfg.task, cfg.train.max_steps, model)
     if plan.master_port is None:
         plan.master_port = free_port() if plan.single_local_host or node_rank is not None else 29500
     if hostfile is None:

@@ -128,7 +128,10 @@ def render_ds_config(cfg: RunConfig, world_size: int, hidden_size: Optional[int]
                 "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
             }
         )
-    template = load_template(cfg.deepspeed.template)
+    # Keys that the run config always owns, even when a custom template leaves them out.
+    owned = {"train_batch_size": AUTO, "train_micro_batch_size_per_gpu": AUTO, "gradient_accumulation_steps": AUTO,
+             "gradient_clipping": AUTO, "bf16": {"enabled": AUTO}, "fp16": {"enabled": AUTO}}
+    template = _merge(owned, load_template(cfg.deepspeed.template))
     merged = _merge(template, cfg.deepspeed.overrides)
     ds = _fill(merged, values)
     problems = [f"{source}: deepspeed: {key} is \"auto\" but nothing fills it" for key in _autos_left(ds)]
@@ -145,6 +148,12 @@ def render_ds_config(cfg: RunConfig, world_size: int, hidden_size: Optional[int]
             f"{source}: deepspeed: micro batch / grad accum ({micro}, {accum}) differ from train.micro_batch_size /"
             f" train.grad_accum ({t.micro_batch_size}, {t.grad_accum}); set them in train, not in the DeepSpeed JSON"
         )
+    if "scheduler" in ds:
+        problems.append(f"{source}: deepspeed: a \"scheduler\" section is not used; set the LR schedule with optim.schedule,"
+                        " optim.warmup_steps and optim.decay_steps")
+    if ds.get("gradient_clipping") != o.grad_clip:
+        problems.append(f"{source}: deepspeed: gradient_clipping {ds.get('gradient_clipping')!r} differs from optim.grad_clip"
+                        f" {o.grad_clip}; set it in optim, not in the DeepSpeed JSON")
     if ds.get("bf16", {}).get("enabled") is True and ds.get("fp16", {}).get("enabled") is True:
         problems.append(f"{source}: deepspeed: bf16 and fp16 are both enabled; choose one with train.precision")
     stage = ds.get("zero_optimization", {}).get("stage", 0)

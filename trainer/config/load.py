@@ -212,8 +212,19 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def public_config_dict(cfg: RunConfig) -> dict:
+    """The config as saved beside checkpoints and logged to MLflow: credentials in URLs hidden."""
+    from trainer.log import redact
+
+    data = config_to_dict(cfg)
+    for section, key in (("tracking", "uri"), ("upload", "url")):
+        if data[section].get(key):
+            data[section][key] = redact(data[section][key])
+    return data
+
+
 def config_to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return yaml.safe_dump(public_config_dict(cfg), sort_keys=False)
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:

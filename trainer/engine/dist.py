@@ -98,5 +98,5 @@ def on_main_then_share(fn: Callable[[], T], info: RankInfo) -> T:
             result = ("user_error", exc.message)
     result = broadcast_object(result) if info.world_size > 1 else result
     if result[0] == "user_error":
-        raise UserError(result[1])
+        raise UserError(result[1], shared=True)
     return result[1]

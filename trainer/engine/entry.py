@@ -49,8 +49,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as exc:
         if trainer is not None:
             trainer.fail()
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("\n".join(exc.lines()), file=sys.stderr, flush=True)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0 or not exc.shared:
+            prefix = "" if rank == 0 else f"[rank{rank}] "
+            print("\n".join(prefix + line for line in exc.lines()), file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except BaseException:
         if trainer is not None:

@@ -12,18 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.checkpoint.store import Checkpoint, CheckpointStore, all_committed, resolve_resume, tag_for
+from trainer.checkpoint.store import CheckpointStore, resolve_resume, tag_for
 from trainer.config.deepspeed import render_ds_config, uses_ds_optimizer, zero_stage
-from trainer.config.load import config_hash, config_to_dict, config_to_yaml, flatten
+from trainer.config.load import config_hash, config_to_dict, config_to_yaml, flatten, public_config_dict
 from trainer.config.schema import RunConfig
 from trainer.engine import dist
 from trainer.engine.metrics import accelerator_name, mfu, peak_flops, system_info
 from trainer.engine.optim import optimizer_factory, param_groups, reapply_schedule, scheduler_factory
 from trainer.engine.signals import StopFlag
 from trainer.errors import EXIT_OK, EXIT_PREEMPTED, UserError
-from trainer.log import add_log_file, get_logger
 from trainer.tasks.base import Task
-from trainer.tracking.mlflow_tracker import make_tracker, redact
+from trainer.log import add_log_file, get_logger, redact
+from trainer.tracking.mlflow_tracker import make_tracker
 from trainer.tracking.plots import plot_curves
 from trainer.upload.storage import open_storage
 from trainer.upload.uploader import NodeInfo, is_uploaded, make_uploader
@@ -109,11 +109,19 @@ class Trainer:
     # ----------------------------------------------------------------------------------- setup
     def _decide_run(self) -> dict:
         """On rank 0: which checkpoint to resume (if any) and the run id. Shared with all ranks."""
-        ckpt = resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume)
+        model = config_to_dict(self.cfg)["model"]
+        ckpt = resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume, task=self.cfg.task, model=model)
         if ckpt is None:
             return {"run_id": self.cfg.run_id or new_run_id(), "resume": None, "metadata": None}
-        ckpt.check_resumable(str(self.cfg.checkpoint.resume), self.ranks.world_size, self.cfg.task, self.cfg.train.max_steps)
-        meta = ckpt.metadata
+        ckpt.check_resumable(str(self.cfg.checkpoint.resume), self.ranks.world_size, self.cfg.task, self.cfg.train.max_steps, model)
+        meta = dict(ckpt.metadata)
+        newer = [c.tag for c in CheckpointStore(ckpt.path.parent.parent).committed() if c.step > ckpt.step]
+        if newer:  # never overwrite the later checkpoints of that run: continue as a new run
+            run_id = new_run_id()
+            log.warning("resuming from %s, which has newer checkpoints (%s): continuing as a new run %s", ckpt.tag,
+                        ", ".join(newer), run_id)
+            meta["mlflow_run_id"] = None
+            return {"run_id": run_id, "resume": str(ckpt.path), "metadata": meta, "branched_from": str(ckpt.path)}
         return {"run_id": ckpt.run_id, "resume": str(ckpt.path), "metadata": meta}
 
     def setup(self) -> None:
@@ -130,11 +138,11 @@ class Trainer:
             dist.on_main_then_share(lambda: open_storage(cfg.upload.url).check(), r)
         decision = dist.on_main_then_share(self._decide_run, r)
         self.run_id = decision["run_id"]
+        self.branched_from = decision.get("branched_from")
         self.run_root = Path(cfg.run_dir) / self.run_id
         self.store = CheckpointStore(self.run_root)
         if r.is_local_main:
-            for run in {c.path.parent.parent for c in all_committed(cfg.run_dir)} | {self.run_root}:
-                CheckpointStore(run).remove_partials()
+            self.store.remove_partials()  # this run's only: another job may be saving in its own run folder
             self.run_root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         if r.is_main:
@@ -161,9 +169,11 @@ class Trainer:
         if r.is_main:
             self.tracker = make_tracker(cfg.tracking, Path(cfg.run_dir), cfg.tracking.experiment or cfg.task, self.run_id,
                                         (meta or {}).get("mlflow_run_id"))
-            self.tracker.log_params({**flatten(config_to_dict(cfg)), "world_size": r.world_size, "zero_stage": self.stage})
+            self.tracker.log_params({**flatten(public_config_dict(cfg)), "world_size": r.world_size, "zero_stage": self.stage})
             self.tracker.set_tags({"trainer.run_id": self.run_id, "trainer.config_hash": self.config_hash})
             self.tracker.log_artifact(self.run_root / "config.yaml", "config")
+        self.mlflow_run_id = dist.broadcast_object(getattr(self.tracker, "run_id", None)) if r.world_size > 1 else \
+            getattr(self.tracker, "run_id", None)
         if cfg.upload.url and r.is_local_main:
             u = cfg.upload
             node = NodeInfo(r.rank // r.local_world_size, max(1, r.world_size // r.local_world_size), r.local_world_size)
@@ -228,7 +238,7 @@ class Trainer:
         if waiting:
             log.info("waiting for %d checkpoint upload(s) to finish: %s", len(waiting), ", ".join(p.name for p in waiting))
         timeout = min(self.cfg.upload.drain_timeout_s, 20.0) if stopped else self.cfg.upload.drain_timeout_s
-        if not self.uploader.close(timeout):
+        if not self.uploader.close(timeout, abort=lambda: self.stop.urgent):
             log.warning("uploads did not finish within %.0f s", timeout)
         self._retention()
         for c in self.store.committed():
@@ -255,8 +265,10 @@ class Trainer:
             "data_position": pos,
             "run_id": self.run_id,
             "task": self.cfg.task,
-            "mlflow_run_id": getattr(self.tracker, "run_id", None),
+            "mlflow_run_id": self.mlflow_run_id,
+            "model": config_to_dict(self.cfg)["model"],
             "config_hash": self.config_hash,
+            "branched_from": self.branched_from,
             "world_size": self.ranks.world_size,
             "zero_stage": self.stage,
             "committed_at": utc_now(),
@@ -298,8 +310,8 @@ class Trainer:
         while s.step < cfg.train.max_steps:
             lr = self.engine.get_lr()[0]
             self.train_step(window)
-            stopped = dist.any_rank(self.stop.is_set())
             last = s.step == cfg.train.max_steps
+            stopped = dist.any_rank(self.stop.is_set()) and not last  # a stop on the last step is just the end
             save = last or stopped or s.step % cfg.checkpoint.save_every == 0
             if save or s.step % cfg.train.log_every == 0:
                 self._log_window(window, lr, tokens_per_step)
@@ -309,6 +321,8 @@ class Trainer:
                 log.warning("stop requested (%s): stopped at step %d after saving", self.stop.signal_name, s.step)
                 break
         self._drain_uploads(stopped)
+        if stopped:
+            dist.barrier()  # leave together: the launcher terminates the others when one rank exits non-zero
         self._finish(start_step, time.perf_counter() - t_start, tokens_per_step, stopped)
         return EXIT_PREEMPTED if stopped else EXIT_OK
 

@@ -1,6 +1,7 @@
 """Stop requests from signals: handlers only set a flag; the loop acts on it at a step boundary."""
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -27,6 +28,10 @@ class StopFlag:
 
     def _handler(self, signum: int, frame: object) -> None:
         self.signals += 1
+        if self.signals >= 3:  # a third signal: stop now, whatever is in progress (a hung collective, say)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.first_at is None:
             self.first_at = time.monotonic()
             self.signal_name = signal.Signals(signum).name

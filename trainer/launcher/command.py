@@ -57,18 +57,43 @@ class LaunchPlan:
         return cmd + ["--config", config, *worker_args]
 
 
-def run_process_group(cmd: list[str], env: dict[str, str]) -> int:
-    """Run `cmd` in its own session; forward SIGINT/SIGTERM to the whole group; return its exit code.
+def worker_processes(root_pid: int) -> list:
+    """The training ranks below the launcher (DeepSpeed starts them with `--local_rank=N`)."""
+    import psutil
 
-    The deepspeed runner does not forward SIGTERM to its workers, so the signal goes to every
-    process of the group (runner, per-node launcher, workers) and the workers agree on a stop step.
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for child in children:
+        try:
+            if any(arg.startswith("--local_rank") for arg in child.cmdline()):
+                out.append(child)
+        except psutil.Error:
+            pass
+    return out
+
+
+def run_process_group(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher in its own session and return its exit code; SIGINT/SIGTERM go to the ranks.
+
+    The signal is sent to the training ranks themselves: they agree on a stop step, save and exit
+    with 75, which DeepSpeed's per-node launcher and runner pass back up. Signalling the runner or
+    the per-node launcher instead would kill the job (the runner has no handler; the launcher
+    SIGKILLs its ranks 30 s later). Before any rank exists the whole group gets the signal.
     """
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def forward(signum: int, frame: object) -> None:
+        workers = worker_processes(proc.pid)
         try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
+            if workers:
+                for w in workers:
+                    w.send_signal(signum)
+            else:
+                os.killpg(proc.pid, signum)
+        except (ProcessLookupError, OSError):
             pass
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -8,24 +8,17 @@ MLflow run.
 from __future__ import annotations
 
 import queue
-import re
 import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from trainer.config.schema import TrackingConfig
-from trainer.log import get_logger
+from trainer.log import get_logger, redact
 
 log = get_logger("tracking")
 
 _MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
-_URL_CREDENTIALS = re.compile(r"(//)([^/@:]+)(:[^/@]*)?@")
-
-
-def redact(uri: str) -> str:
-    """Hide credentials embedded in a URI (`https://user:token@host` -> `https://***@host`)."""
-    return _URL_CREDENTIALS.sub(r"\1***@", uri)
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -68,6 +61,7 @@ class MlflowTracker:
                 log.warning("MLflow run %s not found in %s (%s); logging to a new run", resume_run_id, redact(self.uri), type(exc).__name__)
         if not self.resumed:
             self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        self._finished = False
         self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue()
         self._flush_every = cfg.flush_every_s
         self._thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
@@ -99,7 +93,10 @@ class MlflowTracker:
         self._safe(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def finish(self, status: str) -> None:
-        """Flush queued metrics and end the run with FINISHED, FAILED or KILLED."""
+        """Flush queued metrics and end the run with FINISHED, FAILED or KILLED (once)."""
+        if self._finished:
+            return
+        self._finished = True
         self._queue.put(None)
         self._thread.join(timeout=60)
         self._safe(self.client.set_terminated, self.run_id, status)
@@ -119,6 +116,9 @@ class MlflowTracker:
                     pending.append(item)
             except queue.Empty:
                 pass
+            if not pending and not done:
+                last = time.monotonic()  # idle: the next batch waits a full interval
+                continue
             if pending and (done or len(pending) >= _MAX_BATCH or time.monotonic() - last >= self._flush_every):
                 for i in range(0, len(pending), _MAX_BATCH):
                     batch = [Metric(k, v, ts, step) for k, v, ts, step in pending[i : i + _MAX_BATCH]]
@@ -136,4 +136,9 @@ class MlflowTracker:
 def make_tracker(cfg: TrackingConfig, run_dir: Path, experiment: str, run_name: str, resume_run_id: Optional[str]) -> "MlflowTracker | NullTracker":
     if not cfg.enabled:
         return NullTracker()
-    return MlflowTracker(cfg, run_dir, experiment, run_name, resume_run_id)
+    try:
+        return MlflowTracker(cfg, run_dir, experiment, run_name, resume_run_id)
+    except Exception as exc:  # an unreachable server must not stop a multi-day run
+        log.warning("MLflow tracking is off for this run: cannot use %s (%s: %s)", redact(cfg.uri or str(run_dir)),
+                    type(exc).__name__, redact(str(exc))[:200])
+        return NullTracker()

@@ -296,19 +296,22 @@ class BackgroundUploader:
         with self._cond:
             return ([self._in_flight] if self._in_flight else []) + list(self._waiting)
 
-    def drain(self, timeout: Optional[float] = None) -> bool:
-        """Wait until everything queued is uploaded (or failed); False if the timeout came first."""
+    def drain(self, timeout: Optional[float] = None, abort: Optional[Callable[[], bool]] = None) -> bool:
+        """Wait until everything queued is uploaded (or failed); False if the timeout or `abort()` came first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._waiting or self._in_flight is not None:
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                if (remaining is not None and remaining <= 0) or (abort is not None and abort()):
                     return False
-                self._cond.wait(timeout=remaining if remaining is not None else 1.0)
+                self._cond.wait(timeout=min(remaining, 0.5) if remaining is not None else 0.5)
         return True
 
-    def close(self, timeout: Optional[float] = None) -> bool:
-        done = self.drain(timeout)
+    def close(self, timeout: Optional[float] = None, abort: Optional[Callable[[], bool]] = None) -> bool:
+        done = self.drain(timeout, abort)
+        if not done:
+            for p in self.pending():
+                write_state(p, "failed", error="interrupted: the job ended before this upload finished", failed_at=utc_now())
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -357,10 +360,10 @@ class SyncUploader:
     def pending(self) -> list[Path]:
         return []
 
-    def drain(self, timeout: Optional[float] = None) -> bool:
+    def drain(self, timeout: Optional[float] = None, abort: Optional[Callable[[], bool]] = None) -> bool:
         return True
 
-    def close(self, timeout: Optional[float] = None) -> bool:
+    def close(self, timeout: Optional[float] = None, abort: Optional[Callable[[], bool]] = None) -> bool:
         return True
 
 
