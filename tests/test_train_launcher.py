@@ -97,3 +97,33 @@ def test_deepspeed_command_from_readme(tiny_config: Path, tmp_path: Path) -> Non
     errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "saved by 2 ranks" in errors[0], r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stdout + r.stderr
+
+
+@pytest.mark.launcher
+def test_sigterm_to_trainer_train_stops_both_ranks_on_one_step(tiny_config: Path, tmp_path: Path) -> None:
+    """SIGTERM to the `trainer train` wrapper: ranks agree on a step, save, upload, exit 75."""
+    import os
+    import signal
+    import time
+
+    bucket = tmp_path / "bucket"
+    cfg = write_config(tiny_config, tmp_path / "runs", train={"max_steps": 100000, "log_every": 5},
+                       checkpoint={"save_every": 100000}, upload={"url": f"file://{bucket}"})
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli.main", "train", str(cfg), "--num-ranks", "2"], cwd=REPO,
+                            env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, deadline = "", time.monotonic() + 300
+    while "step 10/" not in seen and time.monotonic() < deadline and proc.poll() is None:
+        seen += proc.stdout.readline()
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 75, (seen + out)[-4000:]
+    assert elapsed < 25, elapsed
+    (ckpt,) = committed(tmp_path / "runs")
+    meta = metadata(ckpt)
+    assert meta["reason"] == "preemption" and meta["world_size"] == 2 and meta["step"] >= 10
+    # both ranks wrote their state for that same step before the commit
+    assert sorted(p.name for p in ckpt.glob("rng_state_rank*.pt")) == ["rng_state_rank00000.pt", "rng_state_rank00001.pt"]
+    assert (bucket / meta["run_id"] / ckpt.name / "manifest.json").is_file()
+    assert json.loads((ckpt / "upload_state.json").read_text())["state"] == "uploaded"
