@@ -33,7 +33,7 @@ def test_overrides_of_vocab_and_sequence() -> None:
 
 
 def test_tiny_batches_are_shifted_windows(tiny_shards) -> None:
-    from trainer.engine.dist import RankInfo
+    from trainer.ranks import RankInfo
 
     cfg = RunConfig.model_validate({"data": {"path": str(tiny_shards)}, "train": {"micro_batch_size": 2}})
     task = PretrainTask(cfg)

@@ -28,12 +28,11 @@ def show(
     from trainer.config.deepspeed import render_ds_config
     from trainer.config.load import config_hash, config_to_dict, load_config
     from trainer.launcher.hostfile import parse_hostfile
-    from trainer.models.neox import resolve_dims
+    from trainer.tasks import build_task
 
     cfg = load_config(config, overrides(sets, max_steps, batch_size, learning_rate))
     world = sum(parse_hostfile(hostfile).values()) if hostfile else (num_ranks or 1)
-    hidden = resolve_dims(cfg.model.preset, cfg.model.vocab_size, cfg.model.pad_vocab_to, cfg.model.seq_len)["hidden_size"]
-    ds = render_ds_config(cfg, world, hidden, str(config))
+    ds = render_ds_config(cfg, world, build_task(cfg).model_hints().get("hidden_size"), str(config))
     doc = {**config_to_dict(cfg), "resolved": {"world_size": world, "config_hash": config_hash(cfg), "deepspeed_json": ds}}
     if as_json:
         typer.echo(json.dumps(doc, indent=2))

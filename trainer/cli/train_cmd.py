@@ -35,13 +35,11 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the launcher command, run nothing.")] = False,
 ) -> int:
     """Train a run config with DeepSpeed: checks the config, hostfile and data, then launches the ranks."""
-    from trainer.config.deepspeed import render_ds_config
-    from trainer.config.load import config_to_dict, load_config
-    from trainer.checkpoint.store import resolve_resume
+    from trainer.config.load import load_config
+    from trainer.data.shards import SHARDS_CHECKED_ENV
     from trainer.launcher.command import LaunchPlan, free_port, run_process_group
     from trainer.launcher.hostfile import parse_hostfile, render_hostfile
-    from trainer.tasks import build_task
-    from trainer.tasks.pretrain import SHARDS_CHECKED_ENV
+    from trainer.launcher.preflight import preflight
 
     ov = overrides(sets, max_steps, batch_size, learning_rate, resume)
     cfg = load_config(config, ov)
@@ -56,13 +54,7 @@ def train(
                       master_port=master_port, node_rank=node_rank)
     if node_rank is not None and node_rank >= len(hosts):
         raise UserError(f"--node-rank {node_rank}: the hostfile has {len(hosts)} host(s)")
-    task = build_task(cfg)
-    render_ds_config(cfg, plan.world_size, task.model_hints().get("hidden_size"), str(config))
-    task.preflight()
-    model = config_to_dict(cfg)["model"]
-    ckpt = resolve_resume(cfg.run_dir, cfg.checkpoint.resume, task=cfg.task, model=model)
-    if ckpt is not None:
-        ckpt.check_resumable(str(cfg.checkpoint.resume), plan.world_size, cfg.task, cfg.train.max_steps, model)
+    preflight(cfg, plan.world_size, str(config))
     if plan.master_port is None:
         plan.master_port = free_port() if plan.single_local_host or node_rank is not None else 29500
     if hostfile is None:

@@ -14,6 +14,8 @@ import numpy as np
 from trainer.errors import UserError
 
 SHARD_SUFFIXES = (".npy", ".npz")
+# Set by `trainer train` after its preflight scanned the shards, so the ranks it launches skip the scan.
+SHARDS_CHECKED_ENV = "TRAINER_SHARDS_CHECKED"
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning for out-of-range ids
 
 

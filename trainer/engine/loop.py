@@ -23,6 +23,7 @@ from trainer.engine.signals import StopFlag
 from trainer.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from trainer.tasks.base import Task
 from trainer.log import add_log_file, get_logger, redact
+from trainer.ranks import rank_info
 from trainer.tracking.mlflow_tracker import make_tracker
 from trainer.tracking.plots import plot_curves
 from trainer.upload.storage import open_storage
@@ -100,7 +101,7 @@ class Trainer:
         self.cfg = cfg
         self.task = task
         self.source = source
-        self.ranks = dist.rank_info()
+        self.ranks = rank_info()
         self.stop = StopFlag()
         self.tracker: Any = None
         self.engine: Any = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Protocol
 
-from trainer.engine.dist import RankInfo
+from trainer.ranks import RankInfo
 
 
 class Task(Protocol):

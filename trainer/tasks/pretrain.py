@@ -6,15 +6,13 @@ from typing import Any, Optional
 
 from trainer.config.schema import RunConfig
 from trainer.data.sampler import ResumableSampler
-from trainer.data.shards import TokenShards, check_token_ids, find_shards, open_shard
-from trainer.engine.dist import RankInfo
+from trainer.data.shards import SHARDS_CHECKED_ENV, TokenShards, check_token_ids, find_shards, open_shard
+from trainer.ranks import RankInfo
 from trainer.log import get_logger
 from trainer.models.neox import human_count, neox_config, parameter_counts, resolve_dims
 
 log = get_logger("pretrain")
 
-# Set by `trainer train` after it scanned the shards, so the ranks it launches do not scan again.
-SHARDS_CHECKED_ENV = "TRAINER_SHARDS_CHECKED"
 
 
 class PretrainTask:

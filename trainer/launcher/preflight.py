@@ -1,0 +1,26 @@
+"""Everything checked before any process starts: config consistency, data, resume target, storage."""
+from __future__ import annotations
+
+from typing import Optional
+
+from trainer.checkpoint.store import Checkpoint, resolve_resume
+from trainer.config.deepspeed import render_ds_config
+from trainer.config.load import config_to_dict
+from trainer.config.schema import RunConfig
+from trainer.tasks import build_task
+
+
+def preflight(cfg: RunConfig, world_size: int, source: str) -> Optional[Checkpoint]:
+    """Raise `UserError` for anything that would fail after launch; return the checkpoint to resume."""
+    task = build_task(cfg)
+    render_ds_config(cfg, world_size, task.model_hints().get("hidden_size"), source)
+    task.preflight()
+    model = config_to_dict(cfg)["model"]
+    ckpt = resolve_resume(cfg.run_dir, cfg.checkpoint.resume, task=cfg.task, model=model)
+    if ckpt is not None:
+        ckpt.check_resumable(str(cfg.checkpoint.resume), world_size, cfg.task, cfg.train.max_steps, model)
+    if cfg.upload.url:
+        from trainer.upload.storage import open_storage
+
+        open_storage(cfg.upload.url).check()
+    return ckpt
