@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from trainer.cli import config_cmd, train_cmd
+from trainer.cli import config_cmd, train_cmd, upload_cmd
 from trainer.errors import UserError
 
 app = typer.Typer(
@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 app.command("train")(train_cmd.train)
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(upload_cmd.app, name="upload")
+app.command("upload-all")(upload_cmd.upload_all)
 
 
 @app.callback()

@@ -143,6 +143,11 @@ class CheckpointUploader:
             return write_state(ckpt_dir, "uploaded", url=self.storage.display(prefix), bytes=manifest.get("bytes"),
                                manifest_crc32c=manifest.get("manifest_crc32c"), skipped=True)
         files = local_files(ckpt_dir, self.node)
+        if self.node.num_nodes == 1:
+            missing = [r for r in range(int(meta.get("world_size", 1))) if not (ckpt_dir / f"rng_state_rank{r:05d}.pt").exists()]
+            if missing:
+                raise UploadFailed(f"{tag}: this folder lacks the files of rank(s) {missing[:8]} (a multi-node run without a"
+                                   " shared filesystem): each node uploads its own part during training")
         total = sum(size for _, size in files)
         groups = plan_parts(files, self.workers)
         started = time.monotonic()

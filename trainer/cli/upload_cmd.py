@@ -1,0 +1,147 @@
+"""`trainer upload status|list|upload` and `trainer upload-all`: the uploader's work, by hand."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from trainer.errors import UserError
+
+app = typer.Typer(help="Checkpoint uploads: state, and uploading by hand.", no_args_is_help=True)
+
+RunDirArg = Annotated[Path, typer.Argument(help="A run folder (runs/<run_id>) or a run_dir holding several runs.", show_default=False)]
+UrlOpt = Annotated[Optional[str], typer.Option("--url", help="Destination (gs://BUCKET/PREFIX or file:///PATH); default: the run's upload.url.")]
+
+
+def _runs(run_dir: Path) -> list[Path]:
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder")
+    if (run_dir / "checkpoints").is_dir():
+        return [run_dir]
+    runs = sorted(p for p in run_dir.iterdir() if (p / "checkpoints").is_dir())
+    if not runs:
+        raise UserError(f"{run_dir}: neither a run folder (with checkpoints/) nor a folder of runs")
+    return runs
+
+
+def _upload_settings(run_root: Path, url: Optional[str]) -> dict:
+    """The run's saved upload settings, with --url taking precedence."""
+    import yaml
+
+    saved: dict = {}
+    cfg_file = run_root / "config.yaml"
+    if cfg_file.exists():
+        saved = (yaml.safe_load(cfg_file.read_text()) or {}).get("upload") or {}
+    settings = {"compression": "none", "workers": 4, "retries": 5, "keep_remote": None, **saved}
+    settings["url"] = url or saved.get("url")
+    if not settings["url"]:
+        raise UserError(f"{run_root}: no upload URL; pass --url gs://BUCKET/PREFIX (the run's upload.url is not set)")
+    return settings
+
+
+def _uploader(settings: dict):  # type: ignore[no-untyped-def]
+    from trainer.upload.storage import open_storage
+    from trainer.upload.uploader import CheckpointUploader
+
+    storage = open_storage(settings["url"])
+    storage.check()
+    return CheckpointUploader(storage, settings["compression"], int(settings["workers"]), int(settings["retries"]),
+                              keep_remote=settings.get("keep_remote"))
+
+
+def _rows(run_dir: Path) -> list[tuple[Path, object, dict]]:
+    from trainer.checkpoint.store import CheckpointStore
+    from trainer.upload.uploader import read_state
+
+    return [(run, c, read_state(c.path)) for run in _runs(run_dir) for c in CheckpointStore(run).committed()]
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@app.command("list")
+def list_cmd(run_dir: RunDirArg) -> None:
+    """Local checkpoints with their upload state."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("run", "tag", "step", "size (MB)", "upload", "where / why")
+    for run, c, st in _rows(run_dir):
+        state = st["state"]
+        note = st.get("url", "") if state == "uploaded" else st.get("error", "")
+        table.add_row(run.name[:12], c.tag, str(c.step), f"{_size(c.path) / 2**20:.1f}", state, note)
+    Console(width=160).print(table)
+
+
+@app.command("status")
+def status(run_dir: RunDirArg) -> None:
+    """The uploader's queue: in flight, waiting, done and failed, with sizes and rates."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = _rows(run_dir)
+    counts: dict[str, int] = {}
+    table = Table("tag", "state", "MB", "seconds", "MB/s", "updated", "detail")
+    for _, c, st in rows:
+        counts[st["state"]] = counts.get(st["state"], 0) + 1
+        mb = (st.get("bytes") or 0) / 2**20
+        table.add_row(c.tag, st["state"], f"{mb:.1f}", str(st.get("seconds", "")), str(st.get("rate_mb_s", "")),
+                      st.get("updated_at", ""), st.get("error", "") or st.get("url", ""))
+    console = Console(width=160)
+    console.print(table)
+    order = ["uploading", "pending", "uploaded", "failed", "local"]
+    console.print(", ".join(f"{counts.get(k, 0)} {'in flight' if k == 'uploading' else 'queued' if k == 'pending' else k}"
+                            for k in order))
+
+
+@app.command("upload")
+def upload_one(run_dir: RunDirArg, tag: Annotated[str, typer.Argument(help="Checkpoint tag, e.g. step-00000100.")],
+               url: UrlOpt = None) -> int:
+    """Upload one checkpoint now (skipped if it is already verified in the bucket)."""
+    from trainer.upload.uploader import UploadFailed
+
+    matches = [(run, c) for run, c, _ in _rows(run_dir) if c.tag == tag]
+    if not matches:
+        raise UserError(f"{run_dir}: no committed checkpoint {tag}")
+    run, ckpt = matches[-1]
+    uploader = _uploader(_upload_settings(run, url))
+    try:
+        state = uploader.upload(ckpt.path)
+    except UploadFailed as exc:
+        typer.echo(f"upload failed: {exc}", err=True)
+        return 1
+    typer.echo(f"{tag}: {state['state']} -> {state.get('url')}")
+    return 0
+
+
+def upload_all(run_dir: RunDirArg, url: UrlOpt = None) -> int:
+    """Upload every committed checkpoint not yet verified in the bucket (idempotent)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from trainer.upload.uploader import UploadFailed, is_uploaded, verify_remote, remote_prefix
+
+    rows = _rows(run_dir)
+    done = skipped = 0
+    failed: list[str] = []
+    uploaders: dict[Path, object] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), transient=False) as progress:
+        for run, c, st in rows:
+            up = uploaders.get(run) or uploaders.setdefault(run, _uploader(_upload_settings(run, url)))
+            if is_uploaded(c.path) and verify_remote(up.storage, remote_prefix(c.metadata))[0]:  # type: ignore[attr-defined]
+                skipped += 1
+                continue
+            bar = progress.add_task(f"{run.name[:12]}/{c.tag}", total=_size(c.path))
+            try:
+                state = up.upload(c.path, progress=lambda n, bar=bar: progress.advance(bar, n))  # type: ignore[attr-defined]
+                progress.update(bar, completed=progress.tasks[bar].total)
+                skipped += 1 if state.get("skipped") else 0
+                done += 0 if state.get("skipped") else 1
+            except UploadFailed as exc:
+                failed.append(f"{c.tag}: {exc}")
+    typer.echo(f"upload-all: {done} uploaded, {skipped} already verified, {len(failed)} failed")
+    for line in failed:
+        typer.echo(f"  failed {line}", err=True)
+    return 1 if failed else 0
