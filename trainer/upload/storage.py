@@ -130,10 +130,14 @@ class GCSStorage:
     Anonymous credentials are used only when STORAGE_EMULATOR_HOST points at a local emulator.
     """
 
-    def __init__(self, url: str, bucket: str, prefix: str):
+    def __init__(self, url: str, bucket: str, prefix: str, retry_deadline_s: float = 120.0):
         from google.cloud import storage
+        from google.cloud.storage.retry import DEFAULT_RETRY
 
         self.url = url
+        # Every call retries transient errors (google.api_core, exponential backoff) up to this deadline;
+        # the uploader re-sends a whole part on top of that.
+        self.retry = DEFAULT_RETRY.with_timeout(retry_deadline_s)
         self.bucket_name = bucket
         self.prefix = prefix.strip("/")
         if os.environ.get("STORAGE_EMULATOR_HOST"):
@@ -158,7 +162,7 @@ class GCSStorage:
         from google.api_core import exceptions as gexc
 
         try:
-            self.client.get_bucket(self.bucket_name, timeout=30)
+            self.client.get_bucket(self.bucket_name, timeout=30, retry=self.retry.with_timeout(30))
         except gexc.NotFound:
             raise UserError(f"upload.url {self.url}: bucket {self.bucket_name!r} does not exist") from None
         except gexc.Forbidden:
@@ -173,7 +177,7 @@ class GCSStorage:
         from google.api_core import exceptions as gexc
 
         blob = self.bucket.blob(self._key(name))
-        f = blob.open("wb", chunk_size=CHUNK_BYTES, if_generation_match=0, ignore_flush=True)
+        f = blob.open("wb", chunk_size=CHUNK_BYTES, if_generation_match=0, ignore_flush=True, retry=self.retry)
         try:
             yield f
         except BaseException:
@@ -191,7 +195,7 @@ class GCSStorage:
         from google.api_core import exceptions as gexc
 
         try:
-            self.bucket.blob(self._key(name)).upload_from_string(data, if_generation_match=0, checksum="crc32c")
+            self.bucket.blob(self._key(name)).upload_from_string(data, if_generation_match=0, checksum="crc32c", retry=self.retry)
         except gexc.PreconditionFailed:
             raise ObjectExists(self.display(name)) from None
 
@@ -199,12 +203,12 @@ class GCSStorage:
         from google.api_core import exceptions as gexc
 
         try:
-            return self.bucket.blob(self._key(name)).download_as_bytes(checksum="crc32c")
+            return self.bucket.blob(self._key(name)).download_as_bytes(checksum="crc32c", retry=self.retry)
         except gexc.NotFound:
             return None
 
     def stat(self, name: str) -> Optional[ObjectInfo]:
-        blob = self.bucket.get_blob(self._key(name))
+        blob = self.bucket.get_blob(self._key(name), retry=self.retry)
         if blob is None:
             return None
         return ObjectInfo(name, int(blob.size), blob.crc32c)
@@ -212,21 +216,21 @@ class GCSStorage:
     def list(self, prefix: str = "") -> list[str]:
         full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         cut = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(b.name[cut:] for b in self.client.list_blobs(self.bucket_name, prefix=full))
+        return sorted(b.name[cut:] for b in self.client.list_blobs(self.bucket_name, prefix=full, retry=self.retry))
 
     def delete(self, name: str) -> None:
         from google.api_core import exceptions as gexc
 
         try:
-            self.bucket.blob(self._key(name)).delete()
+            self.bucket.blob(self._key(name)).delete(retry=self.retry)
         except gexc.NotFound:
             pass
 
     def download(self, name: str, dest: Path) -> None:
-        self.bucket.blob(self._key(name)).download_to_filename(str(dest), checksum="crc32c")
+        self.bucket.blob(self._key(name)).download_to_filename(str(dest), checksum="crc32c", retry=self.retry)
 
 
-def open_storage(url: str) -> Storage:
+def open_storage(url: str, retry_deadline_s: float = 120.0) -> Storage:
     """The backend for an upload URL; `UserError` for a URL that is not file:// or gs://."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
@@ -236,5 +240,5 @@ def open_storage(url: str) -> Storage:
     if parsed.scheme == "gs":
         if not parsed.netloc:
             raise UserError(f"upload.url {url}: expected gs://BUCKET/PREFIX")
-        return GCSStorage(url, parsed.netloc, parsed.path)
+        return GCSStorage(url, parsed.netloc, parsed.path, retry_deadline_s)
     raise UserError(f"upload.url {url}: expected gs://BUCKET/PREFIX or file:///PATH")

@@ -137,7 +137,12 @@ class CheckpointUploader:
         meta = read_metadata(ckpt_dir)
         prefix = remote_prefix(meta)
         tag = ckpt_dir.name
-        ok, _, manifest = verify_remote(self.storage, prefix)
+        try:
+            ok, _, manifest = verify_remote(self.storage, prefix)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            write_state(ckpt_dir, "failed", url=self.storage.display(prefix), error=reason, failed_at=utc_now())
+            raise UploadFailed(f"{tag}: {reason}") from exc
         if ok and manifest is not None:
             log.info("%s is already uploaded and verified at %s", tag, self.storage.display(prefix))
             return write_state(ckpt_dir, "uploaded", url=self.storage.display(prefix), bytes=manifest.get("bytes"),

@@ -1,0 +1,229 @@
+"""Uploads against file:// and two real GCS emulators, with the real google-cloud-storage client."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, run_rank
+from storage_servers import BUCKET, Emulator
+from trainer.checkpoint.store import CheckpointStore
+from trainer.upload.storage import open_storage
+from trainer.upload.uploader import MANIFEST, CheckpointUploader, UploadFailed, read_state, verify_remote
+
+BACKENDS = ["file", "fake-gcs-server", "gcp-storage-emulator"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """(upload URL, emulator or None) with STORAGE_EMULATOR_HOST set for the GCS emulators."""
+    if request.param == "file":
+        monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+        yield f"file://{tmp_path / 'bucket'}/ckpts", None
+        return
+    emu = Emulator(request.param, tmp_path / request.param).start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.url)
+    try:
+        yield f"gs://{BUCKET}/ckpts", emu
+    finally:
+        emu.stop()
+
+
+def fake_checkpoint(run_root: Path, step: int, world: int = 1, size: int = 300_000, loss: float = 1.0) -> Path:
+    """A committed checkpoint folder with DeepSpeed-like file names and random bytes."""
+    store = CheckpointStore(run_root)
+    d = store.path(f"step-{step:08d}")
+    d.mkdir(parents=True)
+    (d / "mp_rank_00_model_states.pt").write_bytes(os.urandom(size))
+    for r in range(world):
+        (d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(size // 2))
+        (d / f"rng_state_rank{r:05d}.pt").write_bytes(os.urandom(100))
+    store.commit(d.name, {"step": step, "tag": d.name, "run_id": run_root.name, "loss": loss, "world_size": world,
+                          "zero_stage": 2, "config_hash": "abc"}, {"config.yaml": "task: pretrain\n"})
+    return d
+
+
+def crc32c_b64(data: bytes) -> str:
+    import google_crc32c
+
+    return base64.b64encode(google_crc32c.Checksum(data).digest()).decode()
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd", "gzip"])
+def test_upload_bytes_and_checksums_verify_by_download(backend, tmp_path: Path, compression: str) -> None:
+    url, _ = backend
+    if compression != "none" and not url.startswith("file"):
+        pytest.skip("compression is backend-independent: covered on file://")
+    ckpt = fake_checkpoint(tmp_path / "runs" / "run1", 100)
+    storage = open_storage(url)
+    state = CheckpointUploader(storage, compression, workers=3).upload(ckpt)
+    assert state["state"] == "uploaded" and read_state(ckpt)["state"] == "uploaded"
+    names = storage.list("run1/step-00000100/")
+    parts = sorted(n for n in names if "/part-" in n)
+    assert len(parts) == 3 and f"run1/step-00000100/{MANIFEST}" in names
+    manifest = json.loads(storage.get_bytes(f"run1/step-00000100/{MANIFEST}"))
+    assert manifest["step"] == 100 and manifest["run_id"] == "run1" and manifest["compression"] == compression
+    assert {f["path"] for f in manifest["files"]} == {p.name for p in ckpt.iterdir() if p.name != "upload_state.json"}
+    # Download every part, check its CRC32C, unpack, and compare every file with the local bytes.
+    for part in manifest["parts"]:
+        raw = storage.get_bytes(f"run1/step-00000100/{part['name']}")
+        assert len(raw) == part["size"] and crc32c_b64(raw) == part["crc32c"]
+        if compression == "zstd":
+            import zstandard
+
+            raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
+        elif compression == "gzip":
+            import gzip
+
+            raw = gzip.decompress(raw)
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+            for member in tar.getmembers():
+                data = tar.extractfile(member).read()
+                assert data == (ckpt / member.name).read_bytes()
+                entry = next(f for f in manifest["files"] if f["path"] == member.name)
+                assert entry["crc32c"] == crc32c_b64(data) and entry["size"] == len(data)
+    assert verify_remote(storage, "run1/step-00000100")[0]
+
+
+def test_manifest_is_written_last_and_reupload_is_idempotent(backend, tmp_path: Path) -> None:
+    url, _ = backend
+    ckpt = fake_checkpoint(tmp_path / "runs" / "run1", 7)
+    storage = open_storage(url)
+    order: list[str] = []
+    real_put = storage.put_bytes
+
+    def spy_put(name: str, data: bytes) -> None:
+        order.append(name)
+        real_put(name, data)
+
+    storage.put_bytes = spy_put  # type: ignore[method-assign]
+    seen_parts_before_manifest = []
+    real_writer = storage.writer
+
+    def spy_writer(name: str):  # type: ignore[no-untyped-def]
+        if "/part-" in name:
+            assert storage.get_bytes(f"run1/step-00000007/{MANIFEST}") is None, "manifest visible before all parts"
+            seen_parts_before_manifest.append(name)
+        return real_writer(name)
+
+    storage.writer = spy_writer  # type: ignore[method-assign]
+    CheckpointUploader(storage, "none", workers=2).upload(ckpt)
+    assert order == [f"run1/step-00000007/{MANIFEST}"] and len(seen_parts_before_manifest) == 2
+    again = CheckpointUploader(storage, "none", workers=2).upload(ckpt)
+    assert again.get("skipped") is True and len(seen_parts_before_manifest) == 2  # nothing re-sent
+
+
+def test_partial_upload_is_invisible_and_upload_all_completes_it(backend, tmp_path: Path) -> None:
+    url, _ = backend
+    run_root = tmp_path / "runs" / "run1"
+    a = fake_checkpoint(run_root, 10)
+    b = fake_checkpoint(run_root, 20)
+    storage = open_storage(url)
+    # A crashed upload: one stray part, no manifest.
+    storage.put_bytes("run1/step-00000010/part-000.tar", b"half of a tar")
+    assert not verify_remote(storage, "run1/step-00000010")[0]
+    env = {"STORAGE_EMULATOR_HOST": os.environ.get("STORAGE_EMULATOR_HOST", "")}
+    r = run_cli("upload-all", str(run_root), "--url", url, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 uploaded, 0 already verified, 0 failed" in r.stdout
+    for ckpt in (a, b):
+        ok, why, _ = verify_remote(storage, f"run1/{ckpt.name}")
+        assert ok, why
+        assert read_state(ckpt)["state"] == "uploaded"
+    r = run_cli("upload-all", str(run_root), "--url", url, env=env)
+    assert r.returncode == 0 and "0 uploaded, 2 already verified, 0 failed" in r.stdout
+    r = run_cli("upload", "status", str(run_root))
+    assert r.returncode == 0 and "2 uploaded" in r.stdout
+
+
+def test_server_killed_mid_upload_fails_with_reason_then_upload_all_completes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    emu = Emulator("fake-gcs-server", tmp_path / "emu").start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.url)
+    try:
+        ckpt = fake_checkpoint(tmp_path / "runs" / "run1", 5)
+        storage = open_storage(f"gs://{BUCKET}/ckpts", retry_deadline_s=3)
+        emu.stop()  # the server is down for the whole retry budget
+        up = CheckpointUploader(storage, "none", workers=2, retries=2, backoff_s=0.05)
+        with pytest.raises(UploadFailed):
+            up.upload(ckpt)
+        st = read_state(ckpt)
+        assert st["state"] == "failed" and st["error"]
+        emu.start()
+        r = run_cli("upload-all", str(tmp_path / "runs" / "run1"), "--url", f"gs://{BUCKET}/ckpts",
+                    env={"STORAGE_EMULATOR_HOST": emu.url})
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert verify_remote(storage, "run1/step-00000005")[0] and read_state(ckpt)["state"] == "uploaded"
+    finally:
+        emu.stop()
+
+
+def test_retention_never_deletes_what_is_not_uploaded(tmp_path: Path) -> None:
+    run_root = tmp_path / "runs" / "run1"
+    ckpts = [fake_checkpoint(run_root, s, loss=10.0 - s / 10) for s in (10, 20, 30, 40)]
+    storage = open_storage(f"file://{tmp_path / 'bucket'}")
+    CheckpointUploader(storage, "none").upload(ckpts[1])  # only step 20 is uploaded
+    from trainer.upload.uploader import is_uploaded
+
+    deleted = CheckpointStore(run_root).retention(keep_last=1, keep_best=True, deletable=is_uploaded)
+    assert deleted == [ckpts[1]]
+    assert [c.tag for c in CheckpointStore(run_root).committed()] == ["step-00000010", "step-00000030", "step-00000040"]
+
+
+def test_remote_retention_keeps_newest_and_best(tmp_path: Path) -> None:
+    run_root = tmp_path / "runs" / "run1"
+    storage = open_storage(f"file://{tmp_path / 'bucket'}")
+    up = CheckpointUploader(storage, "none", keep_remote=2)
+    for step, loss in ((10, 0.5), (20, 3.0), (30, 2.0), (40, 1.0)):
+        up.upload(fake_checkpoint(run_root, step, loss=loss))
+    remaining = sorted({n.split("/")[1] for n in storage.list("run1/") if n.endswith(MANIFEST)})
+    assert remaining == ["step-00000010", "step-00000030", "step-00000040"]  # newest two + best (step 10)
+    assert not storage.list("run1/step-00000020/")
+
+
+def test_bad_urls_and_buckets_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_root = tmp_path / "runs" / "run1"
+    fake_checkpoint(run_root, 1)
+    r = run_cli("upload-all", str(run_root), "--url", "s3://nope/x")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and "Traceback" not in r.stderr
+    emu = Emulator("fake-gcs-server", tmp_path / "emu").start()
+    try:
+        r = run_cli("upload-all", str(run_root), "--url", "gs://no-such-bucket/x", env={"STORAGE_EMULATOR_HOST": emu.url})
+        assert r.returncode == 2 and "bucket 'no-such-bucket' does not exist" in r.stderr
+    finally:
+        emu.stop()
+    r = run_cli("upload-all", str(run_root), "--url", "gs://b/x", env={"STORAGE_EMULATOR_HOST": emu.url})  # server gone
+    assert r.returncode == 2 and "cannot reach the storage service" in r.stderr and "Traceback" not in r.stderr
+    assert not list((tmp_path / "runs").rglob("upload_state.json"))  # nothing written
+
+
+def test_background_upload_during_training(tiny_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real training run (one rank) uploads to the GCS emulator in the background; retention waits for uploads."""
+    import yaml
+
+    emu = Emulator("gcp-storage-emulator", tmp_path / "emu").start()
+    try:
+        cfg = yaml.safe_load(tiny_config.read_text())
+        cfg["train"].update({"max_steps": 12, "log_every": 4})
+        cfg["checkpoint"].update({"save_every": 4, "keep_last": 1})
+        cfg["upload"] = {"url": f"gs://{BUCKET}/ckpts", "workers": 2}
+        tiny_config.write_text(yaml.safe_dump(cfg))
+        r = run_rank("--config", str(tiny_config), env={"STORAGE_EMULATOR_HOST": emu.url})
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        for line in ("queued step-00000004 for background upload", "uploading step-00000004 to gs://test-bucket/ckpts/",
+                     "uploaded step-00000012:", "MB/s (verified)"):
+            assert line in r.stdout, line
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.url)
+        storage = open_storage(f"gs://{BUCKET}/ckpts")
+        (run_root,) = [p for p in (tmp_path / "runs").iterdir() if (p / "checkpoints").is_dir()]
+        for step in (4, 8, 12):
+            ok, why, manifest = verify_remote(storage, f"{run_root.name}/step-{step:08d}")
+            assert ok, why
+            assert manifest["world_size"] == 1 and manifest["checkpoint"]["step"] == step
+        assert [c.tag for c in CheckpointStore(run_root).committed()] == ["step-00000012"]
+    finally:
+        emu.stop()
