@@ -59,7 +59,7 @@ def test_upload_bytes_and_checksums_verify_by_download(backend, tmp_path: Path, 
     url, _ = backend
     if compression != "none" and not url.startswith("file"):
         pytest.skip("compression is backend-independent: covered on file://")
-    ckpt = fake_checkpoint(tmp_path / "runs" / "run1", 100)
+    ckpt = fake_checkpoint(tmp_path / "runs" / "run1", 100, world=2)
     storage = open_storage(url)
     state = CheckpointUploader(storage, compression, workers=3).upload(ckpt)
     assert state["state"] == "uploaded" and read_state(ckpt)["state"] == "uploaded"
@@ -160,6 +160,17 @@ def test_server_killed_mid_upload_fails_with_reason_then_upload_all_completes(tm
         assert verify_remote(storage, "run1/step-00000005")[0] and read_state(ckpt)["state"] == "uploaded"
     finally:
         emu.stop()
+
+
+def test_node_ownership_of_files() -> None:
+    from trainer.upload.uploader import NodeInfo
+
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_3_mp_rank_00_optim_states.pt",
+             "rng_state_rank00002.pt", "metadata.json"]
+    assert all(NodeInfo().owns(n) for n in names)  # one node uploads everything
+    node0, node1 = NodeInfo(0, 2, 2), NodeInfo(1, 2, 2)
+    assert [n for n in names if node0.owns(n)] == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "metadata.json"]
+    assert [n for n in names if node1.owns(n)] == ["zero_pp_rank_3_mp_rank_00_optim_states.pt", "rng_state_rank00002.pt"]
 
 
 def test_retention_never_deletes_what_is_not_uploaded(tmp_path: Path) -> None:

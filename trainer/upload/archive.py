@@ -16,7 +16,6 @@ from typing import BinaryIO, Literal
 
 Compression = Literal["none", "zstd", "gzip"]
 SUFFIX = {"none": ".tar", "zstd": ".tar.zst", "gzip": ".tar.gz"}
-_READ_BLOCK = 4 * 1024 * 1024
 
 
 def _b64(checksum) -> str:  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Protocol
@@ -57,6 +58,54 @@ class Storage(Protocol):
     def delete(self, name: str) -> None: ...
     def download(self, name: str, dest: Path) -> None: ...
     def display(self, name: str) -> str: ...
+
+
+class PipelinedWriter:
+    """Hands large blocks to a sending thread, so producing the bytes (read, tar, checksum) overlaps
+    with sending the previous block. Errors of the sender surface on the next write or at finish."""
+
+    BLOCK = 8 * 1024 * 1024
+
+    def __init__(self, sink: BinaryIO, depth: int = 3):
+        import queue
+
+        self.sink = sink
+        self._buf = bytearray()
+        self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=depth)
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._send, name="upload-send", daemon=True)
+        self._thread.start()
+
+    def _send(self) -> None:
+        while (block := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.sink.write(block)
+                except BaseException as exc:  # reported to the producer
+                    self._error = exc
+
+    def write(self, data: bytes) -> int:
+        if self._error is not None:
+            raise self._error
+        self._buf += data
+        if len(self._buf) >= self.BLOCK:
+            self._queue.put(bytes(self._buf))
+            self._buf.clear()
+        return len(data)
+
+    def finish(self) -> None:
+        if self._buf:
+            self._queue.put(bytes(self._buf))
+            self._buf.clear()
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        self._error = self._error or RuntimeError("aborted")
+        self._queue.put(None)
+        self._thread.join(timeout=60)
 
 
 class FileStorage:
@@ -178,9 +227,12 @@ class GCSStorage:
 
         blob = self.bucket.blob(self._key(name))
         f = blob.open("wb", chunk_size=CHUNK_BYTES, if_generation_match=0, ignore_flush=True, retry=self.retry)
+        pipe = PipelinedWriter(f)
         try:
-            yield f
+            yield pipe  # type: ignore[misc]
+            pipe.finish()
         except BaseException:
+            pipe.abort()
             try:
                 f.terminate()  # cancel the resumable session; never let its error hide the original
             except Exception as exc:

@@ -17,6 +17,8 @@ import datetime as dt
 import json
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +50,8 @@ class NodeInfo:
 
     def owns(self, rel: str) -> bool:
         """Files written by this node's ranks; rank-less files (metadata, configs) belong to node 0."""
+        if self.num_nodes == 1:
+            return True
         m = _RANKED_FILE.search(Path(rel).name)
         if m is None:
             return self.node_rank == 0
@@ -281,9 +285,11 @@ class BackgroundUploader:
     logs backpressure and keeps them queued.
     """
 
-    def __init__(self, uploader: CheckpointUploader, queue_size: int = 2):
+    def __init__(self, uploader: CheckpointUploader, queue_size: int = 2, url: Optional[str] = None):
         self.uploader = uploader
         self.queue_size = queue_size
+        self.url = url  # set: each upload runs in a child process (python -m trainer.upload.worker)
+        self._child: Optional[subprocess.Popen] = None
         self._waiting: collections.deque[Path] = collections.deque()
         self._cond = threading.Condition()
         self._in_flight: Optional[Path] = None
@@ -320,6 +326,9 @@ class BackgroundUploader:
     def close(self, timeout: Optional[float] = None, abort: Optional[Callable[[], bool]] = None) -> bool:
         done = self.drain(timeout, abort)
         if not done:
+            child = self._child
+            if child is not None and child.poll() is None:
+                child.kill()  # abandoned: its parts have no manifest, so nothing half-written is visible
             for p in self.pending():
                 write_state(p, "failed", error="interrupted: the job ended before this upload finished", failed_at=utc_now())
         with self._cond:
@@ -327,6 +336,22 @@ class BackgroundUploader:
             self._cond.notify_all()
         self._thread.join(timeout=5)
         return done
+
+    def _upload(self, job: Path) -> str:
+        if self.url is None:
+            return self.uploader.upload(job)["state"]
+        u, n = self.uploader, self.uploader.node
+        cmd = [sys.executable, "-m", "trainer.upload.worker", str(job), "--url", self.url, "--compression", u.compression,
+               "--workers", str(u.workers), "--retries", str(u.retries), "--node", f"{n.node_rank},{n.num_nodes},{n.ranks_per_node}"]
+        if u.keep_remote:
+            cmd += ["--keep-remote", str(u.keep_remote)]
+        self._child = subprocess.Popen(cmd, start_new_session=True)
+        code = self._child.wait()
+        self._child = None
+        state = read_state(job)
+        if code != 0 or state.get("state") != "uploaded":
+            raise UploadFailed(f"{job.name}: {state.get('error') or f'upload process exited with {code}'}")
+        return "uploaded"
 
     def _run(self) -> None:
         while True:
@@ -338,7 +363,7 @@ class BackgroundUploader:
                 job = self._in_flight = self._waiting.popleft()
             try:
                 if (job / METADATA).exists():
-                    self.results[job.name] = self.uploader.upload(job)["state"]
+                    self.results[job.name] = self._upload(job)
             except UploadFailed as exc:
                 self.results[job.name] = "failed"
                 log.error("upload failed after %d attempts: %s (the checkpoint stays local; `trainer upload-all` retries)",
@@ -382,4 +407,4 @@ def make_uploader(url: str, compression: Compression, workers: int, retries: int
     from trainer.upload.storage import open_storage
 
     uploader = CheckpointUploader(open_storage(url), compression, workers, retries, node, keep_remote=keep_remote)
-    return BackgroundUploader(uploader, queue_size) if background else SyncUploader(uploader)
+    return BackgroundUploader(uploader, queue_size, url=url) if background else SyncUploader(uploader)
