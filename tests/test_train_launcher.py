@@ -127,3 +127,40 @@ def test_sigterm_to_trainer_train_stops_both_ranks_on_one_step(tiny_config: Path
     assert sorted(p.name for p in ckpt.glob("rng_state_rank*.pt")) == ["rng_state_rank00000.pt", "rng_state_rank00001.pt"]
     assert (bucket / meta["run_id"] / ckpt.name / "manifest.json").is_file()
     assert json.loads((ckpt / "upload_state.json").read_text())["state"] == "uploaded"
+
+
+@pytest.mark.launcher
+def test_two_simulated_nodes_upload_one_complete_checkpoint(tiny_config: Path, tmp_path: Path) -> None:
+    """Two "nodes" on 127.0.0.1 (two launchers, --no_ssh --node_rank 0/1), separate run dirs, no shared
+    filesystem: each node uploads the files its rank wrote; node 0 writes the manifest after node 1 reported."""
+    import os
+
+    from trainer.launcher.command import free_port
+    from trainer.upload.storage import open_storage
+    from trainer.upload.uploader import verify_remote
+
+    bucket = tmp_path / "bucket"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    common = dict(train={"max_steps": 4, "log_every": 2}, checkpoint={"save_every": 4}, upload={"url": f"file://{bucket}"})
+    cfg_a = write_config(tiny_config, tmp_path / "node_a", **common)
+    cfg_b = write_config(tiny_config, tmp_path / "node_b", **common)
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "trainer.cli.main", "train", str(cfg), "--hostfile", str(hostfile),
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port],
+                              cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank, cfg in ((0, cfg_a), (1, cfg_b))]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    (a,) = committed(tmp_path / "node_a")
+    (b,) = committed(tmp_path / "node_b")
+    assert a.parent.parent.name == b.parent.parent.name  # one run id, chosen by rank 0
+    assert (a / "rng_state_rank00000.pt").exists() and not (a / "rng_state_rank00001.pt").exists()
+    assert (b / "rng_state_rank00001.pt").exists() and not (b / "rng_state_rank00000.pt").exists()
+    storage = open_storage(f"file://{bucket}")
+    ok, why, manifest = verify_remote(storage, f"{a.parent.parent.name}/{a.name}")
+    assert ok, why
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"rng_state_rank00000.pt", "rng_state_rank00001.pt", "mp_rank_00_model_states.pt", "metadata.json"} <= paths
+    assert any(p.startswith("zero_pp_rank_1_") for p in paths) and any(p.startswith("zero_pp_rank_0_") for p in paths)
+    assert any(p["name"].startswith("node01-part-") for p in manifest["parts"])
