@@ -238,3 +238,40 @@ def test_background_upload_during_training(tiny_config: Path, tmp_path: Path, mo
         assert [c.tag for c in CheckpointStore(run_root).committed()] == ["step-00000012"]
     finally:
         emu.stop()
+
+
+def test_training_reads_shards_from_a_bucket(tiny_config: Path, tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.path gs://...: shards are downloaded once into the cache (CRC32C verified), then reused."""
+    import yaml
+
+    emu = Emulator("fake-gcs-server", tmp_path / "emu").start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.url)
+    try:
+        storage = open_storage(f"gs://{BUCKET}/tokens")
+        for shard in sorted(tiny_shards.iterdir()):
+            storage.put_bytes(shard.name, shard.read_bytes())
+        cache = tmp_path / "cache"
+        cfg = yaml.safe_load(tiny_config.read_text())
+        cfg["data"] = {"path": f"gs://{BUCKET}/tokens", "cache_dir": str(cache)}
+        cfg["train"].update({"max_steps": 3, "log_every": 1})
+        tiny_config.write_text(yaml.safe_dump(cfg))
+        env = {"STORAGE_EMULATOR_HOST": emu.url}
+        r = run_rank("--config", str(tiny_config), env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        cached = cache / BUCKET / "tokens"
+        assert sorted(p.name for p in cached.iterdir()) == sorted(p.name for p in tiny_shards.iterdir())
+        assert all((cached / p.name).read_bytes() == p.read_bytes() for p in tiny_shards.iterdir())
+        assert "2 downloaded, 0 cached" in r.stdout
+        # A damaged cache file is noticed by its checksum and fetched again.
+        victim = sorted(cached.iterdir())[0]
+        victim.write_bytes(b"\0" * victim.stat().st_size)
+        r = run_rank("--config", str(tiny_config), "--max-steps", "3", "--set", f"run_dir={tmp_path / 'runs2'}", env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "1 downloaded, 1 cached" in r.stdout
+        assert victim.read_bytes() == (tiny_shards / victim.name).read_bytes()
+        # A prefix without shards is a user error before launch.
+        r = run_cli("train", str(tiny_config), "--num-ranks", "1", "--dry-run", "--set", f"data.path=gs://{BUCKET}/nothing-here",
+                    env=env)
+        assert r.returncode == 2 and "no .npy or .npz shards directly under gs://test-bucket/nothing-here" in r.stderr
+    finally:
+        emu.stop()

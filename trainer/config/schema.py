@@ -32,8 +32,10 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    path: Path = Path("data/tiny_shards")
-    """Folder of pre-tokenized shards (`*.npy` memory-mapped, or `*.npz` with one array)."""
+    path: str = "data/tiny_shards"
+    """Folder of pre-tokenized shards (`*.npy` memory-mapped, or `*.npz` with one array), or gs://BUCKET/PREFIX."""
+    cache_dir: Optional[str] = None
+    """Where shards from gs:// are downloaded (verified by CRC32C); None: ~/.cache/trainer/shards (or $TRAINER_CACHE)."""
     max_files: Optional[int] = Field(default=None, ge=1)
     """Use only the first N shard files in name order (None: all)."""
     check_token_ids: bool = True

@@ -73,3 +73,25 @@ def on_main_then_share(fn: Callable[[], T], info: RankInfo) -> T:
     if result[0] == "user_error":
         raise UserError(result[1], shared=True)
     return result[1]
+
+
+def agree(fn: Callable[[], None], run_here: bool) -> None:
+    """Run `fn` where `run_here`, then make every rank raise the first `UserError` any rank hit.
+
+    For per-node work (downloads) whose failure on one node must stop all nodes, not leave the
+    others waiting in the next collective.
+    """
+    import deepspeed.comm as dist
+
+    error = None
+    if run_here:
+        try:
+            fn()
+        except UserError as exc:
+            error = exc.message
+    if dist.get_world_size() > 1:
+        errors: list = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise UserError(error, shared=True)

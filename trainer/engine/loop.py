@@ -134,6 +134,7 @@ class Trainer:
         cfg, r = self.cfg, self.ranks
         self.ds_config = render_ds_config(cfg, r.world_size, self.task.model_hints().get("hidden_size"), self.source)
         self.stage = zero_stage(self.ds_config)
+        dist.agree(self.task.prepare_data, run_here=r.is_local_main)
         dist.on_main_then_share(self.task.preflight, r)
         if cfg.upload.url:
             dist.on_main_then_share(lambda: open_storage(cfg.upload.url).check(), r)

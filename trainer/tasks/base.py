@@ -9,6 +9,9 @@ from trainer.ranks import RankInfo
 class Task(Protocol):
     name: str
 
+    def prepare_data(self) -> None:
+        """Once per node, before `preflight`: bring remote data local (e.g. download and verify shards)."""
+
     def preflight(self) -> None:
         """Check the task's inputs (data, paths) and raise `UserError` before any heavy work."""
 

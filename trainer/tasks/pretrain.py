@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 from trainer.config.schema import RunConfig
+from trainer.data.remote import cache_dir_for, fetch_shards, is_remote, list_remote_shards
 from trainer.data.sampler import ResumableSampler
 from trainer.data.shards import SHARDS_CHECKED_ENV, TokenShards, check_token_ids, find_shards, open_shard
 from trainer.ranks import RankInfo
@@ -26,8 +28,21 @@ class PretrainTask:
         self.shards: Optional[TokenShards] = None
         self.sampler: Optional[ResumableSampler] = None
 
+    def local_data_path(self) -> Path:
+        d = self.cfg.data
+        return cache_dir_for(d.path, d.cache_dir) if is_remote(d.path) else Path(d.path)
+
+    def prepare_data(self) -> None:
+        """Once per node: bring remote shards into the local cache."""
+        d = self.cfg.data
+        if is_remote(d.path):
+            fetch_shards(d.path, d.max_files, d.cache_dir)
+
     def preflight(self) -> None:
-        files = find_shards(self.cfg.data.path, self.cfg.data.max_files)
+        if is_remote(self.cfg.data.path) and not self.local_data_path().is_dir():
+            list_remote_shards(self.cfg.data.path, self.cfg.data.max_files)  # before launch: the bucket has shards
+            return  # the token-id scan runs after the download, in the ranks
+        files = find_shards(self.local_data_path(), self.cfg.data.max_files)
         check = self.cfg.data.check_token_ids and os.environ.get(SHARDS_CHECKED_ENV) != "1"
         tokens = windows = 0
         for f in files:
@@ -69,7 +84,7 @@ class PretrainTask:
         ]
 
     def setup_data(self, ranks: RankInfo, micro_batch: int, grad_accum: int) -> None:
-        files = find_shards(self.cfg.data.path, self.cfg.data.max_files)
+        files = find_shards(self.local_data_path(), self.cfg.data.max_files)
         self.shards = TokenShards(files, self.seq_len)
         self.sampler = ResumableSampler(len(self.shards), self.cfg.train.seed, ranks.rank, ranks.world_size, micro_batch, grad_accum)
         log.info(
