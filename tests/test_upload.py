@@ -142,24 +142,42 @@ def test_partial_upload_is_invisible_and_upload_all_completes_it(backend, tmp_pa
 
 
 def test_server_killed_mid_upload_fails_with_reason_then_upload_all_completes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    emu = Emulator("fake-gcs-server", tmp_path / "emu").start()
+    import threading
+    import time
+
+    emu = Emulator("gcp-storage-emulator", tmp_path / "emu").start()  # the slower emulator: easier to catch mid-upload
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.url)
     try:
-        ckpt = fake_checkpoint(tmp_path / "runs" / "run1", 5)
+        ckpt = fake_checkpoint(tmp_path / "runs" / "run1", 5, size=48_000_000)
         storage = open_storage(f"gs://{BUCKET}/ckpts", retry_deadline_s=3)
-        emu.stop()  # the server is down for the whole retry budget
-        up = CheckpointUploader(storage, "none", workers=2, retries=2, backoff_s=0.05)
-        with pytest.raises(UploadFailed):
-            up.upload(ckpt)
+        up = CheckpointUploader(storage, "none", workers=2, retries=1, backoff_s=0.05)
+        outcome: list = []
+        t = threading.Thread(target=lambda: outcome.append(_try(up.upload, ckpt)))
+        t.start()
+        deadline = time.monotonic() + 60
+        while read_state(ckpt)["state"] != "uploading" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        emu.stop()  # killed mid-upload, down for the whole retry budget
+        t.join(timeout=300)
+        assert isinstance(outcome[0], UploadFailed), outcome
         st = read_state(ckpt)
         assert st["state"] == "failed" and st["error"]
-        emu.start()
+        emu.start()  # the same data folder: whatever the kill left behind is still there
+        assert not verify_remote(storage, "run1/step-00000005")[0]  # incomplete is invisible
         r = run_cli("upload-all", str(tmp_path / "runs" / "run1"), "--url", f"gs://{BUCKET}/ckpts",
                     env={"STORAGE_EMULATOR_HOST": emu.url})
         assert r.returncode == 0, r.stdout + r.stderr
         assert verify_remote(storage, "run1/step-00000005")[0] and read_state(ckpt)["state"] == "uploaded"
     finally:
         emu.stop()
+
+
+def _try(fn, *args):  # type: ignore[no-untyped-def]
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return exc
 
 
 def test_node_ownership_of_files() -> None:
