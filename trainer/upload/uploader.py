@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from trainer.checkpoint.store import METADATA, atomic_write, read_metadata
+from trainer.checkpoint.store import METADATA, atomic_write, read_metadata, tag_for
 from trainer.log import get_logger
 from trainer.upload.archive import SUFFIX, Compression, PartResult, plan_parts, write_part
 from trainer.upload.storage import Storage
@@ -85,7 +85,7 @@ def is_uploaded(ckpt_dir: Path) -> bool:
 
 
 def remote_prefix(meta: dict) -> str:
-    return f"{meta['run_id']}/{meta['tag'] if 'tag' in meta else 'step-%08d' % meta['step']}"
+    return f"{meta['run_id']}/{meta.get('tag') or tag_for(int(meta['step']))}"
 
 
 def local_files(ckpt_dir: Path, node: NodeInfo) -> list[tuple[str, int]]:
