@@ -136,7 +136,7 @@ def test_two_simulated_nodes_upload_one_complete_checkpoint(tiny_config: Path, t
     import os
 
     from trainer.launcher.command import free_port
-    from trainer.upload.storage import open_storage
+    from trainer.storage import open_storage
     from trainer.upload.uploader import verify_remote
 
     bucket = tmp_path / "bucket"

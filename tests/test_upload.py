@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli, run_rank
 from storage_servers import BUCKET, Emulator
 from trainer.checkpoint.store import CheckpointStore
-from trainer.upload.storage import open_storage
+from trainer.storage import open_storage
 from trainer.upload.uploader import MANIFEST, CheckpointUploader, UploadFailed, read_state, verify_remote
 
 BACKENDS = ["file", "fake-gcs-server", "gcp-storage-emulator"]

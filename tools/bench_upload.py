@@ -71,7 +71,7 @@ def bench_throughput(ckpt: Path, workers: int, tmp: Path) -> None:
     from google.cloud.storage import transfer_manager
 
     from storage_servers import BUCKET, Emulator
-    from trainer.upload.storage import open_storage
+    from trainer.storage import open_storage
     from trainer.upload.uploader import CheckpointUploader
 
     emu = Emulator("fake-gcs-server", tmp / "emu").start()
@@ -113,7 +113,7 @@ def bench_step_time(steps: int, tmp: Path, upload_mb: int) -> None:
     from trainer.engine.loop import Trainer
     from trainer.launcher.command import free_port
     from trainer.tasks import build_task
-    from trainer.upload.storage import open_storage
+    from trainer.storage import open_storage
     from trainer.upload.uploader import BackgroundUploader, CheckpointUploader
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))

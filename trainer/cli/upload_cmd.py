@@ -41,7 +41,7 @@ def _upload_settings(run_root: Path, url: Optional[str]) -> dict:
 
 
 def _uploader(settings: dict):  # type: ignore[no-untyped-def]
-    from trainer.upload.storage import open_storage
+    from trainer.storage import open_storage
     from trainer.upload.uploader import CheckpointUploader
 
     storage = open_storage(settings["url"])

@@ -24,7 +24,7 @@ def cache_dir_for(url: str, cache_root: Optional[str]) -> Path:
 
 def list_remote_shards(url: str, max_files: Optional[int]) -> list[str]:
     """Shard object names under `url`, in name order; `UserError` if there are none or no bucket."""
-    from trainer.upload.storage import open_storage
+    from trainer.storage import open_storage
 
     storage = open_storage(url)
     storage.check()
@@ -36,7 +36,7 @@ def list_remote_shards(url: str, max_files: Optional[int]) -> list[str]:
 
 def fetch_shards(url: str, max_files: Optional[int], cache_root: Optional[str] = None) -> Path:
     """Download the shards not yet cached (size and CRC32C must match the bucket's); return the folder."""
-    from trainer.upload.storage import crc32c_of_file, open_storage
+    from trainer.storage import crc32c_of_file, open_storage
 
     storage = open_storage(url)
     names = list_remote_shards(url, max_files)

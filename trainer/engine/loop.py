@@ -26,7 +26,7 @@ from trainer.log import add_log_file, get_logger, redact
 from trainer.ranks import rank_info
 from trainer.tracking.mlflow_tracker import make_tracker
 from trainer.tracking.plots import plot_curves
-from trainer.upload.storage import open_storage
+from trainer.storage import open_storage
 from trainer.upload.uploader import NodeInfo, is_uploaded, make_uploader
 from trainer.upload.uploader import read_state as read_upload_state
 

@@ -20,7 +20,7 @@ def preflight(cfg: RunConfig, world_size: int, source: str) -> Optional[Checkpoi
     if ckpt is not None:
         ckpt.check_resumable(str(cfg.checkpoint.resume), world_size, cfg.task, cfg.train.max_steps, model)
     if cfg.upload.url:
-        from trainer.upload.storage import open_storage
+        from trainer.storage import open_storage
 
         open_storage(cfg.upload.url).check()
     return ckpt

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 from trainer.checkpoint.store import METADATA, atomic_write, read_metadata, tag_for
 from trainer.log import get_logger
 from trainer.upload.archive import SUFFIX, Compression, PartResult, plan_parts, write_part
-from trainer.upload.storage import Storage
+from trainer.storage import Storage
 
 log = get_logger("upload")
 
@@ -404,7 +404,7 @@ class SyncUploader:
 
 def make_uploader(url: str, compression: Compression, workers: int, retries: int, background: bool, queue_size: int,
                   node: NodeInfo, keep_remote: Optional[int] = None) -> "BackgroundUploader | SyncUploader":
-    from trainer.upload.storage import open_storage
+    from trainer.storage import open_storage
 
     uploader = CheckpointUploader(open_storage(url), compression, workers, retries, node, keep_remote=keep_remote)
     return BackgroundUploader(uploader, queue_size, url=url) if background else SyncUploader(uploader)

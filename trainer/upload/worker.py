@@ -35,7 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, AttributeError, ValueError):
             pass
     from trainer.log import setup_logging
-    from trainer.upload.storage import open_storage
+    from trainer.storage import open_storage
     from trainer.upload.uploader import CheckpointUploader, NodeInfo, UploadFailed
 
     setup_logging()
