@@ -22,7 +22,7 @@ from trainer.log import get_logger
 
 log = get_logger("storage")
 
-CHUNK_BYTES = 32 * 1024 * 1024  # resumable-upload chunk: small chunks are slow (and emulators slower still)
+CHUNK_BYTES = int(os.environ.get("TRAINER_UPLOAD_CHUNK_MB", "32")) * 1024 * 1024  # resumable-upload chunk: small chunks are slow
 
 
 class ObjectExists(Exception):
@@ -48,6 +48,7 @@ def crc32c_of_file(path: Path, block: int = 8 * 1024 * 1024) -> str:
 
 class Storage(Protocol):
     url: str
+    verifies_writes: bool
 
     def check(self) -> None: ...
     def writer(self, name: str) -> contextlib.AbstractContextManager[BinaryIO]: ...
@@ -110,6 +111,8 @@ class PipelinedWriter:
 
 class FileStorage:
     """`file:///path`: a folder (a mounted bucket, an NFS share, or a local test target)."""
+
+    verifies_writes = False  # callers checksum what they write and compare with stat()
 
     def __init__(self, url: str, root: Path):
         self.url = url
@@ -178,6 +181,10 @@ class GCSStorage:
 
     Anonymous credentials are used only when STORAGE_EMULATOR_HOST points at a local emulator.
     """
+
+    # The client computes the CRC32C of every resumable upload and compares it with the server's
+    # when the upload is finalized (DataCorruption on a mismatch): stat() then reports a verified value.
+    verifies_writes = True
 
     def __init__(self, url: str, bucket: str, prefix: str, retry_deadline_s: float = 120.0):
         from google.cloud import storage

@@ -25,11 +25,11 @@ def _b64(checksum) -> str:  # type: ignore[no-untyped-def]
 class CountingWriter(io.RawIOBase):
     """Forwards writes to `sink`, counting bytes and updating a CRC32C of them."""
 
-    def __init__(self, sink: BinaryIO):
+    def __init__(self, sink: BinaryIO, checksum: bool = True):
         import google_crc32c
 
         self.sink = sink
-        self.crc = google_crc32c.Checksum()
+        self.crc = google_crc32c.Checksum() if checksum else None
         self.bytes = 0
 
     def writable(self) -> bool:
@@ -37,7 +37,8 @@ class CountingWriter(io.RawIOBase):
 
     def write(self, data) -> int:  # type: ignore[no-untyped-def, override]
         data = data if isinstance(data, bytes) else bytes(data)
-        self.crc.update(data)
+        if self.crc is not None:
+            self.crc.update(data)
         self.sink.write(data)
         self.bytes += len(data)
         return len(data)
@@ -94,9 +95,14 @@ def plan_parts(files: list[tuple[str, int]], workers: int) -> list[list[tuple[st
     return [sorted(g) for g in groups if g]
 
 
-def write_part(root: Path, files: list[tuple[str, int]], sink: BinaryIO, compression: Compression, name: str) -> PartResult:
-    """Stream a tar of `files` (relative to `root`) into `sink`; return sizes and checksums."""
-    counter = CountingWriter(sink)
+def write_part(root: Path, files: list[tuple[str, int]], sink: BinaryIO, compression: Compression, name: str,
+               part_checksum: bool = True) -> PartResult:
+    """Stream a tar of `files` (relative to `root`) into `sink`; return sizes and checksums.
+
+    `part_checksum=False` skips the CRC32C of the whole part (the storage client computes and
+    verifies it itself); every file's CRC32C is always computed.
+    """
+    counter = CountingWriter(sink, part_checksum)
     if compression == "zstd":
         import zstandard
 
@@ -118,4 +124,4 @@ def write_part(root: Path, files: list[tuple[str, int]], sink: BinaryIO, compres
             entries.append(FileEntry(rel, info.size, _b64(reader.crc), name))
     if stream is not counter:
         stream.close()  # flush the compressor's frame into the counter (which does not close the sink)
-    return PartResult(name, counter.bytes, _b64(counter.crc), entries)
+    return PartResult(name, counter.bytes, _b64(counter.crc) if counter.crc is not None else "", entries)

@@ -155,16 +155,18 @@ class CheckpointUploader:
         if self.node.num_nodes == 1:
             missing = [r for r in range(int(meta.get("world_size", 1))) if not (ckpt_dir / f"rng_state_rank{r:05d}.pt").exists()]
             if missing:
-                raise UploadFailed(f"{tag}: this folder lacks the files of rank(s) {missing[:8]} (a multi-node run without a"
-                                   " shared filesystem): each node uploads its own part during training")
+                reason = (f"this folder lacks the files of rank(s) {missing[:8]} (a multi-node run without a shared"
+                          " filesystem): each node uploads its own part during training")
+                write_state(ckpt_dir, "failed", error=reason, failed_at=utc_now())
+                raise UploadFailed(f"{tag}: {reason}")
         total = sum(size for _, size in files)
         groups = plan_parts(files, self.workers)
         started = time.monotonic()
         write_state(ckpt_dir, "uploading", url=self.storage.display(prefix), bytes=total, started_at=utc_now())
-        self._remove_stale_parts(prefix)
         log.info("archiving %s: %d files, %.1f MB into %d part(s) (%s)", tag, len(files), total / MB, len(groups), self.compression)
         log.info("uploading %s to %s", tag, self.storage.display(prefix))
         try:
+            self._remove_stale_parts(prefix)
             names = [f"{self.node.part_prefix}-{i:03d}{SUFFIX[self.compression]}" for i in range(len(groups))]
             with ThreadPoolExecutor(max_workers=max(1, len(groups)), thread_name_prefix="upload-part") as pool:
                 results = list(pool.map(lambda a: self._upload_part(ckpt_dir, prefix, a[0], a[1], progress), zip(names, groups)))
@@ -177,7 +179,10 @@ class CheckpointUploader:
         rate = total / MB / seconds if seconds > 0 else 0.0
         log.info("uploaded %s: %.1f MB in %.1f s = %.1f MB/s (verified)", tag, total / MB, seconds, rate)
         if self.keep_remote and self.node.node_rank == 0:
-            self.prune_remote(meta["run_id"], self.keep_remote)
+            try:
+                self.prune_remote(meta["run_id"], self.keep_remote)
+            except Exception as exc:  # the upload itself is complete; pruning is retried after the next one
+                log.warning("remote retention failed: %s", str(exc)[:300])
         return write_state(ckpt_dir, "uploaded", url=self.storage.display(prefix), bytes=total, seconds=round(seconds, 3),
                            rate_mb_s=round(rate, 2), parts=len(results), manifest_crc32c=manifest.get("manifest_crc32c"))
 
@@ -224,9 +229,12 @@ class CheckpointUploader:
                 time.sleep(delay)
                 self.storage.delete(key)
             try:
+                verified_by_client = self.storage.verifies_writes
                 with self.storage.writer(key) as sink:
-                    result = write_part(ckpt_dir, files, sink, self.compression, name)
+                    result = write_part(ckpt_dir, files, sink, self.compression, name, part_checksum=not verified_by_client)
                 info = self.storage.stat(key)
+                if verified_by_client and info is not None and info.crc32c:
+                    result.crc32c = info.crc32c  # equal to the client's own CRC32C of the bytes it sent
                 if info is None or info.size != result.size or (info.crc32c and info.crc32c != result.crc32c):
                     raise UploadFailed(f"{self.storage.display(key)} does not match what was sent"
                                        f" (sent {result.size} bytes crc32c {result.crc32c}, stored {info})")
