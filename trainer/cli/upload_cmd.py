@@ -25,29 +25,31 @@ def _runs(run_dir: Path) -> list[Path]:
     return runs
 
 
-def _upload_settings(run_root: Path, url: Optional[str]) -> dict:
-    """The run's saved upload settings, with --url taking precedence."""
+def _upload_settings(run_root: Path, url: Optional[str]):  # type: ignore[no-untyped-def]
+    """The run's saved `upload` section (schema defaults for what it leaves out), --url taking precedence."""
     import yaml
+    from pydantic import ValidationError
 
-    saved: dict = {}
+    from trainer.config.schema import UploadConfig
+
     cfg_file = run_root / "config.yaml"
-    if cfg_file.exists():
-        saved = (yaml.safe_load(cfg_file.read_text()) or {}).get("upload") or {}
-    settings = {"compression": "none", "workers": 4, "retries": 5, "keep_remote": None, **saved}
-    settings["url"] = url or saved.get("url")
-    if not settings["url"]:
+    saved = ((yaml.safe_load(cfg_file.read_text()) or {}).get("upload") or {}) if cfg_file.exists() else {}
+    try:
+        settings = UploadConfig.model_validate({**saved, **({"url": url} if url else {})})
+    except ValidationError as exc:
+        where = "--url" if url else f"{cfg_file}: upload"
+        raise UserError(f"{where}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    if not settings.url:
         raise UserError(f"{run_root}: no upload URL; pass --url gs://BUCKET/PREFIX (the run's upload.url is not set)")
     return settings
 
 
-def _uploader(settings: dict):  # type: ignore[no-untyped-def]
-    from trainer.storage import open_storage
-    from trainer.upload.uploader import CheckpointUploader
+def _uploader(settings):  # type: ignore[no-untyped-def]
+    from trainer.upload.uploader import checkpoint_uploader
 
-    storage = open_storage(settings["url"])
-    storage.check()
-    return CheckpointUploader(storage, settings["compression"], int(settings["workers"]), int(settings["retries"]),
-                              keep_remote=settings.get("keep_remote"))
+    uploader = checkpoint_uploader(settings)
+    uploader.storage.check()
+    return uploader
 
 
 def _rows(run_dir: Path) -> list[tuple[Path, object, dict]]:

@@ -36,6 +36,8 @@ def barrier() -> None:
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     import deepspeed.comm as dist
 
+    if dist.get_world_size() == 1:
+        return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -69,7 +71,7 @@ def on_main_then_share(fn: Callable[[], T], info: RankInfo) -> T:
             result = ("ok", fn())
         except UserError as exc:
             result = ("user_error", exc.message)
-    result = broadcast_object(result) if info.world_size > 1 else result
+    result = broadcast_object(result)
     if result[0] == "user_error":
         raise UserError(result[1], shared=True)
     return result[1]

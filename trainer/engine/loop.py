@@ -174,12 +174,10 @@ class Trainer:
             self.tracker.log_params({**flatten(public_config_dict(cfg)), "world_size": r.world_size, "zero_stage": self.stage})
             self.tracker.set_tags({"trainer.run_id": self.run_id, "trainer.config_hash": self.config_hash})
             self.tracker.log_artifact(self.run_root / "config.yaml", "config")
-        self.mlflow_run_id = dist.broadcast_object(getattr(self.tracker, "run_id", None)) if r.world_size > 1 else \
-            getattr(self.tracker, "run_id", None)
+        self.mlflow_run_id = dist.broadcast_object(getattr(self.tracker, "run_id", None))
         if cfg.upload.url and r.is_local_main:
-            u = cfg.upload
             node = NodeInfo(r.rank // r.local_world_size, max(1, r.world_size // r.local_world_size), r.local_world_size)
-            self.uploader = make_uploader(u.url, u.compression, u.workers, u.retries, u.background, u.queue_size, node, u.keep_remote)
+            self.uploader = make_uploader(cfg.upload, node)
         self.flops_per_token = self.task.flops_per_token(model)
         self.peak = peak_flops(accelerator_name()) if self._on_gpu() else None
 
@@ -296,9 +294,9 @@ class Trainer:
         else:
             log.warning("no RNG state for rank %d in %s; continuing with fresh RNG", self.ranks.rank, ckpt_dir)
         self.state = RunState.from_metadata(meta)
-        if meta.get("config_hash") != config_hash(self.cfg):
+        if meta.get("config_hash") != self.config_hash:
             log.warning("resuming %s saved with config hash %s; this config hashes to %s (training settings changed)",
-                        ckpt_dir.name, meta.get("config_hash"), config_hash(self.cfg))
+                        ckpt_dir.name, meta.get("config_hash"), self.config_hash)
         log.info("resumed from %s at step %d (run %s)", ckpt_dir, self.state.step, self.run_id)
 
     # ------------------------------------------------------------------------------------- loop
@@ -376,7 +374,8 @@ class Trainer:
             plot = plot_curves(s.loss_history, s.lr_history, self.run_root / "curves.png", f"run {self.run_id}")
             self.tracker.log_artifact(plot, "plots")
         self.tracker.finish("KILLED" if stopped else "FINISHED")
-        newest = self.store.committed()[-1].tag if self.store.committed() else "none"
+        committed = self.store.committed()
+        newest = committed[-1].tag if committed else "none"
         log.info("%s: %d steps in %.1f s, loss %.4f -> %.4f (best %.4f at step %s), %s tokens/s",
                  "stopped" if stopped else "done", steps, elapsed, first, s.last_loss or float("nan"),
                  s.best_loss or float("nan"), s.best_step, f"{tps:,.0f}")

@@ -24,12 +24,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from trainer.checkpoint.store import METADATA, atomic_write, read_metadata, tag_for
 from trainer.log import get_logger
 from trainer.upload.archive import SUFFIX, Compression, PartResult, plan_parts, write_part
 from trainer.storage import Storage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainer.config.schema import UploadConfig
 
 log = get_logger("upload")
 
@@ -410,9 +413,15 @@ class SyncUploader:
         return True
 
 
-def make_uploader(url: str, compression: Compression, workers: int, retries: int, background: bool, queue_size: int,
-                  node: NodeInfo, keep_remote: Optional[int] = None) -> "BackgroundUploader | SyncUploader":
+def checkpoint_uploader(u: "UploadConfig", node: NodeInfo = NodeInfo()) -> CheckpointUploader:
+    """The uploader for an `upload` config section (training and the CLI build it the same way)."""
     from trainer.storage import open_storage
 
-    uploader = CheckpointUploader(open_storage(url), compression, workers, retries, node, keep_remote=keep_remote)
-    return BackgroundUploader(uploader, queue_size, url=url) if background else SyncUploader(uploader)
+    assert u.url, "upload.url is required"
+    return CheckpointUploader(open_storage(u.url), u.compression, u.workers, u.retries, node, keep_remote=u.keep_remote)
+
+
+def make_uploader(u: "UploadConfig", node: NodeInfo) -> "BackgroundUploader | SyncUploader":
+    """The training loop's uploader: background (uploads in a child process) or synchronous."""
+    uploader = checkpoint_uploader(u, node)
+    return BackgroundUploader(uploader, u.queue_size, url=u.url) if u.background else SyncUploader(uploader)
