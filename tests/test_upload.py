@@ -103,15 +103,15 @@ def test_manifest_is_written_last_and_reupload_is_idempotent(backend, tmp_path: 
 
     storage.put_bytes = spy_put  # type: ignore[method-assign]
     seen_parts_before_manifest = []
-    real_writer = storage.writer
+    real_put_stream = storage.put_stream
 
-    def spy_writer(name: str):  # type: ignore[no-untyped-def]
+    def spy_put_stream(name: str, stream, size: int):  # type: ignore[no-untyped-def]
         if "/part-" in name:
             assert storage.get_bytes(f"run1/step-00000007/{MANIFEST}") is None, "manifest visible before all parts"
             seen_parts_before_manifest.append(name)
-        return real_writer(name)
+        return real_put_stream(name, stream, size)
 
-    storage.writer = spy_writer  # type: ignore[method-assign]
+    storage.put_stream = spy_put_stream  # type: ignore[method-assign]
     CheckpointUploader(storage, "none", workers=2).upload(ckpt)
     assert order == [f"run1/step-00000007/{MANIFEST}"] and len(seen_parts_before_manifest) == 2
     again = CheckpointUploader(storage, "none", workers=2).upload(ckpt)

@@ -29,11 +29,20 @@ class ObjectExists(Exception):
     """A create-only write found the object already there."""
 
 
+class DataMismatch(Exception):
+    """What storage holds is not what was sent."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     name: str
     size: int
     crc32c: Optional[str]  # base64 of the big-endian CRC32C, as GCS reports it
+
+
+def b64_crc(checksum) -> str:  # type: ignore[no-untyped-def]
+    """A google_crc32c.Checksum as GCS reports it: base64 of the big-endian CRC32C."""
+    return base64.b64encode(checksum.digest()).decode()
 
 
 def crc32c_of_file(path: Path, block: int = 8 * 1024 * 1024) -> str:
@@ -43,15 +52,22 @@ def crc32c_of_file(path: Path, block: int = 8 * 1024 * 1024) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(block):
             c.update(chunk)
-    return base64.b64encode(c.digest()).decode()
+    return b64_crc(c)
 
 
 class Storage(Protocol):
+    """Object storage under one URL prefix.
+
+    `put_stream` uploads a seekable stream of known size and returns the stored object's size and
+    CRC32C, checked against the bytes sent; `writer` takes a stream of unknown size (the caller
+    checks it with `stat`). Both are create-only: `ObjectExists` if the object is already there.
+    """
+
     url: str
-    verifies_writes: bool
 
     def check(self) -> None: ...
     def writer(self, name: str) -> contextlib.AbstractContextManager[BinaryIO]: ...
+    def put_stream(self, name: str, stream: BinaryIO, size: int) -> ObjectInfo: ...
     def put_bytes(self, name: str, data: bytes) -> None: ...
     def get_bytes(self, name: str) -> Optional[bytes]: ...
     def stat(self, name: str) -> Optional[ObjectInfo]: ...
@@ -112,8 +128,6 @@ class PipelinedWriter:
 class FileStorage:
     """`file:///path`: a folder (a mounted bucket, an NFS share, or a local test target)."""
 
-    verifies_writes = False  # callers checksum what they write and compare with stat()
-
     def __init__(self, url: str, root: Path):
         self.url = url
         self.root = root
@@ -146,6 +160,20 @@ class FileStorage:
             raise ObjectExists(self.display(name)) from None
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def put_stream(self, name: str, stream: BinaryIO, size: int) -> ObjectInfo:
+        import google_crc32c
+
+        crc, sent = google_crc32c.Checksum(), 0
+        with self.writer(name) as f:
+            while block := stream.read(8 * 1024 * 1024):
+                crc.update(block)
+                f.write(block)
+                sent += len(block)
+        info = self.stat(name)  # read back from the file system
+        if info is None or info.size != sent or info.crc32c != b64_crc(crc):
+            raise DataMismatch(f"{self.display(name)}: stored {info}, sent {sent} bytes crc32c {b64_crc(crc)}")
+        return info
 
     def put_bytes(self, name: str, data: bytes) -> None:
         with self.writer(name) as f:
@@ -182,10 +210,6 @@ class GCSStorage:
     Anonymous credentials are used only when STORAGE_EMULATOR_HOST points at a local emulator.
     """
 
-    # The client computes the CRC32C of every resumable upload and compares it with the server's
-    # when the upload is finalized (DataCorruption on a mismatch): stat() then reports a verified value.
-    verifies_writes = True
-
     def __init__(self, url: str, bucket: str, prefix: str, retry_deadline_s: float = 120.0):
         from google.cloud import storage
         from google.cloud.storage.retry import DEFAULT_RETRY
@@ -215,18 +239,13 @@ class GCSStorage:
         return f"gs://{self.bucket_name}/{self._key(name)}"
 
     def check(self) -> None:
-        from google.api_core import exceptions as gexc
-
+        """Can we list objects under the prefix? (objects.list: the permission uploads need, unlike
+        buckets.get, which least-privilege service accounts often lack.)"""
         try:
-            self.client.get_bucket(self.bucket_name, timeout=30, retry=self.retry.with_timeout(30))
-        except gexc.NotFound:
-            raise UserError(f"upload.url {self.url}: bucket {self.bucket_name!r} does not exist") from None
-        except gexc.Forbidden:
-            raise UserError(f"upload.url {self.url}: no permission to use bucket {self.bucket_name!r}") from None
-        except gexc.GoogleAPICallError as exc:
-            raise UserError(f"upload.url {self.url}: storage error {exc.code}: {exc.message}") from None
-        except Exception as exc:  # connection refused, DNS, timeouts
-            raise UserError(f"upload.url {self.url}: cannot reach the storage service ({type(exc).__name__})") from None
+            next(iter(self.client.list_blobs(self.bucket_name, prefix=self._key(""), max_results=1, timeout=30,
+                                             retry=self.retry.with_timeout(30))), None)
+        except Exception as exc:
+            raise UserError(f"upload.url {self.url}: {describe_error(exc, self.bucket_name)}") from None
 
     @contextlib.contextmanager
     def writer(self, name: str) -> Iterator[BinaryIO]:
@@ -249,6 +268,21 @@ class GCSStorage:
             f.close()
         except gexc.PreconditionFailed:
             raise ObjectExists(self.display(name)) from None
+
+    def put_stream(self, name: str, stream: BinaryIO, size: int) -> ObjectInfo:
+        """A resumable upload read straight from `stream` (seekable: a failed chunk is resent from the
+        server's offset). The client computes the CRC32C of what it sends and compares it with the
+        server's when the upload is finalized (DataCorruption on a mismatch)."""
+        from google.api_core import exceptions as gexc
+
+        blob = self.bucket.blob(self._key(name), chunk_size=CHUNK_BYTES)
+        try:
+            blob.upload_from_file(stream, size=size, if_generation_match=0, checksum="crc32c", retry=self.retry)
+        except gexc.PreconditionFailed:
+            raise ObjectExists(self.display(name)) from None
+        if blob.size is None or not blob.crc32c:  # the server's answer lacked them: ask
+            return self.stat(name) or ObjectInfo(name, -1, None)
+        return ObjectInfo(name, int(blob.size), blob.crc32c)
 
     def put_bytes(self, name: str, data: bytes) -> None:
         from google.api_core import exceptions as gexc
@@ -287,6 +321,27 @@ class GCSStorage:
 
     def download(self, name: str, dest: Path) -> None:
         self.bucket.blob(self._key(name)).download_to_filename(str(dest), checksum="crc32c", retry=self.retry)
+
+
+def describe_error(exc: BaseException, bucket: Optional[str] = None) -> str:
+    """One readable line for a storage failure (no credentials or tokens: exception texts only)."""
+    try:
+        from google.api_core import exceptions as gexc
+    except ImportError:  # pragma: no cover
+        gexc = None  # type: ignore[assignment]
+    if gexc is not None and isinstance(exc, gexc.RetryError) and exc.cause is not None:
+        return f"{describe_error(exc.cause, bucket)}, still failing after retries"
+    if gexc is not None and isinstance(exc, gexc.NotFound) and bucket:
+        return f"bucket {bucket!r} does not exist"
+    if gexc is not None and isinstance(exc, gexc.Forbidden):
+        return f"no permission ({exc.message})" if bucket is None else f"no permission to use bucket {bucket!r} ({exc.message})"
+    if gexc is not None and isinstance(exc, gexc.GoogleAPICallError):
+        return f"storage error {exc.code}: {exc.message}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    if type(exc).__module__.startswith(("requests", "urllib3", "google.auth")) or isinstance(exc, (ConnectionError, TimeoutError)):
+        return f"cannot reach the storage service ({type(exc).__name__})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def open_storage(url: str, retry_deadline_s: float = 120.0) -> Storage:

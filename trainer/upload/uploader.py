@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from trainer.checkpoint.store import METADATA, atomic_write, read_metadata, tag_for
 from trainer.log import get_logger
-from trainer.upload.archive import SUFFIX, Compression, PartResult, plan_parts, write_part
-from trainer.storage import Storage
+from trainer.upload.archive import SUFFIX, Compression, PartResult, TarStream, compress_into, plan_parts
+from trainer.storage import Storage, describe_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.config.schema import UploadConfig
@@ -147,7 +147,7 @@ class CheckpointUploader:
         try:
             ok, _, manifest = verify_remote(self.storage, prefix)
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"[:500]
+            reason = describe_error(exc)[:500]
             write_state(ckpt_dir, "failed", url=self.storage.display(prefix), error=reason, failed_at=utc_now())
             raise UploadFailed(f"{tag}: {reason}") from exc
         if ok and manifest is not None:
@@ -171,11 +171,11 @@ class CheckpointUploader:
         try:
             self._remove_stale_parts(prefix)
             names = [f"{self.node.part_prefix}-{i:03d}{SUFFIX[self.compression]}" for i in range(len(groups))]
-            with ThreadPoolExecutor(max_workers=max(1, len(groups)), thread_name_prefix="upload-part") as pool:
+            with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(groups))), thread_name_prefix="upload-part") as pool:
                 results = list(pool.map(lambda a: self._upload_part(ckpt_dir, prefix, a[0], a[1], progress), zip(names, groups)))
             manifest = self._publish(prefix, meta, results)
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"[:500]
+            reason = describe_error(exc)[:500]
             write_state(ckpt_dir, "failed", url=self.storage.display(prefix), bytes=total, error=reason, failed_at=utc_now())
             raise UploadFailed(f"{tag}: {reason}") from exc
         seconds = time.monotonic() - started
@@ -232,15 +232,18 @@ class CheckpointUploader:
                 time.sleep(delay)
                 self.storage.delete(key)
             try:
-                verified_by_client = self.storage.verifies_writes
-                with self.storage.writer(key) as sink:
-                    result = write_part(ckpt_dir, files, sink, self.compression, name, part_checksum=not verified_by_client)
-                info = self.storage.stat(key)
-                if verified_by_client and info is not None and info.crc32c:
-                    result.crc32c = info.crc32c  # equal to the client's own CRC32C of the bytes it sent
-                if info is None or info.size != result.size or (info.crc32c and info.crc32c != result.crc32c):
-                    raise UploadFailed(f"{self.storage.display(key)} does not match what was sent"
-                                       f" (sent {result.size} bytes crc32c {result.crc32c}, stored {info})")
+                with TarStream(ckpt_dir, files, name) as tar:
+                    if self.compression == "none":  # the backend checks what it stored against what it read
+                        info = self.storage.put_stream(key, tar, tar.size)  # type: ignore[arg-type]
+                        sent = (tar.size, info.crc32c)
+                    else:
+                        with self.storage.writer(key) as sink:
+                            sent = compress_into(tar, sink, self.compression)
+                        info = self.storage.stat(key)
+                    if info is None or info.size != sent[0] or (info.crc32c and info.crc32c != sent[1]):
+                        raise UploadFailed(f"{self.storage.display(key)} does not match what was sent"
+                                           f" (sent {sent[0]} bytes crc32c {sent[1]}, stored {info})")
+                    result = PartResult(name, info.size, info.crc32c or str(sent[1]), tar.entries())
                 if progress is not None:
                     progress(sum(size for _, size in files))
                 return result
