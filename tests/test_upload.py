@@ -293,3 +293,54 @@ def test_training_reads_shards_from_a_bucket(tiny_config: Path, tiny_shards: Pat
         assert r.returncode == 2 and "no .npy or .npz shards directly under gs://test-bucket/nothing-here" in r.stderr
     finally:
         emu.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """mount(size, read_only) -> a real tmpfs of that size; skipped where this process may not mount."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        opts = f"size={size}" + (",ro" if read_only else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_disk_full_at_the_destination_is_one_line_and_loses_nothing(tmp_path: Path, small_disk) -> None:
+    run_root = tmp_path / "runs" / "run1"
+    ckpt = fake_checkpoint(run_root, 3, size=3_000_000)
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    target = small_disk("1m")
+    r = run_cli("upload", "upload", str(run_root), "step-00000003", "--url", f"file://{target}/ckpts")
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "Traceback" not in r.stderr, r.stderr
+    state = read_state(ckpt)
+    assert state["state"] == "failed" and "No space left on device" in state["error"]
+    assert "retrying" not in r.stdout + r.stderr  # a full disk is not fixed by sending the same bytes again
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.name != "upload_state.json"} == before  # nothing lost
+    assert not [p for p in target.rglob("*") if p.is_file()]  # no partial part, no manifest
+    # Retention still keeps it: it is not uploaded.
+    from trainer.upload.uploader import is_uploaded
+
+    assert CheckpointStore(run_root).retention(keep_last=0, keep_best=False, deletable=is_uploaded) == []
+
+
+def test_read_only_destination_is_a_user_error_before_anything_is_written(tmp_path: Path, small_disk) -> None:
+    run_root = tmp_path / "runs" / "run1"
+    fake_checkpoint(run_root, 3)
+    target = small_disk("1m", read_only=True)
+    r = run_cli("upload-all", str(run_root), "--url", f"file://{target}")
+    assert r.returncode == 2 and r.stderr.strip() == f"error: upload.url file://{target}: {target} is not writable", r.stderr
+    assert not list(run_root.rglob("upload_state.json"))

@@ -344,6 +344,23 @@ def describe_error(exc: BaseException, bucket: Optional[str] = None) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def is_permanent(exc: BaseException) -> bool:
+    """Failures that sending the same bytes again will not fix: a full or read-only disk, a denied
+    permission, a missing bucket. Network errors and server restarts are worth another try."""
+    import errno
+
+    try:
+        from google.api_core import exceptions as gexc
+
+        if isinstance(exc, gexc.RetryError) and exc.cause is not None:
+            return is_permanent(exc.cause)
+        if isinstance(exc, (gexc.Forbidden, gexc.Unauthorized, gexc.NotFound)):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def open_storage(url: str, retry_deadline_s: float = 120.0) -> Storage:
     """The backend for an upload URL; `UserError` for a URL that is not file:// or gs://."""
     parsed = urlparse(url)

@@ -61,12 +61,16 @@ def plan_parts(files: list[tuple[str, int]], workers: int) -> list[list[tuple[st
     n = max(2 * workers, -(-total // MAX_PART_BYTES))
     n = min(n, max(1, total // MIN_PART_BYTES))
     n = max(1, min(max(n, workers), len(files)))
-    groups: list[list[tuple[str, int]]] = [[] for _ in range(n)]
-    loads = [0] * n
-    for path, size in sorted(files, key=lambda x: (-x[1], x[0])):
-        i = loads.index(min(loads))
-        groups[i].append((path, size))
-        loads[i] += size
+    while True:
+        groups: list[list[tuple[str, int]]] = [[] for _ in range(n)]
+        loads = [0] * n
+        for path, size in sorted(files, key=lambda x: (-x[1], x[0])):
+            i = loads.index(min(loads))
+            groups[i].append((path, size))
+            loads[i] += size
+        if n == len(files) or all(load <= MAX_PART_BYTES or len(g) == 1 for g, load in zip(groups, loads)):
+            break
+        n += 1
     order = sorted(range(n), key=lambda i: -loads[i])
     return [sorted(groups[i]) for i in order if groups[i]]
 

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from trainer.checkpoint.store import METADATA, atomic_write, read_metadata, tag_for
 from trainer.log import get_logger
 from trainer.upload.archive import SUFFIX, Compression, PartResult, TarStream, compress_into, plan_parts
-from trainer.storage import Storage, describe_error
+from trainer.storage import Storage, describe_error, is_permanent
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.config.schema import UploadConfig
@@ -171,11 +171,24 @@ class CheckpointUploader:
         try:
             self._remove_stale_parts(prefix)
             names = [f"{self.node.part_prefix}-{i:03d}{SUFFIX[self.compression]}" for i in range(len(groups))]
-            with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(groups))), thread_name_prefix="upload-part") as pool:
-                results = list(pool.map(lambda a: self._upload_part(ckpt_dir, prefix, a[0], a[1], progress), zip(names, groups)))
+            pool = ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(groups))), thread_name_prefix="upload-part")
+            try:  # the largest parts first; the first failure cancels the parts not yet started
+                futures = [pool.submit(self._upload_part, ckpt_dir, prefix, n, g, progress) for n, g in zip(names, groups)]
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    if f.exception() is not None:
+                        raise f.exception()  # type: ignore[misc]
+                results = [f.result() for f in futures]
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
             manifest = self._publish(prefix, meta, results)
         except Exception as exc:
             reason = describe_error(exc)[:500]
+            if is_permanent(exc):  # e.g. a full disk: free what the parts that did finish took (unreachable: the next try sweeps)
+                try:
+                    self._remove_stale_parts(prefix)
+                except Exception as cleanup_exc:
+                    log.warning("could not remove the parts of the failed upload: %s", describe_error(cleanup_exc))
             write_state(ckpt_dir, "failed", url=self.storage.display(prefix), bytes=total, error=reason, failed_at=utc_now())
             raise UploadFailed(f"{tag}: {reason}") from exc
         seconds = time.monotonic() - started
@@ -249,6 +262,8 @@ class CheckpointUploader:
                 return result
             except Exception as exc:  # network errors, server restarts, checksum mismatches: re-upload the part
                 last_exc = exc
+                if is_permanent(exc):
+                    break
         assert last_exc is not None
         raise last_exc
 
