@@ -104,7 +104,7 @@ class UploadConfig(Section):
     compression: Literal["none", "zstd", "gzip"] = "none"
     """Archive compression: weights barely compress (~1.08x), so `none` spends no CPU (see BENCHMARKS.md)."""
     workers: int = Field(default=4, ge=1, le=64)
-    """Parallel upload streams: a checkpoint's files are split into this many tar parts, one object each."""
+    """Parallel upload streams; a checkpoint's files go into about two tar parts per stream, one object each."""
     background: bool = True
     """Upload in a background thread (training never waits); false uploads synchronously after each save."""
     retries: int = Field(default=5, ge=0, le=100)
