@@ -1,7 +1,6 @@
 """Uploads against file:// and two real GCS emulators, with the real google-cloud-storage client."""
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -10,48 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, run_rank
+from conftest import crc32c_b64, fake_checkpoint, run_cli, run_rank
 from storage_servers import BUCKET, Emulator
 from trainer.checkpoint.store import CheckpointStore
 from trainer.storage import open_storage
 from trainer.upload.uploader import MANIFEST, CheckpointUploader, UploadFailed, read_state, verify_remote
-
-BACKENDS = ["file", "fake-gcs-server", "gcp-storage-emulator"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """(upload URL, emulator or None) with STORAGE_EMULATOR_HOST set for the GCS emulators."""
-    if request.param == "file":
-        monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
-        yield f"file://{tmp_path / 'bucket'}/ckpts", None
-        return
-    emu = Emulator(request.param, tmp_path / request.param).start()
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.url)
-    try:
-        yield f"gs://{BUCKET}/ckpts", emu
-    finally:
-        emu.stop()
-
-
-def fake_checkpoint(run_root: Path, step: int, world: int = 1, size: int = 300_000, loss: float = 1.0) -> Path:
-    """A committed checkpoint folder with DeepSpeed-like file names and random bytes."""
-    store = CheckpointStore(run_root)
-    d = store.path(f"step-{step:08d}")
-    d.mkdir(parents=True)
-    (d / "mp_rank_00_model_states.pt").write_bytes(os.urandom(size))
-    for r in range(world):
-        (d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(size // 2))
-        (d / f"rng_state_rank{r:05d}.pt").write_bytes(os.urandom(100))
-    store.commit(d.name, {"step": step, "tag": d.name, "run_id": run_root.name, "loss": loss, "world_size": world,
-                          "zero_stage": 2, "config_hash": "abc"}, {"config.yaml": "task: pretrain\n"})
-    return d
-
-
-def crc32c_b64(data: bytes) -> str:
-    import google_crc32c
-
-    return base64.b64encode(google_crc32c.Checksum(data).digest()).decode()
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd", "gzip"])
