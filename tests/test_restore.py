@@ -123,3 +123,42 @@ def test_a_member_the_manifest_does_not_name_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RestoreFailed, match="unexpected archive member 'metadata.json'"):
         restore(storage, "run1/step-00000010", raw, tmp_path / "vm2")
     shutil.rmtree(tmp_path / "vm1")
+
+
+def test_training_resumes_from_the_bucket_on_a_fresh_machine_exactly(tiny_config: Path, tmp_path: Path) -> None:
+    """4 steps uploaded, the machine lost, `--resume auto` on an empty run_dir continues to 8: the losses
+    and weights equal those of 8 uninterrupted steps, bit for bit."""
+    import yaml
+
+    from conftest import run_rank
+    from storage_servers import BUCKET, Emulator
+
+    emu = Emulator("fake-gcs-server", tmp_path / "emu").start()
+    env = {"STORAGE_EMULATOR_HOST": emu.url}
+    try:
+        cfg = yaml.safe_load(tiny_config.read_text())
+        cfg["train"].update({"max_steps": 8, "log_every": 1})
+        cfg["optim"]["decay_steps"] = 8
+        cfg["checkpoint"].update({"save_every": 4, "keep_last": 5})
+        cfg["upload"] = {"url": f"gs://{BUCKET}/ckpts", "workers": 2}
+        config = tmp_path / "run.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        straight, vm1, vm2 = tmp_path / "straight", tmp_path / "vm1", tmp_path / "vm2"
+        r = run_rank("--config", str(config), "--set", f"run_dir={straight}", "--set", "upload.url=null", env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        r = run_rank("--config", str(config), "--set", f"run_dir={vm1}", "--max-steps", "4", env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        shutil.rmtree(vm1)  # the VM is gone; only the bucket remains
+        r = run_rank("--config", str(config), "--set", f"run_dir={vm2}", "--resume", "auto", env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "restored" in r.stdout and "resumed from" in r.stdout and "at step 4" in r.stdout
+        (a,), (b,) = list(straight.glob("*/checkpoints/step-00000008")), list(vm2.glob("*/checkpoints/step-00000008"))
+        ma, mb = (json.loads((p / "metadata.json").read_text()) for p in (a, b))
+        assert [s for s, _ in mb["loss_history"]] == list(range(1, 9))
+        assert ma["loss_history"] == mb["loss_history"] and ma["lr_history"] == mb["lr_history"]
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        wa, wb = (get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name) for p in (a, b))
+        assert wa.keys() == wb.keys() and all(bool((wa[k] == wb[k]).all()) for k in wa)
+    finally:
+        emu.stop()

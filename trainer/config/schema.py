@@ -95,7 +95,9 @@ class CheckpointConfig(Section):
     keep_best: bool = True
     """Also keep the checkpoint with the lowest loss."""
     resume: Optional[str] = None
-    """`latest`, a tag (`step-00000100` or `RUN_ID/step-00000100`), or a checkpoint path."""
+    """`auto` (the newest local checkpoint of this task and model, else the newest complete one at
+    upload.url, downloaded and verified, else a fresh start), `latest` (local, required), a tag
+    (`step-00000100` or `RUN_ID/step-00000100`), or a checkpoint path. None: a fresh start."""
 
 
 class UploadConfig(Section):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.checkpoint.store import CheckpointStore, resolve_resume, tag_for
+from trainer.checkpoint.store import Checkpoint, CheckpointStore, is_committed, read_metadata, resolve_resume, tag_for
 from trainer.config.deepspeed import render_ds_config, uses_ds_optimizer, zero_stage
 from trainer.config.load import config_hash, config_to_dict, config_to_yaml, flatten, public_config_dict
 from trainer.config.schema import RunConfig
@@ -27,7 +27,8 @@ from trainer.ranks import rank_info
 from trainer.tracking.mlflow_tracker import make_tracker
 from trainer.tracking.plots import plot_curves
 from trainer.storage import open_storage
-from trainer.upload.uploader import NodeInfo, is_uploaded, make_uploader
+from trainer.upload.restore import restore, restore_newest
+from trainer.upload.uploader import MANIFEST, NodeInfo, is_uploaded, make_uploader, remote_prefix
 from trainer.upload.uploader import read_state as read_upload_state
 
 log = get_logger("engine")
@@ -112,6 +113,12 @@ class Trainer:
         """On rank 0: which checkpoint to resume (if any) and the run id. Shared with all ranks."""
         model = config_to_dict(self.cfg)["model"]
         ckpt = resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume, task=self.cfg.task, model=model)
+        restored = None
+        if ckpt is None and self.cfg.checkpoint.resume == "auto" and self.cfg.upload.url:
+            log.info("no local checkpoint: looking for the newest complete one in %s", redact(self.cfg.upload.url))
+            path = restore_newest(open_storage(self.cfg.upload.url), self.cfg.run_dir, self.cfg.task, model)
+            if path is not None:
+                ckpt, restored = Checkpoint(path, read_metadata(path)), remote_prefix(read_metadata(path))
         if ckpt is None:
             return {"run_id": self.cfg.run_id or new_run_id(), "resume": None, "metadata": None}
         ckpt.check_resumable(str(self.cfg.checkpoint.resume), self.ranks.world_size, self.cfg.task, self.cfg.train.max_steps, model)
@@ -123,7 +130,15 @@ class Trainer:
                         ", ".join(newer), run_id)
             meta["mlflow_run_id"] = None
             return {"run_id": run_id, "resume": str(ckpt.path), "metadata": meta, "branched_from": str(ckpt.path)}
-        return {"run_id": ckpt.run_id, "resume": str(ckpt.path), "metadata": meta}
+        return {"run_id": ckpt.run_id, "resume": str(ckpt.path), "metadata": meta, "restored": restored}
+
+    def _restore_on_this_node(self, decision: dict) -> None:
+        """Nodes without a shared filesystem: each node's first rank fetches the checkpoint rank 0 chose."""
+        if decision.get("restored") and self.ranks.is_local_main and not is_committed(Path(decision["resume"])):
+            storage = open_storage(self.cfg.upload.url)  # type: ignore[arg-type]
+            manifest = json.loads(storage.get_bytes(f"{decision['restored']}/{MANIFEST}") or b"{}")
+            restore(storage, decision["restored"], manifest, self.cfg.run_dir)
+        dist.barrier()
 
     def setup(self) -> None:
         import deepspeed
@@ -139,6 +154,7 @@ class Trainer:
         if cfg.upload.url:
             dist.on_main_then_share(lambda: open_storage(cfg.upload.url).check(), r)
         decision = dist.on_main_then_share(self._decide_run, r)
+        self._restore_on_this_node(decision)
         self.run_id = decision["run_id"]
         self.branched_from = decision.get("branched_from")
         self.run_root = Path(cfg.run_dir) / self.run_id
