@@ -111,3 +111,31 @@ def test_sigterm_saves_marks_killed_and_exits_75(tiny_config: Path, tmp_path: Pa
 
     run = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}").get_run(meta["mlflow_run_id"])
     assert run.info.status == "KILLED"
+
+
+def test_sigterm_without_time_for_a_save_skips_it_and_says_so(tiny_config: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from trainer.launcher.command import free_port
+
+    run_dir = tmp_path / "runs"
+    cfg = _cfg(tiny_config, train={"max_steps": 100000, "log_every": 1}, checkpoint={"save_every": 5, "keep_last": 5},
+               preemption={"grace_s": 1.0, "exit_reserve_s": 1.0})
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    seen = ""
+    while "step 12/" not in seen and time.monotonic() < deadline:  # two scheduled saves measured
+        seen += proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, seen + out
+    assert "not saving at step" in out and "newest committed checkpoint: step 10" in out, out
+    metas = [json.loads(p.read_text()) for p in run_dir.glob("*/checkpoints/step-*/metadata.json")]
+    assert sorted(m["step"] for m in metas) == [5, 10] and {m["reason"] for m in metas} == {"scheduled"}

@@ -306,3 +306,25 @@ def test_read_only_destination_is_a_user_error_before_anything_is_written(tmp_pa
     r = run_cli("upload-all", str(run_root), "--url", f"file://{target}")
     assert r.returncode == 2 and r.stderr.strip() == f"error: upload.url file://{target}: {target} is not writable", r.stderr
     assert not list(run_root.rglob("upload_state.json"))
+
+
+def test_drain_before_a_deadline_takes_the_newest_first(tmp_path: Path) -> None:
+    """An older upload in flight is set aside for the newest checkpoint, then finished after it."""
+    import time
+
+    from trainer.upload.uploader import BackgroundUploader
+
+    run_root = tmp_path / "runs" / "run1"
+    ckpts = [fake_checkpoint(run_root, step, size=size) for step, size in ((1, 150_000_000), (2, 1_000_000), (3, 1_000_000))]
+    storage = open_storage(f"file://{tmp_path / 'bucket'}")
+    bg = BackgroundUploader(CheckpointUploader(storage, "none", workers=2), url=storage.url)
+    for c in ckpts:
+        bg.submit(c)
+    deadline = time.monotonic() + 30
+    while bg._child is None and time.monotonic() < deadline:  # the oldest one's upload process is running
+        time.sleep(0.01)
+    assert bg.pending()[0] == ckpts[0]
+    bg.prioritize_newest()
+    assert bg.close(timeout=120)
+    assert list(bg.results) == ["step-00000003", "step-00000002", "step-00000001"]  # completion order
+    assert all(read_state(c)["state"] == "uploaded" and verify_remote(storage, f"run1/{c.name}")[0] for c in ckpts)

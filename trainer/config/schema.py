@@ -133,6 +133,15 @@ class UploadConfig(Section):
         return self
 
 
+class PreemptionConfig(Section):
+    grace_s: float = Field(default=25.0, gt=0, le=3600)
+    """Seconds from the first SIGTERM/SIGINT to exit (preemptible VMs get 30 s before a hard stop): the
+    emergency save happens if the recent saves say it fits, then uploads drain, newest first, until
+    the deadline."""
+    exit_reserve_s: float = Field(default=2.0, ge=0)
+    """Seconds of the grace kept for leaving (tracking, process teardown) after the upload drain."""
+
+
 class TrackingConfig(Section):
     enabled: bool = True
     """Log params, metrics and artifacts to MLflow (rank 0)."""
@@ -170,6 +179,8 @@ class RunConfig(Section):
     """Checkpointing and resume."""
     upload: UploadConfig = Field(default_factory=UploadConfig)
     """Checkpoint uploads."""
+    preemption: PreemptionConfig = Field(default_factory=PreemptionConfig)
+    """What a stop signal does within the grace period."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """MLflow experiment tracking."""
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)

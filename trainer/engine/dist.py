@@ -45,12 +45,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few floats over all ranks (one small collective)."""
+    return _all_reduce(values, "SUM")
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """The largest value of each float over all ranks (one small collective)."""
+    return _all_reduce(values, "MAX")
+
+
+def _all_reduce(values: list[float], op: str) -> list[float]:
     import torch
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
 
     t = torch.tensor(values, dtype=torch.float64, device=get_accelerator().current_device_name())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.tolist()
 
 

@@ -1,6 +1,7 @@
 """The training loop around a DeepSpeed engine. It runs any `Task` and knows no model or dataset."""
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import json
 import math
@@ -107,6 +108,8 @@ class Trainer:
         self.tracker: Any = None
         self.engine: Any = None
         self.uploader: Any = None
+        self.save_seconds: collections.deque[float] = collections.deque(maxlen=3)  # the recent saves, for the grace budget
+        self.stop_deadline: Optional[float] = None  # monotonic time by which a stopped job must have left
 
     # ----------------------------------------------------------------------------------- setup
     def _decide_run(self) -> dict:
@@ -239,8 +242,27 @@ class Trainer:
             self._retention()
         dist.barrier()
         self.state.last_saved_step = step
-        log.info("saved checkpoint %s (%s) in %.1f s", self.store.path(tag), reason, time.perf_counter() - t0)
+        self.save_seconds.append(time.perf_counter() - t0)
+        log.info("saved checkpoint %s (%s) in %.1f s", self.store.path(tag), reason, self.save_seconds[-1])
         return self.store.path(tag)
+
+    def _emergency_save_fits(self) -> bool:
+        """At the agreed stop step: does a save fit in what is left of the grace period? Collective.
+
+        The clock starts at the earliest signal any rank received; a save is expected to take as
+        long as the slowest of the recent ones (unknown before the first: then it is tried).
+        """
+        p = self.cfg.preemption
+        elapsed = dist.all_reduce_max([self.stop.elapsed()])[0]
+        self.stop_deadline = time.monotonic() + p.grace_s - elapsed
+        left = self.stop_deadline - time.monotonic() - p.exit_reserve_s
+        need = max(self.save_seconds, default=0.0)
+        fits = bool(dist.broadcast_object(left >= 1.2 * need))
+        if not fits:
+            last = f"step {self.state.last_saved_step}" if self.state.last_saved_step is not None else "none"
+            log.warning("not saving at step %d: %.1f s of the %.0f s grace left, a save takes ~%.1f s (newest committed"
+                        " checkpoint: %s)", self.state.step, left, p.grace_s, need, last)
+        return fits
 
     def _retention(self) -> None:
         self.store.retention(self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best,
@@ -250,12 +272,22 @@ class Trainer:
         """Wait for queued uploads (bounded), then report where every checkpoint is."""
         if self.uploader is None:
             return
+        p = self.cfg.preemption
+        if stopped:
+            self.uploader.prioritize_newest()
+            assert self.stop_deadline is not None
+            timeout = max(0.0, self.stop_deadline - time.monotonic() - p.exit_reserve_s)
+        else:
+            timeout = self.cfg.upload.drain_timeout_s
         waiting = self.uploader.pending()
         if waiting:
-            log.info("waiting for %d checkpoint upload(s) to finish: %s", len(waiting), ", ".join(p.name for p in waiting))
-        timeout = min(self.cfg.upload.drain_timeout_s, 20.0) if stopped else self.cfg.upload.drain_timeout_s
-        if not self.uploader.close(timeout, abort=lambda: self.stop.urgent):
-            log.warning("uploads did not finish within %.0f s", timeout)
+            log.info("waiting up to %.0f s for %d checkpoint upload(s): %s", timeout, len(waiting), ", ".join(x.name for x in waiting))
+
+        def give_up() -> bool:  # a second signal; or a first one during the final drain, once its grace is spent
+            return self.stop.urgent or (self.stop.is_set() and self.stop.elapsed() > p.grace_s - p.exit_reserve_s)
+
+        if not self.uploader.close(timeout, abort=give_up):
+            log.warning("stopped waiting for uploads: %s", "a second signal" if self.stop.urgent else "the time is up")
         self._retention()
         for c in self.store.committed():
             st = read_upload_state(c.path)
@@ -328,13 +360,14 @@ class Trainer:
             self.train_step(window)
             last = s.step == cfg.train.max_steps
             stopped = dist.any_rank(self.stop.is_set()) and not last  # a stop on the last step is just the end
-            save = last or stopped or s.step % cfg.checkpoint.save_every == 0
+            save = self._emergency_save_fits() if stopped else last or s.step % cfg.checkpoint.save_every == 0
             if save or s.step % cfg.train.log_every == 0:
                 self._log_window(window, lr, tokens_per_step)
             if save:
                 self._save("preemption" if stopped else "final" if last else "scheduled")
             if stopped:
-                log.warning("stop requested (%s): stopped at step %d after saving", self.stop.signal_name, s.step)
+                log.warning("stop requested (%s): stopped at step %d%s", self.stop.signal_name, s.step,
+                            " after saving" if save else "")
                 break
         self._drain_uploads(stopped)
         if stopped:

@@ -46,6 +46,10 @@ class StopFlag:
     def is_set(self) -> bool:
         return self._event.is_set()
 
+    def elapsed(self) -> float:
+        """Seconds since the first stop request (0 if none reached this process)."""
+        return 0.0 if self.first_at is None else time.monotonic() - self.first_at
+
     @property
     def urgent(self) -> bool:
         """A second signal: stop waiting for anything."""

@@ -322,6 +322,7 @@ class BackgroundUploader:
         self._waiting: collections.deque[Path] = collections.deque()
         self._cond = threading.Condition()
         self._in_flight: Optional[Path] = None
+        self._requeue: Optional[Path] = None  # an upload stopped to let a newer one go first
         self._closed = False
         self.results: dict[str, str] = {}
         self._thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
@@ -340,6 +341,17 @@ class BackgroundUploader:
     def pending(self) -> list[Path]:
         with self._cond:
             return ([self._in_flight] if self._in_flight else []) + list(self._waiting)
+
+    def prioritize_newest(self) -> None:
+        """Before a deadline: the newest checkpoint first. An older upload in flight is stopped and
+        queued again behind the newer ones (its parts have no manifest: nothing half-visible)."""
+        with self._cond:
+            self._waiting = collections.deque(sorted(self._waiting, key=lambda p: p.name, reverse=True))
+            in_flight, child = self._in_flight, self._child
+            if in_flight is not None and self._waiting and self._waiting[0].name > in_flight.name and child is not None:
+                self._requeue = in_flight
+                child.kill()
+                log.info("upload of %s set aside for the newer %s", in_flight.name, self._waiting[0].name)
 
     def drain(self, timeout: Optional[float] = None, abort: Optional[Callable[[], bool]] = None) -> bool:
         """Wait until everything queued is uploaded (or failed); False if the timeout or `abort()` came first."""
@@ -394,6 +406,12 @@ class BackgroundUploader:
                 if (job / METADATA).exists():
                     self.results[job.name] = self._upload(job)
             except UploadFailed as exc:
+                if self._requeue == job:  # set aside by prioritize_newest: back in line, not failed
+                    with self._cond:
+                        self._requeue = None
+                        self._waiting.append(job)
+                    write_state(job, "pending", queued_at=utc_now())
+                    continue
                 self.results[job.name] = "failed"
                 log.error("upload failed after %d attempts: %s (the checkpoint stays local; `trainer upload-all` retries)",
                           self.uploader.retries + 1, exc)
@@ -423,6 +441,9 @@ class SyncUploader:
 
     def pending(self) -> list[Path]:
         return []
+
+    def prioritize_newest(self) -> None:
+        pass
 
     def drain(self, timeout: Optional[float] = None, abort: Optional[Callable[[], bool]] = None) -> bool:
         return True
