@@ -6,6 +6,10 @@ EXIT_BUG = 1
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with state saved; run the same command again
 
+# `trainer train` names a file here; rank 0 writes its exit code into it. DeepSpeed's launchers do not
+# always pass a rank's code up (the runner dies of SIGTERM; the per-node launcher exits 1 when signalled).
+STATUS_FILE_ENV = "TRAINER_STATUS_FILE"
+
 
 class UserError(Exception):
     """A mistake in the user's input (config, hostfile, shards, CLI arguments).

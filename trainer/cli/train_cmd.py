@@ -74,7 +74,7 @@ def train(
         if not _has_gpu():
             env.setdefault("DS_ACCELERATOR", "cpu")
             env.setdefault("OMP_NUM_THREADS", "1")
-        return run_process_group(cmd, env)
+        return run_process_group(cmd, env, cfg.preemption.grace_s)
     finally:
         if tmp is not None:
             Path(tmp.name).unlink(missing_ok=True)

@@ -9,9 +9,10 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Optional, Sequence
 
-from trainer.errors import EXIT_BUG, EXIT_USER_ERROR, UserError
+from trainer.errors import EXIT_BUG, EXIT_USER_ERROR, STATUS_FILE_ENV, UserError
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -27,6 +28,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    code = _main(argv)
+    status = os.environ.get(STATUS_FILE_ENV)
+    if status and int(os.environ.get("RANK", "0")) == 0:
+        try:
+            Path(status).write_text(f"{code}\n")
+        except OSError:
+            pass
+    return code
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = parse_args(argv)
     if args.local_rank is not None:

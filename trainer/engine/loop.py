@@ -20,7 +20,7 @@ from trainer.config.schema import RunConfig
 from trainer.engine import dist
 from trainer.engine.metrics import accelerator_name, mfu, peak_flops, system_info
 from trainer.engine.optim import optimizer_factory, param_groups, reapply_schedule, scheduler_factory
-from trainer.engine.signals import StopFlag
+from trainer.engine.signals import StopFlag, watch_launchers
 from trainer.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from trainer.tasks.base import Task
 from trainer.log import add_log_file, get_logger, redact
@@ -147,6 +147,7 @@ class Trainer:
         import deepspeed
 
         self.stop.install()  # from here on a signal stops the job at the next step boundary
+        watch_launchers(self.stop)  # ... and so does the loss of the launcher (its runner forwards no signal)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         dist.init_distributed()
         cfg, r = self.cfg, self.ranks

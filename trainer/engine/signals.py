@@ -54,3 +54,48 @@ class StopFlag:
     def urgent(self) -> bool:
         """A second signal: stop waiting for anything."""
         return self.signals >= 2
+
+
+def _is_deepspeed_launcher(proc: "object") -> bool:
+    try:
+        cmd = proc.cmdline()  # type: ignore[attr-defined]
+    except Exception:
+        return False
+    head = " ".join(cmd[:4])
+    return "deepspeed.launcher" in head or any(os.path.basename(a) == "deepspeed" for a in cmd[:2])
+
+
+def watch_launchers(stop: StopFlag, interval_s: float = 0.5) -> Optional[threading.Thread]:
+    """Treat the end of this rank's DeepSpeed launcher or runner as a stop request.
+
+    DeepSpeed's runner has no signal handler: a SIGTERM kills it and its ranks train on,
+    orphaned. A thread polls the launcher processes above this rank; when one is gone (or a
+    zombie), the rank asks to stop, the ranks agree on the step, save and exit as after a signal.
+    """
+    import psutil
+
+    try:
+        watched = [p for p in psutil.Process().parents() if _is_deepspeed_launcher(p)]
+    except psutil.Error:
+        return None
+    if not watched:
+        return None
+
+    def gone(p: "psutil.Process") -> bool:
+        try:
+            return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    def run() -> None:
+        while not stop.is_set():
+            for p in watched:
+                if gone(p):
+                    log.warning("the DeepSpeed launcher (pid %d) is gone: stopping", p.pid)
+                    stop.request("launcher gone")
+                    return
+            time.sleep(interval_s)
+
+    t = threading.Thread(target=run, name="launcher-watch", daemon=True)
+    t.start()
+    return t

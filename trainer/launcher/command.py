@@ -6,10 +6,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from trainer.errors import STATUS_FILE_ENV
 from trainer.launcher.hostfile import is_local
 
 REPO_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "train.py"
@@ -75,15 +77,20 @@ def worker_processes(root_pid: int) -> list:
     return out
 
 
-def run_process_group(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the launcher in its own session and return its exit code; SIGINT/SIGTERM go to the ranks.
+def run_process_group(cmd: list[str], env: dict[str, str], grace_s: float = 25.0) -> int:
+    """Run the launcher in its own session and return the job's exit code; SIGINT/SIGTERM go to the ranks.
 
     The signal is sent to the training ranks themselves: they agree on a stop step, save and exit
-    with 75, which DeepSpeed's per-node launcher and runner pass back up. Signalling the runner or
-    the per-node launcher instead would kill the job (the runner has no handler; the launcher
-    SIGKILLs its ranks 30 s later). Before any rank exists the whole group gets the signal.
+    with 75. Signalling the runner or the per-node launcher instead would kill the job (the runner
+    has no handler; the launcher SIGKILLs its ranks 30 s later). Before any rank exists the whole
+    group gets the signal. If the runner dies first (a signal that reached it directly), the ranks
+    notice and stop on their own: the wrapper waits for them. The exit code is the one rank 0
+    reported (DeepSpeed's launchers do not always pass it up), else the runner's.
     """
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    fd, status = tempfile.mkstemp(prefix="trainer-status-")
+    os.close(fd)
+    os.unlink(status)  # rank 0 creates it when it exits
+    proc = subprocess.Popen(cmd, env={**env, STATUS_FILE_ENV: status}, start_new_session=True)
 
     def forward(signum: int, frame: object) -> None:
         workers = worker_processes(proc.pid)
@@ -99,7 +106,39 @@ def run_process_group(cmd: list[str], env: dict[str, str]) -> int:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = proc.wait()
+        _wait_for_group(proc.pid, grace_s + 10)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return 128 - code if code < 0 else code
+    try:
+        return int(Path(status).read_text())
+    except (OSError, ValueError):
+        return 128 - code if code < 0 else code
+    finally:
+        Path(status).unlink(missing_ok=True)
+
+
+def _wait_for_group(pgid: int, timeout_s: float) -> None:
+    """Wait for the processes left in the launcher's process group (ranks still saving after the
+    runner died); past the timeout they are killed."""
+    import psutil
+
+    def members() -> list:
+        out = []
+        for p in psutil.process_iter():
+            try:
+                if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except (OSError, psutil.Error):
+                pass
+        return out
+
+    left = members()
+    if not left:
+        return
+    gone, alive = psutil.wait_procs(left, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
