@@ -139,3 +139,49 @@ def test_sigterm_without_time_for_a_save_skips_it_and_says_so(tiny_config: Path,
     assert "not saving at step" in out and "newest committed checkpoint: step 10" in out, out
     metas = [json.loads(p.read_text()) for p in run_dir.glob("*/checkpoints/step-*/metadata.json")]
     assert sorted(m["step"] for m in metas) == [5, 10] and {m["reason"] for m in metas} == {"scheduled"}
+
+
+def test_sigkill_mid_save_leaves_the_previous_checkpoint_to_resume(tiny_config: Path, tmp_path: Path) -> None:
+    """A hard stop in the middle of a save: the half-written folder is never listed, the next start removes
+    it and resumes from the previous committed checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from trainer.checkpoint.store import CheckpointStore, resolve_resume
+    from trainer.launcher.command import free_port
+
+    run_dir = tmp_path / "runs"
+    # A larger vocabulary makes each save take long enough (~0.3 s) to be caught in the middle.
+    cfg = _cfg(tiny_config, model={"vocab_size": 100_000}, train={"max_steps": 100000, "log_every": 1, "micro_batch_size": 1},
+               checkpoint={"save_every": 3, "keep_last": 10})
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = None
+    deadline = time.monotonic() + 300
+    try:
+        while victim is None and time.monotonic() < deadline and proc.poll() is None:
+            for meta in run_dir.glob("*/checkpoints/step-00000003/metadata.json"):  # one committed checkpoint first
+                folder = meta.parent.parent / "step-00000006"
+                while time.monotonic() < deadline and not (folder.is_dir() and any(folder.iterdir())):
+                    time.sleep(0.001)
+                os.kill(proc.pid, signal.SIGKILL)  # DeepSpeed is writing step 6
+                victim = folder
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert victim is not None and victim.is_dir()
+    assert not (victim / "metadata.json").exists(), "the kill came after the commit: the save was too fast to catch"
+    run_root = victim.parent.parent
+    assert [c.tag for c in CheckpointStore(run_root).committed()] == ["step-00000003"]
+    assert resolve_resume(run_dir, "latest").tag == "step-00000003"
+    r = run_rank("--config", str(cfg), "--resume", "latest", "--max-steps", "4")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "removed partial checkpoint" in r.stdout + r.stderr and "at step 3" in r.stdout
+    assert not victim.exists()
+    assert [c.tag for c in CheckpointStore(run_root).committed()] == ["step-00000003", "step-00000004"]
