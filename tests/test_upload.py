@@ -328,3 +328,48 @@ def test_drain_before_a_deadline_takes_the_newest_first(tmp_path: Path) -> None:
     assert bg.close(timeout=120)
     assert list(bg.results) == ["step-00000003", "step-00000002", "step-00000001"]  # completion order
     assert all(read_state(c)["state"] == "uploaded" and verify_remote(storage, f"run1/{c.name}")[0] for c in ckpts)
+
+
+def test_storage_killed_during_the_drain_exit_by_the_deadline_naming_local_checkpoints(tiny_config: Path, tmp_path: Path) -> None:
+    """SIGTERM while an upload runs, and the storage server dies too: the job still leaves within the
+    grace period, exit 75, and says which checkpoints exist only on this machine."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from conftest import REPO
+    from trainer.launcher.command import free_port
+
+    emu = Emulator("gcp-storage-emulator", tmp_path / "emu").start()
+    try:
+        cfg = yaml.safe_load(tiny_config.read_text())
+        cfg["model"] = {"vocab_size": 100_000}  # ~150 MB checkpoints: uploads take a while
+        cfg["train"].update({"max_steps": 100000, "log_every": 1, "micro_batch_size": 1})
+        cfg["checkpoint"].update({"save_every": 3, "keep_last": 10})
+        cfg["upload"] = {"url": f"gs://{BUCKET}/ckpts", "workers": 2}
+        cfg["preemption"] = {"grace_s": 8, "exit_reserve_s": 1}
+        tiny_config.write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "STORAGE_EMULATOR_HOST": emu.url, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(tiny_config)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen, deadline = "", time.monotonic() + 300
+        while "uploading step-00000003" not in seen and time.monotonic() < deadline and proc.poll() is None:
+            seen += proc.stdout.readline()
+        emu.stop()  # the storage is gone mid-upload...
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # ...and the VM is being preempted
+        out, _ = proc.communicate(timeout=120)
+        elapsed = time.monotonic() - t0
+        assert proc.returncode == 75, (seen + out)[-4000:]
+        assert elapsed < 8 + 2, elapsed  # the grace, plus process teardown
+        local = [line for line in out.splitlines() if "still local" in line]
+        assert any("checkpoint step-00000004: upload interrupted, still local (" in line for line in local), out[-3000:]
+        metas = sorted((tmp_path / "runs").glob("*/checkpoints/step-*/metadata.json"))
+        assert len(local) == len(metas) >= 2  # every committed checkpoint is accounted for, with its path
+        assert all(str(m.parent) in "\n".join(local) for m in metas)
+    finally:
+        emu.stop()

@@ -292,10 +292,12 @@ class Trainer:
         self._retention()
         for c in self.store.committed():
             st = read_upload_state(c.path)
-            where = st.get("url", "") if st["state"] == "uploaded" else str(c.path)
-            log.info("checkpoint %s: %s%s", c.tag, {"uploaded": "uploaded", "failed": "upload FAILED, still local",
-                                                     "local": "local only"}.get(st["state"], f"{st['state']}, still local"),
-                     f" ({where})" if where else "")
+            if st["state"] == "uploaded":
+                log.info("checkpoint %s: uploaded (%s)", c.tag, st.get("url", ""))
+                continue
+            what = {"failed": "upload interrupted" if str(st.get("error", "")).startswith("interrupted") else "upload FAILED",
+                    "local": "not uploaded"}.get(st["state"], st["state"])
+            log.warning("checkpoint %s: %s, still local (%s)", c.tag, what, c.path)
 
     def _metadata(self, reason: str) -> dict:
         s = self.state

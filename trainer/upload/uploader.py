@@ -365,16 +365,18 @@ class BackgroundUploader:
         return True
 
     def close(self, timeout: Optional[float] = None, abort: Optional[Callable[[], bool]] = None) -> bool:
+        """Drain (bounded), then stop: an upload still running is killed (its parts have no manifest, so
+        nothing half-written is visible) and what never finished is marked failed; nothing starts later."""
         done = self.drain(timeout, abort)
-        if not done:
-            child = self._child
-            if child is not None and child.poll() is None:
-                child.kill()  # abandoned: its parts have no manifest, so nothing half-written is visible
-            for p in self.pending():
-                write_state(p, "failed", error="interrupted: the job ended before this upload finished", failed_at=utc_now())
         with self._cond:
             self._closed = True
+            abandoned = ([self._in_flight] if self._in_flight else []) + list(self._waiting)
+            self._waiting.clear()
+            if self._child is not None and self._child.poll() is None:
+                self._child.kill()
             self._cond.notify_all()
+        for p in abandoned:
+            write_state(p, "failed", error="interrupted: the job ended before this upload finished", failed_at=utc_now())
         self._thread.join(timeout=5)
         return done
 
@@ -386,9 +388,13 @@ class BackgroundUploader:
                "--workers", str(u.workers), "--retries", str(u.retries), "--node", f"{n.node_rank},{n.num_nodes},{n.ranks_per_node}"]
         if u.keep_remote:
             cmd += ["--keep-remote", str(u.keep_remote)]
-        self._child = subprocess.Popen(cmd, start_new_session=True)
-        code = self._child.wait()
-        self._child = None
+        with self._cond:
+            if self._closed:  # close() came first: start nothing
+                raise UploadFailed(f"{job.name}: interrupted before it started")
+            child = self._child = subprocess.Popen(cmd, start_new_session=True)
+        code = child.wait()
+        with self._cond:
+            self._child = None
         state = read_state(job)
         if code != 0 or state.get("state") != "uploaded":
             raise UploadFailed(f"{job.name}: {state.get('error') or f'upload process exited with {code}'}")
@@ -413,8 +419,12 @@ class BackgroundUploader:
                     write_state(job, "pending", queued_at=utc_now())
                     continue
                 self.results[job.name] = "failed"
-                log.error("upload failed after %d attempts: %s (the checkpoint stays local; `trainer upload-all` retries)",
-                          self.uploader.retries + 1, exc)
+                if self._closed:
+                    log.warning("upload of %s interrupted: the job is ending (the checkpoint stays local; `trainer"
+                                " upload-all` uploads it)", job.name)
+                else:
+                    log.error("upload failed after %d attempts: %s (the checkpoint stays local; `trainer upload-all`"
+                              " retries)", self.uploader.retries + 1, exc)
             except Exception:
                 self.results[job.name] = "failed"
                 log.exception("upload of %s crashed", job.name)
