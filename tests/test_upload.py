@@ -373,3 +373,24 @@ def test_storage_killed_during_the_drain_exit_by_the_deadline_naming_local_check
         assert all(str(m.parent) in "\n".join(local) for m in metas)
     finally:
         emu.stop()
+
+
+def test_a_restart_uploads_what_a_hard_stop_left_local(tiny_config: Path, tmp_path: Path) -> None:
+    """An upload cut short (the VM hard-stopped mid-upload) is taken up by the next start of the job."""
+    import yaml
+
+    cfg = yaml.safe_load(tiny_config.read_text())
+    cfg["train"].update({"max_steps": 4, "log_every": 2})
+    cfg["checkpoint"].update({"save_every": 4, "keep_last": 5})
+    tiny_config.write_text(yaml.safe_dump(cfg))
+    r = run_rank("--config", str(tiny_config))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (ckpt,) = (tmp_path / "runs").glob("*/checkpoints/step-00000004")
+    (ckpt / "upload_state.json").write_text('{"state": "uploading"}')  # what a kill mid-upload leaves
+    bucket = tmp_path / "bucket"
+    r = run_rank("--config", str(tiny_config), "--resume", "latest", "--max-steps", "6", "--set", f"upload.url=file://{bucket}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "step-00000004 was never uploaded completely: queued again" in r.stdout
+    storage = open_storage(f"file://{bucket}")
+    for tag in ("step-00000004", "step-00000006"):
+        assert verify_remote(storage, f"{ckpt.parent.parent.name}/{tag}")[0], tag

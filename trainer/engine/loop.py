@@ -198,6 +198,10 @@ class Trainer:
         if cfg.upload.url and r.is_local_main:
             node = NodeInfo(r.rank // r.local_world_size, max(1, r.world_size // r.local_world_size), r.local_world_size)
             self.uploader = make_uploader(cfg.upload, node)
+            for c in self.store.committed():  # uploads a hard stop cut short (or that failed) go first
+                if not is_uploaded(c.path):
+                    log.info("%s was never uploaded completely: queued again", c.tag)
+                    self.uploader.submit(c.path)
         self.flops_per_token = self.task.flops_per_token(model)
         self.peak = peak_flops(accelerator_name()) if self._on_gpu() else None
 
