@@ -24,7 +24,7 @@ data/tiny_shards/shard_00000.npy: tools/make_synthetic_shards.py | setup
 
 # 2 CPU ranks through the real deepspeed launcher: 150 steps, then a resume to 300 steps.
 run: setup data/tiny_shards/shard_00000.npy
-	$(BIN)/trainer train configs/pretrain_tiny.yaml --num-ranks $(RANKS) --max-steps 150 --set optim.decay_steps=300
+	$(BIN)/trainer train configs/pretrain_tiny.yaml --num-ranks $(RANKS) --max-steps 150 --set optim.decay_steps=300 --resume none
 	$(BIN)/trainer train configs/pretrain_tiny.yaml --num-ranks $(RANKS) --max-steps 300 --set optim.decay_steps=300 --resume latest
 
 test: setup

@@ -375,3 +375,4 @@ def test_dry_run_world_size_from_num_ranks(tiny_config: Path) -> None:
     r = invoke("train", tiny_config, ranks="2")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "world size 2 on 1 host(s)" in r.stdout
+

@@ -337,3 +337,19 @@ def test_all_committed_spans_runs(tmp_path: Path) -> None:
     make_ckpt(tmp_path, "run-b", 30, committed=False)
     (tmp_path / "mlflow.db").write_text("")
     assert sorted((c.run_id, c.step) for c in all_committed(tmp_path)) == [("run-a", 10), ("run-b", 20)]
+
+
+def test_resume_auto_of_a_complete_run_is_nothing_to_do(tmp_path: Path) -> None:
+    """A supervisor restarting a finished job: one line, exit 0, no training; other specs stay errors."""
+    from trainer.errors import NothingToDo
+
+    make_ckpt(tmp_path, "run-a", 300)
+    ckpt = resolve_resume(tmp_path, "auto")
+    with pytest.raises(NothingToDo) as exc:
+        ckpt.check_resumable("auto", 1, "pretrain", 300)
+    assert exc.value.exit_code == 0 and exc.value.lines() == [
+        "nothing to do: run run-a is complete (step-00000300, train.max_steps 300); raise --max-steps to train further,"
+        " or pass --resume none for a new run"]
+    with pytest.raises(UserError) as exc2:
+        ckpt.check_resumable("latest", 1, "pretrain", 300)
+    assert exc2.value.exit_code == 2 and not isinstance(exc2.value, NothingToDo)

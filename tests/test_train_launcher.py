@@ -115,17 +115,35 @@ def _job_process(wrapper_pid: int, target: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.launcher
-@pytest.mark.parametrize("target", ["wrapper", "runner", "launcher", "worker"])
-def test_sigterm_to_any_process_of_the_job_stops_both_ranks_on_one_step(tiny_config: Path, tmp_path: Path, target: str) -> None:
+@pytest.mark.parametrize("target,storage", [("wrapper", "file"), ("runner", "file"), ("launcher", "file"), ("worker", "file"),
+                                            ("worker", "fake-gcs-server")])
+def test_sigterm_to_any_process_of_the_job_stops_both_ranks_on_one_step(tiny_config: Path, tmp_path: Path, target: str,
+                                                                        storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM to the `trainer train` wrapper, the deepspeed runner (which forwards nothing), the per-node
     launcher or one worker: the ranks agree on a step, save, upload, and the job exits 75 within the grace."""
+    from storage_servers import BUCKET, Emulator
+
+    if storage == "file":
+        _sigterm_one_process(tiny_config, tmp_path, target, f"file://{tmp_path / 'bucket'}")
+        return
+    emu = Emulator(storage, tmp_path / "emu").start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.url)
+    try:
+        _sigterm_one_process(tiny_config, tmp_path, target, f"gs://{BUCKET}/ckpts")
+    finally:
+        emu.stop()
+
+
+def _sigterm_one_process(tiny_config: Path, tmp_path: Path, target: str, url: str) -> None:
     import os
     import signal
     import time
 
-    bucket = tmp_path / "bucket"
+    from trainer.storage import open_storage
+    from trainer.upload.uploader import verify_remote
+
     cfg = write_config(tiny_config, tmp_path / "runs", train={"max_steps": 100000, "log_every": 5},
-                       checkpoint={"save_every": 100000}, upload={"url": f"file://{bucket}"}, preemption={"grace_s": 20})
+                       checkpoint={"save_every": 100000}, upload={"url": url}, preemption={"grace_s": 20})
     proc = subprocess.Popen([sys.executable, "-m", "trainer.cli.main", "train", str(cfg), "--num-ranks", "2"], cwd=REPO,
                             env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen, deadline = "", time.monotonic() + 300
@@ -142,7 +160,8 @@ def test_sigterm_to_any_process_of_the_job_stops_both_ranks_on_one_step(tiny_con
     assert meta["reason"] == "preemption" and meta["world_size"] == 2 and meta["step"] >= 10
     # both ranks wrote their state for that same step before the commit
     assert sorted(p.name for p in ckpt.glob("rng_state_rank*.pt")) == ["rng_state_rank00000.pt", "rng_state_rank00001.pt"]
-    assert (bucket / meta["run_id"] / ckpt.name / "manifest.json").is_file()
+    ok, why, _ = verify_remote(open_storage(url), f"{meta['run_id']}/{ckpt.name}")
+    assert ok, why
     assert json.loads((ckpt / "upload_state.json").read_text())["state"] == "uploaded"
     assert f"checkpoint {ckpt.name}: uploaded" in out
     if target == "runner":  # nothing forwarded the signal: the ranks saw their runner die

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import run_rank
+from conftest import run_cli, run_rank
 
 
 def _cfg(tiny_config: Path, **sections: dict) -> Path:
@@ -111,6 +111,8 @@ def test_sigterm_saves_marks_killed_and_exits_75(tiny_config: Path, tmp_path: Pa
 
     run = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}").get_run(meta["mlflow_run_id"])
     assert run.info.status == "KILLED"
+    assert run.data.tags["trainer.stopped_at_step"] == str(meta["step"]) and run.data.tags["trainer.stopped_by"] == "SIGTERM"
+    assert run.data.tags["trainer.emergency_checkpoint"] == meta["tag"]
 
 
 def test_sigterm_without_time_for_a_save_skips_it_and_says_so(tiny_config: Path, tmp_path: Path) -> None:
@@ -185,3 +187,21 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_to_resume(tiny_config: 
     assert "removed partial checkpoint" in r.stdout + r.stderr and "at step 3" in r.stdout
     assert not victim.exists()
     assert [c.tag for c in CheckpointStore(run_root).committed()] == ["step-00000003", "step-00000004"]
+
+
+def test_the_same_command_after_the_run_completed_does_nothing(tiny_config: Path, tmp_path: Path) -> None:
+    """`--resume auto` is the default: a finished run is not trained again (exit 0, one line, nothing launched)."""
+    import yaml
+
+    from trainer.checkpoint.store import CheckpointStore
+
+    cfg = yaml.safe_load(tiny_config.read_text())
+    store = CheckpointStore(Path(cfg["run_dir"]) / "run-done")
+    store.path("step-00000300").mkdir(parents=True)
+    store.commit("step-00000300", {"step": 300, "run_id": "run-done", "task": "pretrain", "world_size": 1}, {})
+    before = set(tmp_path.rglob("*"))
+    r = run_cli("train", str(tiny_config), "--num-ranks", "1", "--max-steps", "300")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr.strip() == ("nothing to do: run run-done is complete (step-00000300, train.max_steps 300); raise"
+                                " --max-steps to train further, or pass --resume none for a new run")
+    assert "deepspeed.launcher.runner" not in r.stdout and set(tmp_path.rglob("*")) == before

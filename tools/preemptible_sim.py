@@ -175,8 +175,10 @@ def main() -> int:
         else:  # mostly while it trains, saves and uploads
             while proc.poll() is None and not re.search(r"step \d+/\d+", log.read_text()):
                 time.sleep(0.02)
-            left = 1.0 - (trials[-1].resumed_at or 0) / args.max_steps if trials else 1.0
-            deadline = time.monotonic() + rng.uniform(0.0, 0.8) * train_s * left
+            # spread the kills over the run: on average the steps left shared by the kills left
+            at = (trials[-1].resumed_at or 0) if trials else 0
+            per_kill = max(1.0, (args.max_steps - at) / (args.trials - len(trials) + 1))
+            deadline = time.monotonic() + rng.uniform(0.0, 2.0) * per_kill * train_s / args.max_steps
         while proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         if proc.poll() is not None:  # it got to the end (or failed) before the kill

@@ -31,3 +31,15 @@ class UserError(Exception):
     def lines(self) -> list[str]:
         """One `error: ...` line per problem (a message may list several, one per line)."""
         return [f"error: {line}" for line in self.message.splitlines() if line.strip()]
+
+
+class NothingToDo(UserError):
+    """Not a failure: the run this command would continue is already complete. Said in one line, exit 0.
+
+    With `--resume auto` (the default) a supervisor that restarts a finished job must not train again.
+    """
+
+    exit_code = EXIT_OK
+
+    def lines(self) -> list[str]:
+        return [f"nothing to do: {line}" for line in self.message.splitlines() if line.strip()]

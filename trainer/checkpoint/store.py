@@ -14,9 +14,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-from trainer.errors import UserError
+from trainer.errors import NothingToDo, UserError
 from trainer.log import get_logger
 
 log = get_logger("checkpoint")
@@ -97,6 +97,9 @@ class Checkpoint:
         if meta.get("task", task) != task:
             raise UserError(f"--resume {spec}: {self.path} is a {meta.get('task')!r} checkpoint, this run is {task!r}")
         if self.step >= max_steps:
+            if spec == "auto":
+                raise NothingToDo(f"run {self.run_id} is complete ({self.tag}, train.max_steps {max_steps}); raise"
+                                  " --max-steps to train further, or pass --resume none for a new run")
             raise UserError(
                 f"--resume {spec}: {self.tag} is already at step {self.step} >= train.max_steps {max_steps};"
                 " raise --max-steps to train further"

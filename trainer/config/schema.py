@@ -94,10 +94,11 @@ class CheckpointConfig(Section):
     """Keep the newest N committed checkpoints locally (the best by loss is kept as well)."""
     keep_best: bool = True
     """Also keep the checkpoint with the lowest loss."""
-    resume: Optional[str] = None
+    resume: Optional[str] = "auto"
     """`auto` (the newest local checkpoint of this task and model, else the newest complete one at
-    upload.url, downloaded and verified, else a fresh start), `latest` (local, required), a tag
-    (`step-00000100` or `RUN_ID/step-00000100`), or a checkpoint path. None: a fresh start."""
+    upload.url, downloaded and verified, else a fresh start; a complete run: nothing to do), `latest`
+    (local, required), a tag (`step-00000100` or `RUN_ID/step-00000100`), a checkpoint path, or
+    `none` (a new run). The default makes "run the same command again" the recovery procedure."""
 
 
 class UploadConfig(Section):

@@ -79,10 +79,11 @@ def on_main_then_share(fn: Callable[[], T], info: RankInfo) -> T:
         try:
             result = ("ok", fn())
         except UserError as exc:
-            result = ("user_error", exc.message)
+            result = ("user_error", (type(exc), exc.message))
     result = broadcast_object(result)
     if result[0] == "user_error":
-        raise UserError(result[1], shared=True)
+        kind, message = result[1]
+        raise kind(message, shared=True)
     return result[1]
 
 

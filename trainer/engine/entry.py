@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
-from trainer.errors import EXIT_BUG, EXIT_USER_ERROR, STATUS_FILE_ENV, UserError
+from trainer.errors import EXIT_BUG, STATUS_FILE_ENV, UserError
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -58,14 +58,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         trainer = Trainer(cfg, build_task(cfg), source=args.config)
         trainer.setup()
         return trainer.train()
-    except UserError as exc:
-        if trainer is not None:
+    except UserError as exc:  # NothingToDo too: one line, exit 0
+        if trainer is not None and exc.exit_code != 0:
             trainer.fail()
         rank = int(os.environ.get("RANK", "0"))
         if rank == 0 or not exc.shared:
             prefix = "" if rank == 0 else f"[rank{rank}] "
             print("\n".join(prefix + line for line in exc.lines()), file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+        return exc.exit_code
     except BaseException:
         if trainer is not None:
             trainer.fail()

@@ -429,6 +429,9 @@ class Trainer:
         if s.loss_history:
             plot = plot_curves(s.loss_history, s.lr_history, self.run_root / "curves.png", f"run {self.run_id}")
             self.tracker.log_artifact(plot, "plots")
+        if stopped:
+            self.tracker.set_tags({"trainer.stopped_at_step": s.step, "trainer.stopped_by": self.stop.signal_name or "",
+                                   "trainer.emergency_checkpoint": tag_for(s.step) if s.last_saved_step == s.step else "skipped"})
         self.tracker.finish("KILLED" if stopped else "FINISHED")
         committed = self.store.committed()
         newest = committed[-1].tag if committed else "none"
