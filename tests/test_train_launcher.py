@@ -169,6 +169,36 @@ def _sigterm_one_process(tiny_config: Path, tmp_path: Path, target: str, url: st
 
 
 @pytest.mark.launcher
+def test_sigterm_to_the_deepspeed_runner_started_by_hand(tiny_config: Path, tmp_path: Path) -> None:
+    """`deepspeed ... launch/train.py` without the wrapper: SIGTERM kills DeepSpeed's runner at once (it has
+    no handler); its ranks notice, stop on one step, save and leave; the next start resumes from that step."""
+    import os
+    import signal
+    import time
+
+    from trainer.launcher.command import free_port
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    cfg = write_config(tiny_config, tmp_path / "runs", train={"max_steps": 100000, "log_every": 5}, checkpoint={"save_every": 100000})
+    proc = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "launch/train.py", "--config",
+                             str(cfg)], cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    seen, deadline = "", time.monotonic() + 300
+    while "step 10/" not in seen and time.monotonic() < deadline and proc.poll() is None:
+        seen += proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)  # the pipe closes when the ranks and their launcher are gone too
+    assert proc.returncode == -signal.SIGTERM, (seen + out)[-3000:]
+    assert "is gone: stopping" in out and "stopped at step" in out, (seen + out)[-3000:]
+    (ckpt,) = committed(tmp_path / "runs")
+    meta = metadata(ckpt)
+    assert meta["reason"] == "preemption" and meta["world_size"] == 2
+    assert sorted(p.name for p in ckpt.glob("rng_state_rank*.pt")) == ["rng_state_rank00000.pt", "rng_state_rank00001.pt"]
+
+
+@pytest.mark.launcher
 def test_two_simulated_nodes_upload_one_complete_checkpoint(tiny_config: Path, tmp_path: Path) -> None:
     """Two "nodes" on 127.0.0.1 (two launchers, --no_ssh --node_rank 0/1), separate run dirs, no shared
     filesystem: each node uploads the files its rank wrote; node 0 writes the manifest after node 1 reported."""
