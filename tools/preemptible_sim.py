@@ -170,17 +170,23 @@ def main() -> int:
                 print(f"the last start exited {code}: FAIL")
                 return 1
             break
-        if rng.random() < 0.1:  # now and then during setup
+        aim = rng.choices(["setup", "mid-step", "mid-save", "mid-upload"], weights=[1, 4, 2.5, 2.5])[0]
+        if aim == "setup":  # before the first step (or at it, if setup is quicker than the draw)
             deadline = time.monotonic() + rng.uniform(0.2, 1.0) * setup_s
-        else:  # mostly while it trains, saves and uploads
+            while proc.poll() is None and time.monotonic() < deadline and not re.search(r"step \d+/\d+", log.read_text()):
+                time.sleep(0.01)
+        else:
             while proc.poll() is None and not re.search(r"step \d+/\d+", log.read_text()):
                 time.sleep(0.02)
             # spread the kills over the run: on average the steps left shared by the kills left
             at = (trials[-1].resumed_at or 0) if trials else 0
             per_kill = max(1.0, (args.max_steps - at) / (args.trials - len(trials) + 1))
             deadline = time.monotonic() + rng.uniform(0.0, 2.0) * per_kill * train_s / args.max_steps
-        while proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if aim in ("mid-save", "mid-upload"):  # then wait for the next save, or upload, to be under way
+                while proc.poll() is None and kill_point(sim_dir, "step 1/1") != aim:
+                    time.sleep(0.001)
         if proc.poll() is not None:  # it got to the end (or failed) before the kill
             if proc.returncode != 0:
                 print(log.read_text()[-3000:])
