@@ -24,6 +24,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
+def _shm_buffers() -> set[str]:
+    shm = Path("/dev/shm")
+    return {f.name for f in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
+
+
+@pytest.fixture(autouse=True)
+def no_shared_memory_left_behind():
+    """However a test's ranks end (done, SIGTERM, SIGKILL), they leave no DeepSpeed segments in /dev/shm (RAM)."""
+    before = _shm_buffers()
+    yield
+    left = sorted(_shm_buffers() - before)
+    assert not left, f"left in /dev/shm: {left}"
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `trainer ARGS...` as a user would (a fresh process) and capture its output."""
     return subprocess.run([sys.executable, "-m", "trainer.cli.main", *args], cwd=cwd or REPO, env={**os.environ, **(env or {})},

@@ -25,6 +25,23 @@ def init_distributed(timeout_s: float = 600) -> None:
     if accel.device_name() != "cpu":
         accel.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), timeout=timedelta(seconds=timeout_s), verbose=False)
+    if accel.device_name() == "cpu":
+        _unlink_shm_buffers()
+
+
+def _unlink_shm_buffers() -> None:
+    """Remove the names of DeepSpeed's CPU all-reduce buffers from /dev/shm once every rank has mapped them.
+
+    Its shm op creates one 66 MB segment per rank and never unlinks it: every CPU run, and every
+    killed one, left RAM behind until the machine ran out (a CI run died of it). The mappings stay
+    valid after the unlink, and nothing is left behind however the ranks end.
+    """
+    barrier()  # each rank's init maps all of its peers' segments before it returns
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{os.environ['RANK']}"
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:
+        pass  # no such segment (the op is off, or ranks on several nodes)
 
 
 def barrier() -> None:
