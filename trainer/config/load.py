@@ -195,6 +195,15 @@ def config_to_dict(cfg: RunConfig) -> dict:
     return cfg.model_dump(mode="json")
 
 
+def model_identity(cfg: RunConfig) -> dict:
+    """The settings that fix a checkpoint's parameter shapes, recorded in its metadata and compared on resume."""
+    data = config_to_dict(cfg)
+    if cfg.task == "lora":
+        lora = data["lora"]
+        return {k: lora[k] for k in ("r", "alpha", "target_modules", "soft_tokens", "projector_hidden")}
+    return data["model"]
+
+
 def config_hash(cfg: RunConfig) -> str:
     """Stable short hash of the settings that define the training trajectory.
 

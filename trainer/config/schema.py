@@ -40,6 +40,43 @@ class DataConfig(Section):
     """Use only the first N shard files in name order (None: all)."""
     check_token_ids: bool = True
     """Scan every shard at start for token ids outside the vocabulary (one pass over the data)."""
+    train_file: str = "train.jsonl"
+    """task lora: the JSONL index in `path` (one sample per line; media paths relative to `path`)."""
+    on_bad_sample: Literal["error", "skip"] = "error"
+    """task lora: a bad JSONL line stops the run before it starts (`error`, every problem listed with its line
+    number) or is left out and counted (`skip`)."""
+
+
+class LoraSection(Section):
+    """Phase 2 multimodal LoRA fine-tuning (task: lora)."""
+
+    llm_path: str
+    """Local folder of the causal LLM (Qwen2-style, Hugging Face format: config, weights, tokenizer)."""
+    phase1_checkpoint: str
+    """Phase 1 checkpoint: one .safetensors file with the encoders and the aligner (format in README)."""
+    r: int = Field(default=16, ge=1, le=1024)
+    """LoRA rank."""
+    alpha: float = Field(default=32.0, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    """LLM module names that get LoRA adapters."""
+    soft_tokens: dict[Literal["image", "audio", "text"], int] = Field(default_factory=lambda: {"image": 8, "audio": 8, "text": 8})
+    """Soft tokens per modality prepended to the prompt (modalities absent here or in Phase 1 are not used)."""
+    projector_hidden: int = Field(default=1024, ge=1)
+    """Hidden width of each projector MLP (aligned feature -> hidden -> K x LLM hidden)."""
+    text_tokenizer: Optional[str] = None
+    """Tokenizer folder of the Phase 1 text encoder; None: the LLM's tokenizer."""
+    max_length: int = Field(default=512, ge=8)
+    """Prompt + response tokens per sample (soft tokens not counted); longer samples are cut at the end."""
+
+    @model_validator(mode="after")
+    def _tokens(self) -> "LoraSection":
+        bad = {k: v for k, v in self.soft_tokens.items() if v < 1}
+        if bad or not self.soft_tokens:
+            raise ValueError(f"soft_tokens needs at least one modality with >= 1 token each, got {dict(self.soft_tokens)}")
+        return self
 
 
 class OptimConfig(Section):
@@ -162,16 +199,18 @@ class DeepSpeedConfig(Section):
 
 
 class RunConfig(Section):
-    task: Literal["pretrain"] = "pretrain"
-    """Which job to run: `pretrain` (GPT-NeoX causal LM on token shards)."""
+    task: Literal["pretrain", "lora"] = "pretrain"
+    """Which job to run: `pretrain` (GPT-NeoX causal LM on token shards) or `lora` (Phase 2 multimodal LoRA)."""
     run_dir: Path = Path("runs")
     """Root of the run folders: `<run_dir>/<run_id>/checkpoints/step-NNNNNNNN/`."""
     run_id: Optional[str] = None
     """Name of the run folder; None creates `{uuid hex}_{YYYYmmdd_HHMMSS}` (a resume reuses the checkpoint's)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     """Model architecture."""
+    lora: Optional[LoraSection] = None
+    """Phase 2 multimodal LoRA settings (required for task: lora)."""
     data: DataConfig = Field(default_factory=DataConfig)
-    """Training data."""
+    """Training data: token shards (pretrain) or a folder with a JSONL index and media files (lora)."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """Optimizer and learning-rate schedule."""
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -189,6 +228,10 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "RunConfig":
+        if self.task == "lora" and self.lora is None:
+            raise ValueError("task: lora needs a `lora:` section (llm_path, phase1_checkpoint, ...)")
+        if self.task != "lora" and self.lora is not None:
+            raise ValueError(f"the `lora:` section is for task: lora, this config has task: {self.task}")
         schedule_steps = self.optim.decay_steps or self.train.max_steps
         if self.optim.warmup_steps > schedule_steps:
             raise ValueError(

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from trainer.checkpoint.store import Checkpoint, CheckpointStore, is_committed, read_metadata, resolve_resume, tag_for
 from trainer.config.deepspeed import render_ds_config, uses_ds_optimizer, zero_stage
-from trainer.config.load import config_hash, config_to_dict, config_to_yaml, flatten, public_config_dict
+from trainer.config.load import config_hash, config_to_yaml, flatten, model_identity, public_config_dict
 from trainer.config.schema import RunConfig
 from trainer.engine import dist
 from trainer.engine.metrics import accelerator_name, mfu, peak_flops, system_info
@@ -114,7 +114,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------- setup
     def _decide_run(self) -> dict:
         """On rank 0: which checkpoint to resume (if any) and the run id. Shared with all ranks."""
-        model = config_to_dict(self.cfg)["model"]
+        model = model_identity(self.cfg)
         ckpt = resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume, task=self.cfg.task, model=model)
         restored = None
         if ckpt is None and self.cfg.checkpoint.resume == "auto" and self.cfg.upload.url:
@@ -211,7 +211,7 @@ class Trainer:
         return get_accelerator().device_name() != "cpu"
 
     def _build_model(self, deepspeed: Any) -> Any:
-        if self.stage == 3:
+        if self.stage == 3 and self.task.partition_at_init:
             # zero.Init patches tensor constructors; modules imported inside it (torch._dynamo's
             # polyfills, lazily imported model classes) fail their import-time checks. Import first.
             import torch._dynamo  # noqa: F401
@@ -231,14 +231,16 @@ class Trainer:
 
         step, tag = self.state.step, tag_for(self.state.step)
         t0 = time.perf_counter()
-        self.engine.save_checkpoint(str(self.store.root), tag=tag, client_state={"trainer_step": step}, save_latest=False)
+        self.engine.save_checkpoint(str(self.store.root), tag=tag, client_state={"trainer_step": step}, save_latest=False,
+                                    exclude_frozen_parameters=not self.task.save_frozen)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, self._rng_file(self.store.path(tag)))
+        extra = self.task.on_save(self.engine.module, self.store.path(tag), self.ranks.is_main, reason == "final")
         dist.barrier()  # every rank's files are on disk before anyone commits
         if self.ranks.is_local_main:
-            self.store.commit(tag, self._metadata(reason), {
+            self.store.commit(tag, {**self._metadata(reason), **extra}, {
                 "config.yaml": config_to_yaml(self.cfg),
                 "ds_config.json": json.dumps(self.ds_config, indent=2) + "\n",
             })
@@ -321,7 +323,7 @@ class Trainer:
             "run_id": self.run_id,
             "task": self.cfg.task,
             "mlflow_run_id": self.mlflow_run_id,
-            "model": config_to_dict(self.cfg)["model"],
+            "model": model_identity(self.cfg),
             "config_hash": self.config_hash,
             "branched_from": self.branched_from,
             "world_size": self.ranks.world_size,
@@ -334,7 +336,8 @@ class Trainer:
         import numpy as np
         import torch
 
-        load_path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        self.task.check_resume(meta)
+        load_path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_module_strict=self.task.save_frozen)
         if load_path is None:
             raise UserError(f"--resume: DeepSpeed found no loadable checkpoint in {ckpt_dir}")
         reapply_schedule(self.engine.lr_scheduler, self.cfg.optim, self.cfg.train.max_steps)

@@ -5,7 +5,7 @@ from typing import Optional
 
 from trainer.checkpoint.store import Checkpoint, resolve_resume
 from trainer.config.deepspeed import render_ds_config
-from trainer.config.load import config_to_dict
+from trainer.config.load import model_identity
 from trainer.config.schema import RunConfig
 from trainer.tasks import build_task
 
@@ -15,7 +15,7 @@ def preflight(cfg: RunConfig, world_size: int, source: str) -> Optional[Checkpoi
     task = build_task(cfg)
     render_ds_config(cfg, world_size, task.model_hints().get("hidden_size"), source)
     task.preflight()
-    model = config_to_dict(cfg)["model"]
+    model = model_identity(cfg)
     ckpt = resolve_resume(cfg.run_dir, cfg.checkpoint.resume, task=cfg.task, model=model)
     if ckpt is not None:
         ckpt.check_resumable(str(cfg.checkpoint.resume), world_size, cfg.task, cfg.train.max_steps, model)

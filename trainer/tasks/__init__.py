@@ -10,4 +10,8 @@ def build_task(cfg: RunConfig) -> Task:
         from trainer.tasks.pretrain import PretrainTask
 
         return PretrainTask(cfg)
+    if cfg.task == "lora":
+        from trainer.tasks.lora import LoraTask
+
+        return LoraTask(cfg)
     raise AssertionError(f"unhandled task {cfg.task!r}")  # the config schema admits no other

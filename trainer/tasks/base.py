@@ -8,6 +8,12 @@ from trainer.ranks import RankInfo
 
 class Task(Protocol):
     name: str
+    partition_at_init: bool  # see TaskHooks, which gives every task these defaults
+    save_frozen: bool
+
+    def on_save(self, model: Any, ckpt_dir: Any, writer: bool, final: bool) -> dict[str, Any]: ...
+
+    def check_resume(self, metadata: dict[str, Any]) -> None: ...
 
     def prepare_data(self) -> None:
         """Once per node, before `preflight`: bring remote data local (e.g. download and verify shards)."""
@@ -44,3 +50,20 @@ class Task(Protocol):
 
     def data_position(self, step: int) -> dict[str, Any]:
         """Where the data stream stands after `step` optimizer steps (stored in checkpoint metadata)."""
+
+
+class TaskHooks:
+    """Defaults of the optional parts of a task: a task that trains every parameter needs none of them."""
+
+    partition_at_init = True
+    """Stage 3: build the model inside `deepspeed.zero.Init` (False: build whole, partition at initialize)."""
+    save_frozen = True
+    """False: checkpoints hold only trainable parameters (DeepSpeed's exclude_frozen_parameters)."""
+
+    def on_save(self, model: Any, ckpt_dir: Any, writer: bool, final: bool) -> dict[str, Any]:
+        """Collective, after the engine's files are written: extra files (written where `writer`) and
+        extra metadata for the checkpoint."""
+        return {}
+
+    def check_resume(self, metadata: dict[str, Any]) -> None:
+        """Raise `UserError` if this task cannot continue from a checkpoint with `metadata`."""

@@ -10,6 +10,7 @@ from trainer.data.remote import cache_dir_for, fetch_shards, is_remote, list_rem
 from trainer.data.sampler import ResumableSampler
 from trainer.data.shards import SHARDS_CHECKED_ENV, TokenShards, check_token_ids, find_shards, open_shard
 from trainer.ranks import RankInfo
+from trainer.tasks.base import TaskHooks
 from trainer.log import get_logger
 from trainer.models.neox import human_count, neox_config, parameter_counts, resolve_dims
 
@@ -17,7 +18,7 @@ log = get_logger("pretrain")
 
 
 
-class PretrainTask:
+class PretrainTask(TaskHooks):
     name = "pretrain"
 
     def __init__(self, cfg: RunConfig):

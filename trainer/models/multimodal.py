@@ -1,0 +1,312 @@
+"""Phase 2 multimodal model: frozen encoders and Phase 1 aligner, trainable projectors, a LoRA LLM.
+
+Phase 1 checkpoint format (one `.safetensors` file, no pickle):
+- tensors: the state dict of `Phase1Model`: `encoders.<modality>.*` (CLIP vision / Whisper encoder
+  / BERT) and `aligner.<modality>.*` (Linear + LayerNorm into the shared `align_dim` space);
+- header metadata: `format` = "trainer-phase1", `format_version` = "1", and `architecture`: JSON
+  `{"align_dim": D, "modalities": {"image": {"type": "clip_vision", "config": {...}}, ...}}`
+  holding the transformers config of every encoder, enough to rebuild the module without files.
+
+`load_phase1` verifies all of it and raises `UserError` naming the first problem.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from trainer.errors import UserError
+
+PHASE1_FORMAT = "trainer-phase1"
+PHASE1_VERSION = 1
+MODALITIES = ("image", "audio", "text")
+ENCODER_TYPES = {"image": "clip_vision", "audio": "whisper_encoder", "text": "bert"}
+
+
+def _encoder(kind: str, config: dict) -> Any:
+    """The encoder module of one modality, built from its transformers config (random weights)."""
+    if kind == "clip_vision":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        return CLIPVisionModel(CLIPVisionConfig(**config))
+    if kind == "whisper_encoder":
+        from transformers import WhisperConfig
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        return WhisperEncoder(WhisperConfig(**config))
+    if kind == "bert":
+        from transformers import BertConfig, BertModel
+
+        return BertModel(BertConfig(**config), add_pooling_layer=False)
+    raise UserError(f"unknown encoder type {kind!r} (expected one of {sorted(set(ENCODER_TYPES.values()))})")
+
+
+def encoder_width(kind: str, config: dict) -> int:
+    return int(config["d_model"] if kind == "whisper_encoder" else config["hidden_size"])
+
+
+def tiny_architecture(text_vocab_size: int) -> dict:
+    """A Phase 1 architecture small enough for tests on a CPU (the encoders are the real classes)."""
+    small = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "hidden_size": 32}
+    return {
+        "align_dim": 32,
+        "modalities": {
+            "image": {"type": "clip_vision", "config": {**small, "image_size": 32, "patch_size": 8}},
+            "audio": {"type": "whisper_encoder", "config": {"d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 2,
+                                                            "encoder_ffn_dim": 64, "num_mel_bins": 80, "max_source_positions": 50,
+                                                            "decoder_layers": 1, "decoder_attention_heads": 2, "decoder_ffn_dim": 64,
+                                                            "vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1,
+                                                            "eos_token_id": 2, "decoder_start_token_id": 1}},
+            "text": {"type": "bert", "config": {**small, "vocab_size": text_vocab_size, "max_position_embeddings": 128}},
+        },
+    }
+
+
+def full_architecture(text_vocab_size: int = 30522) -> dict:
+    """Real encoder sizes: CLIP ViT-B/16, Whisper-base encoder, BERT-base; shared space of 512."""
+    return {
+        "align_dim": 512,
+        "modalities": {
+            "image": {"type": "clip_vision", "config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                                                        "num_attention_heads": 12, "image_size": 224, "patch_size": 16}},
+            "audio": {"type": "whisper_encoder", "config": {"d_model": 512, "encoder_layers": 6, "encoder_attention_heads": 8,
+                                                            "encoder_ffn_dim": 2048, "num_mel_bins": 80, "max_source_positions": 1500}},
+            "text": {"type": "bert", "config": {"vocab_size": text_vocab_size, "hidden_size": 768, "num_hidden_layers": 12,
+                                                "num_attention_heads": 12, "intermediate_size": 3072}},
+        },
+    }
+
+
+def _modules() -> tuple[Any, Any]:
+    import torch
+    from torch import nn
+
+    class Phase1Model(nn.Module):
+        """Encoders and aligner of Phase 1: raw inputs -> one `align_dim` vector per modality."""
+
+        def __init__(self, architecture: dict):
+            super().__init__()
+            self.architecture = architecture
+            d = int(architecture["align_dim"])
+            mods = architecture["modalities"]
+            self.encoders = nn.ModuleDict({m: _encoder(spec["type"], spec["config"]) for m, spec in mods.items()})
+            self.aligner = nn.ModuleDict({
+                m: nn.Sequential(nn.Linear(encoder_width(spec["type"], spec["config"]), d), nn.LayerNorm(d))
+                for m, spec in mods.items()
+            })
+
+        def encode(self, modality: str, inputs: dict) -> Any:
+            enc = self.encoders[modality]
+            if modality == "image":
+                feat = enc(pixel_values=inputs["pixel_values"]).pooler_output
+            elif modality == "audio":
+                feat = enc(inputs["input_features"]).last_hidden_state.mean(dim=1)
+            else:
+                mask = inputs["text_attention_mask"]
+                h = enc(input_ids=inputs["text_input_ids"], attention_mask=mask).last_hidden_state
+                m = mask.unsqueeze(-1).to(h.dtype)
+                feat = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+            return self.aligner[modality](feat)
+
+    class Projector(nn.Module):
+        """Aligned feature -> K soft tokens of the LLM's hidden size."""
+
+        def __init__(self, align_dim: int, hidden: int, llm_hidden: int, tokens: int):
+            super().__init__()
+            self.tokens, self.llm_hidden = tokens, llm_hidden
+            self.net = nn.Sequential(nn.Linear(align_dim, hidden), nn.GELU(), nn.Linear(hidden, tokens * llm_hidden))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).view(x.shape[0], self.tokens, self.llm_hidden)
+
+    return Phase1Model, Projector
+
+
+def build_phase1(architecture: dict) -> Any:
+    return _modules()[0](architecture)
+
+
+def save_phase1(model: Any, path: Path) -> None:
+    """Write a Phase 1 checkpoint (the format in this module's docstring)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": PHASE1_FORMAT, "format_version": str(PHASE1_VERSION),
+                                          "architecture": json.dumps(model.architecture)})
+
+
+def read_phase1_header(path: Path) -> dict:
+    """The architecture of a Phase 1 checkpoint, checked for format and version (no tensors read)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Phase 1 checkpoint {path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        raise UserError(f"Phase 1 checkpoint {path}: not a safetensors file ({str(exc).splitlines()[0][:120]})") from None
+    if meta.get("format") != PHASE1_FORMAT:
+        raise UserError(f"Phase 1 checkpoint {path}: header format is {meta.get('format')!r}, expected {PHASE1_FORMAT!r}"
+                        " (write it with trainer.models.multimodal.save_phase1)")
+    if meta.get("format_version") != str(PHASE1_VERSION):
+        raise UserError(f"Phase 1 checkpoint {path}: format_version {meta.get('format_version')!r}, this trainer reads"
+                        f" version {PHASE1_VERSION}")
+    try:
+        arch = json.loads(meta["architecture"])
+        mods = arch["modalities"]
+        int(arch["align_dim"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"Phase 1 checkpoint {path}: architecture header is unreadable ({exc})") from None
+    unknown = sorted(set(mods) - set(MODALITIES))
+    if unknown or not mods:
+        raise UserError(f"Phase 1 checkpoint {path}: modalities {sorted(mods)}, expected a non-empty subset of {list(MODALITIES)}")
+    for m, spec in mods.items():
+        if spec.get("type") != ENCODER_TYPES[m]:
+            raise UserError(f"Phase 1 checkpoint {path}: {m} encoder type {spec.get('type')!r}, expected {ENCODER_TYPES[m]!r}")
+    return arch
+
+
+def load_phase1(path: Path) -> Any:
+    """Rebuild the Phase 1 model from its checkpoint and load the weights, strictly."""
+    from safetensors.torch import load_file
+
+    arch = read_phase1_header(path)
+    model = build_phase1(arch)
+    state = load_file(str(path))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise UserError(f"Phase 1 checkpoint {path}: {len(missing)} missing tensor(s), first {missing[0]!r}")
+    if unexpected:
+        raise UserError(f"Phase 1 checkpoint {path}: {len(unexpected)} unexpected tensor(s), first {unexpected[0]!r}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise UserError(f"Phase 1 checkpoint {path}: tensor {k!r} has shape {list(state[k].shape)}, the architecture"
+                            f" in its header needs {list(v.shape)}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def make_projectors(architecture: dict, hidden: int, llm_hidden: int, tokens: dict[str, int]) -> Any:
+    from torch import nn
+
+    Projector = _modules()[1]
+    d = int(architecture["align_dim"])
+    return nn.ModuleDict({m: Projector(d, hidden, llm_hidden, tokens[m]) for m in architecture["modalities"]})
+
+
+def tensors_sha256(named: Iterable[tuple[str, Any]]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of tensors in name order: equal iff the weights are bit-identical."""
+    h = hashlib.sha256()
+    for name, t in sorted(named, key=lambda kv: kv[0]):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def component_of(name: str) -> str:
+    """The row of the parameter table a parameter belongs to."""
+    parts = name.split(".")
+    if parts[0] == "phase1" and len(parts) > 2:
+        return f"{'encoder' if parts[1] == 'encoders' else 'aligner'} {parts[2]}"
+    if parts[0] == "projectors":
+        return f"projector {parts[1]}"
+    if parts[0] == "llm":
+        return "llm lora" if "lora_" in name else "llm base"
+    return parts[0]
+
+
+def parameter_table(named: Iterable[tuple[str, Any]]) -> list[str]:
+    """Lines of a table: per component, parameters, trainable and frozen with percentages of the total."""
+    rows: dict[str, list[int]] = {}
+    for name, p in named:
+        n = int(getattr(p, "ds_numel", p.numel()))
+        r = rows.setdefault(component_of(name), [0, 0])
+        r[0 if p.requires_grad else 1] += n
+    total = sum(a + b for a, b in rows.values()) or 1
+    trainable = sum(a for a, _ in rows.values())
+    out = [f"{'component':<18} {'parameters':>14} {'trainable':>14} {'frozen':>14} {'share':>7}"]
+    for comp, (a, b) in rows.items():
+        out.append(f"{comp:<18} {a + b:>14,} {a:>14,} {b:>14,} {(a + b) / total:>7.2%}")
+    out.append(f"{'total':<18} {total:>14,} {trainable:>14,} {total - trainable:>14,} {1:>7.2%}")
+    out.append(f"trainable {trainable:,} ({trainable / total:.2%}), frozen {total - trainable:,} ({(total - trainable) / total:.2%})")
+    return out
+
+
+def _llm_modules() -> Any:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class MultimodalLM(nn.Module):
+        """Soft tokens of every modality, prepended to the prompt's embeddings, into a LoRA LLM.
+
+        A sample without a modality gets K zero vectors in its place (same shapes for the whole
+        batch). The loss is the mean cross-entropy over response tokens only.
+        """
+
+        def __init__(self, phase1: Any, projectors: Any, llm: Any):
+            super().__init__()
+            self.phase1, self.projectors, self.llm = phase1, projectors, llm
+
+        def soft_tokens(self, batch: dict) -> torch.Tensor:
+            out = []
+            for m, proj in self.projectors.items():
+                with torch.no_grad():
+                    feat = self.phase1.encode(m, batch)
+                tok = proj(feat.to(proj.net[0].weight.dtype))
+                out.append(tok * batch[f"has_{m}"].to(tok.dtype).view(-1, 1, 1))
+            return torch.cat(out, dim=1)
+
+        def forward(self, **batch: Any) -> Any:
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            embeds = self.llm.get_input_embeddings()(ids)
+            soft = self.soft_tokens(batch).to(embeds.dtype)
+            inputs = torch.cat([soft, embeds], dim=1)
+            full_mask = torch.cat([torch.ones(soft.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
+            logits = self.llm(inputs_embeds=inputs, attention_mask=full_mask, use_cache=False).logits
+            logits = logits[:, soft.shape[1]:, :]  # text positions only
+            return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+    return MultimodalLM
+
+
+def build_multimodal(phase1: Any, projectors: Any, llm: Any) -> Any:
+    return _llm_modules()(phase1, projectors, llm)
+
+
+def adapter_expected_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """Configured shape of every LoRA tensor (from the module definitions, valid under ZeRO-3 too)."""
+    shapes = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            shapes[name] = tuple(getattr(p, "ds_shape", p.shape))
+    return shapes
+
+
+def check_adapter_tensors(state: dict, expected: dict[str, tuple[int, ...]], where: str) -> None:
+    """The guard against silently empty adapters: every LoRA tensor present, non-empty, of its configured shape."""
+    if not expected:
+        raise RuntimeError(f"{where}: the model has no LoRA parameters")
+    got = {k: v for k, v in state.items() if "lora_" in k}
+    if len(got) != len(expected):
+        raise RuntimeError(f"{where}: {len(got)} LoRA tensors written, the model has {len(expected)}")
+    for k, v in got.items():
+        if v.numel() == 0:
+            raise RuntimeError(f"{where}: LoRA tensor {k} is empty {tuple(v.shape)} (ZeRO-3 parameters saved without gathering)")
+    for shape in expected.values():
+        if 0 in shape:
+            raise RuntimeError(f"{where}: a configured LoRA shape is empty {shape}")
+    want = sorted(expected.values())
+    have = sorted(tuple(v.shape) for v in got.values())
+    if want != have:
+        raise RuntimeError(f"{where}: LoRA tensor shapes {have[:3]}... differ from the configured {want[:3]}...")
+
+
+def trainable_state(model: Any, prefix: Optional[str] = None) -> dict:
+    return {k: v for k, v in model.named_parameters() if v.requires_grad and (prefix is None or k.startswith(prefix))}

@@ -1,0 +1,238 @@
+"""Phase 2: frozen encoders + frozen Phase 1 aligner -> trainable projectors -> a PEFT LoRA LLM.
+
+Checkpoints hold only the trainable state (projectors, LoRA adapters, their optimizer state);
+each one also carries `adapter/` (a PEFT adapter directory, gathered under ZeRO-3 and checked
+non-empty) and `projectors.safetensors`, so an export is a copy. The frozen weights' sha256 is
+recorded at start and a resume from a checkpoint made with other frozen weights is refused.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from trainer.config.schema import RunConfig
+from trainer.data.multimodal import Featurizer, Sample, check_vocab, collate, first_problems, response_room, scan_index
+from trainer.data.sampler import ResumableSampler
+from trainer.errors import UserError
+from trainer.log import get_logger
+from trainer.models.multimodal import (adapter_expected_shapes, build_multimodal, check_adapter_tensors, load_phase1,
+                                       make_projectors, parameter_table, read_phase1_header, tensors_sha256)
+from trainer.ranks import RankInfo
+from trainer.tasks.base import TaskHooks
+
+log = get_logger("lora")
+
+ADAPTER_DIR = "adapter"
+PROJECTORS_FILE = "projectors.safetensors"
+
+
+class LoraTask(TaskHooks):
+    name = "lora"
+    partition_at_init = False  # the pretrained LLM and Phase 1 weights load whole; ZeRO-3 partitions them at initialize
+    save_frozen = False
+
+    def __init__(self, cfg: RunConfig):
+        assert cfg.lora is not None
+        self.cfg, self.lc = cfg, cfg.lora
+        self.llm_path = Path(self.lc.llm_path)
+        self.samples: list[Sample] = []
+        self.skipped: list[str] = []
+        self.featurizer: Optional[Featurizer] = None
+        self.sampler: Optional[ResumableSampler] = None
+        self.frozen_sha256: Optional[str] = None
+        self._arch: Optional[dict] = None
+        self._llm_config: Optional[dict] = None
+
+    # ------------------------------------------------------------------------------ inputs
+    @property
+    def architecture(self) -> dict:
+        if self._arch is None:
+            self._arch = read_phase1_header(Path(self.lc.phase1_checkpoint))
+        return self._arch
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in ("image", "audio", "text") if m in self.lc.soft_tokens and m in self.architecture["modalities"])
+
+    def llm_config(self) -> dict:
+        if self._llm_config is None:
+            f = self.llm_path / "config.json"
+            if not f.is_file():
+                raise UserError(f"lora.llm_path {self.llm_path}: no config.json (expected a Hugging Face model folder)")
+            try:
+                self._llm_config = json.loads(f.read_text())
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{f}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        return self._llm_config
+
+    def _tokenizers(self) -> tuple[Any, Any]:
+        from transformers import AutoTokenizer
+
+        def load(path: Path, what: str) -> Any:
+            try:
+                return AutoTokenizer.from_pretrained(str(path))
+            except Exception as exc:
+                raise UserError(f"{what} {path}: cannot load a tokenizer ({str(exc).splitlines()[0][:160]})") from None
+
+        tok = load(self.llm_path, "lora.llm_path")
+        text = load(Path(self.lc.text_tokenizer), "lora.text_tokenizer") if self.lc.text_tokenizer else tok
+        return tok, text
+
+    def _featurizer(self) -> Featurizer:
+        if self.featurizer is None:
+            tok, text = self._tokenizers()
+            self.featurizer = Featurizer(self.architecture, self.modalities, tok, text, self.lc.max_length)
+        return self.featurizer
+
+    def _scan(self) -> tuple[list[Sample], list[str]]:
+        d = self.cfg.data
+        samples, problems = scan_index(Path(d.path), d.train_file, self.modalities)
+        index = Path(d.path) / d.train_file
+        too_long = response_room(self._featurizer(), samples, index)
+        return [s for s in samples if s.line not in too_long], problems + list(too_long.values())
+
+    def prepare_data(self) -> None:
+        return None
+
+    def preflight(self) -> None:
+        """Everything a launch needs, checked on one process: LLM folder, Phase 1 checkpoint, tokenizers, every JSONL line."""
+        cfg = self.llm_config()
+        arch = self.architecture
+        absent = [m for m in self.lc.soft_tokens if m not in arch["modalities"]]
+        if absent:
+            log.warning("lora.soft_tokens names %s, which the Phase 1 checkpoint has no encoder for: not used", ", ".join(absent))
+        if not self.modalities:
+            raise UserError(f"lora.soft_tokens {sorted(self.lc.soft_tokens)}: none of these modalities is in the Phase 1"
+                            f" checkpoint ({sorted(arch['modalities'])})")
+        tok, text = self._tokenizers()
+        for problem in (check_vocab(tok, int(cfg.get("vocab_size", 0)), f"lora.llm_path {self.llm_path}"),
+                        check_vocab(text, int(arch["modalities"]["text"]["config"]["vocab_size"]), "Phase 1 text encoder")
+                        if "text" in self.modalities else None):
+            if problem:
+                raise UserError(problem)
+        samples, problems = self._scan()
+        index = Path(self.cfg.data.path) / self.cfg.data.train_file
+        if problems and self.cfg.data.on_bad_sample == "error":
+            raise UserError(f"{len(problems)} bad line(s) in {index}: {first_problems(problems)}"
+                            " (fix them, or set data.on_bad_sample: skip)")
+        if problems:
+            log.warning("%d bad line(s) in %s will be skipped: %s", len(problems), index, first_problems(problems, 3))
+        if not samples:
+            raise UserError(f"{index}: no usable samples")
+
+    def model_hints(self) -> dict[str, int]:
+        return {"hidden_size": int(self.llm_config().get("hidden_size", 0))} if self.llm_path.joinpath("config.json").is_file() else {}
+
+    def import_model_classes(self) -> None:
+        from transformers import AutoModelForCausalLM  # noqa: F401
+
+    # ------------------------------------------------------------------------------- model
+    def build_model(self) -> Any:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        phase1 = load_phase1(Path(self.lc.phase1_checkpoint))
+        llm = AutoModelForCausalLM.from_pretrained(str(self.llm_path), dtype=torch.float32,
+                                                   attn_implementation=self.cfg.model.attn_implementation)
+        llm.config.use_cache = False
+        if self.cfg.model.gradient_checkpointing:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            llm.enable_input_require_grads()
+        names = {n.rsplit(".", 1)[-1] for n, _ in llm.named_modules()}
+        unknown = [t for t in self.lc.target_modules if t not in names]
+        if unknown:
+            raise UserError(f"lora.target_modules: {unknown} not in the LLM (it has e.g. "
+                            f"{sorted(n for n in names if n.endswith('proj'))[:8]})")
+        lora = LoraConfig(r=self.lc.r, lora_alpha=self.lc.alpha, lora_dropout=self.lc.dropout,
+                          target_modules=list(self.lc.target_modules), task_type="CAUSAL_LM")
+        torch.manual_seed(self.cfg.train.seed)
+        llm = get_peft_model(llm, lora)
+        projectors = make_projectors(self.architecture, self.lc.projector_hidden, int(llm.config.hidden_size),
+                                     {m: self.lc.soft_tokens[m] for m in self.modalities})
+        phase1.requires_grad_(False)
+        phase1.eval()
+        model = build_multimodal(phase1, projectors, llm)
+        self.frozen_sha256 = tensors_sha256((n, p) for n, p in model.named_parameters() if not p.requires_grad)
+        self.adapter_shapes = adapter_expected_shapes(model)
+        return model
+
+    def describe_model(self, model: Any) -> list[str]:
+        return [f"LLM {self.llm_path} with LoRA r={self.lc.r} alpha={self.lc.alpha:g} on {', '.join(self.lc.target_modules)};"
+                f" soft tokens {dict((m, self.lc.soft_tokens[m]) for m in self.modalities)}",
+                *parameter_table(model.named_parameters()),
+                f"frozen weights sha256 {self.frozen_sha256}"]
+
+    # -------------------------------------------------------------------------------- data
+    def setup_data(self, ranks: RankInfo, micro_batch: int, grad_accum: int) -> None:
+        self.samples, self.skipped = self._scan()
+        if not self.samples:
+            raise UserError(f"{Path(self.cfg.data.path) / self.cfg.data.train_file}: no usable samples")
+        self.sampler = ResumableSampler(len(self.samples), self.cfg.train.seed, ranks.rank, ranks.world_size, micro_batch, grad_accum)
+        log.info("data: %d sample(s) in %s%s, modalities %s", len(self.samples), Path(self.cfg.data.path) / self.cfg.data.train_file,
+                 f" ({len(self.skipped)} bad line(s) skipped)" if self.skipped else "", ", ".join(self.modalities))
+
+    def batch(self, step: int, micro: int, device: Any) -> dict[str, Any]:
+        assert self.sampler is not None
+        f = self._featurizer()
+        items = [f.features(self.samples[int(i)]) for i in self.sampler.indices(step, micro)]
+        return {k: v.to(device) for k, v in collate(items).items()}
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        return model(**batch)
+
+    def tokens_per_micro_batch(self) -> int:
+        """Sequence positions per micro-batch: soft tokens plus max_length (every batch is padded to it)."""
+        return self.cfg.train.micro_batch_size * (self.lc.max_length + sum(self.lc.soft_tokens[m] for m in self.modalities))
+
+    def flops_per_token(self, model: Any) -> Optional[float]:
+        """4N + attention: frozen weights need no weight gradients (forward 2N, backward 2N through activations)."""
+        c = self.llm_config()
+        n = sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.llm.parameters())
+        layers, hidden = int(c.get("num_hidden_layers", 0)), int(c.get("hidden_size", 0))
+        t = self.lc.max_length + sum(self.lc.soft_tokens[m] for m in self.modalities)
+        return 4 * n + 8 * layers * hidden * t
+
+    def data_position(self, step: int) -> dict[str, Any]:
+        assert self.sampler is not None
+        return {"step": step, "samples_seen": self.sampler.samples_before(step), "epoch": round(self.sampler.epoch_of(step), 6),
+                "num_samples": self.sampler.n, "skipped_lines": len(self.skipped), "seed": self.cfg.train.seed}
+
+    # ------------------------------------------------------------------------ checkpoints
+    def on_save(self, model: Any, ckpt_dir: Any, writer: bool, final: bool) -> dict[str, Any]:
+        """The PEFT adapter and the projectors beside DeepSpeed's files; on the final save, the frozen weights re-hashed."""
+        import deepspeed
+        from safetensors.torch import load_file, save_file
+
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+            if writer:
+                adapter = {n: p.detach().cpu().clone() for n, p in trainable if n.startswith("llm.")}
+                from peft import get_peft_model_state_dict
+
+                state = get_peft_model_state_dict(model.llm, state_dict={n[len("llm."):]: v for n, v in adapter.items()})
+                out = Path(ckpt_dir) / ADAPTER_DIR
+                model.llm.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+                check_adapter_tensors(load_file(str(out / "adapter_model.safetensors")), self.adapter_shapes, str(out))
+                save_file({n[len("projectors."):]: p.detach().cpu().contiguous() for n, p in trainable if n.startswith("projectors.")},
+                          str(Path(ckpt_dir) / PROJECTORS_FILE), metadata={"modalities": json.dumps(self.modalities)})
+        extra: dict[str, Any] = {"frozen_sha256": self.frozen_sha256, "lora": {"r": self.lc.r, "alpha": self.lc.alpha,
+                                 "target_modules": list(self.lc.target_modules)}, "llm_path": str(self.llm_path),
+                                 "phase1_checkpoint": str(self.lc.phase1_checkpoint)}
+        if final:
+            frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+            with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
+                now = tensors_sha256(frozen) if writer else None
+            if writer:
+                if now != self.frozen_sha256:
+                    raise RuntimeError(f"frozen weights changed during training: sha256 {self.frozen_sha256} -> {now}")
+                log.info("frozen weights unchanged (sha256 %s)", now)
+        return extra
+
+    def check_resume(self, metadata: dict[str, Any]) -> None:
+        saved = metadata.get("frozen_sha256")
+        if saved and self.frozen_sha256 and saved != self.frozen_sha256:
+            raise UserError(f"--resume: the checkpoint was trained on frozen weights with sha256 {saved[:16]}..., this"
+                            f" config's LLM and Phase 1 checkpoint hash to {self.frozen_sha256[:16]}... (different base"
+                            " weights: resuming would train the adapters against another model)")
