@@ -169,25 +169,36 @@ def read_phase1_header(path: Path) -> dict:
     return arch
 
 
-def load_phase1(path: Path) -> Any:
-    """Rebuild the Phase 1 model from its checkpoint and load the weights, strictly."""
-    from safetensors.torch import load_file
+def verify_phase1(path: Path) -> dict:
+    """Check a Phase 1 checkpoint without loading its tensors: format, version, and every tensor name and
+    shape against the architecture in its header (the modules are built on the meta device). Returns the architecture."""
+    import torch
+    from safetensors import safe_open
 
     arch = read_phase1_header(path)
-    model = build_phase1(arch)
-    state = load_file(str(path))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_phase1(arch).state_dict().items()}
+    with safe_open(str(path), framework="pt") as f:
+        got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
     if missing:
         raise UserError(f"Phase 1 checkpoint {path}: {len(missing)} missing tensor(s), first {missing[0]!r}")
     if unexpected:
         raise UserError(f"Phase 1 checkpoint {path}: {len(unexpected)} unexpected tensor(s), first {unexpected[0]!r}")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise UserError(f"Phase 1 checkpoint {path}: tensor {k!r} has shape {list(state[k].shape)}, the architecture"
-                            f" in its header needs {list(v.shape)}")
-    model.load_state_dict(state, strict=True)
+    for k, shape in expected.items():
+        if got[k] != shape:
+            raise UserError(f"Phase 1 checkpoint {path}: tensor {k!r} has shape {list(got[k])}, the architecture in its"
+                            f" header needs {list(shape)}")
+    return arch
+
+
+def load_phase1(path: Path) -> Any:
+    """Rebuild the Phase 1 model from its checkpoint (verified first) and load the weights strictly."""
+    from safetensors.torch import load_file
+
+    model = build_phase1(verify_phase1(path))
+    model.load_state_dict(load_file(str(path)), strict=True)
     return model
 
 
@@ -196,7 +207,7 @@ def make_projectors(architecture: dict, hidden: int, llm_hidden: int, tokens: di
 
     Projector = _modules()[1]
     d = int(architecture["align_dim"])
-    return nn.ModuleDict({m: Projector(d, hidden, llm_hidden, tokens[m]) for m in architecture["modalities"]})
+    return nn.ModuleDict({m: Projector(d, hidden, llm_hidden, k) for m, k in tokens.items()})
 
 
 def tensors_sha256(named: Iterable[tuple[str, Any]]) -> str:

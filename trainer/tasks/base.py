@@ -48,6 +48,9 @@ class Task(Protocol):
     def flops_per_token(self, model: Any) -> Optional[float]:
         """Training FLOPs per token for MFU, or None."""
 
+    def export(self, ckpt: Any, out: Any, metadata: dict[str, Any]) -> list[str]:
+        """Write checkpoint `ckpt` into the empty folder `out` in the format its users load; the files written."""
+
     def data_position(self, step: int) -> dict[str, Any]:
         """Where the data stream stands after `step` optimizer steps (stored in checkpoint metadata)."""
 

@@ -17,7 +17,8 @@ from trainer.data.sampler import ResumableSampler
 from trainer.errors import UserError
 from trainer.log import get_logger
 from trainer.models.multimodal import (adapter_expected_shapes, build_multimodal, check_adapter_tensors, load_phase1,
-                                       make_projectors, parameter_table, read_phase1_header, tensors_sha256)
+                                       make_projectors, parameter_table, read_phase1_header, tensors_sha256,
+                                       verify_phase1)
 from trainer.ranks import RankInfo
 from trainer.tasks.base import TaskHooks
 
@@ -98,7 +99,7 @@ class LoraTask(TaskHooks):
     def preflight(self) -> None:
         """Everything a launch needs, checked on one process: LLM folder, Phase 1 checkpoint, tokenizers, every JSONL line."""
         cfg = self.llm_config()
-        arch = self.architecture
+        arch = verify_phase1(Path(self.lc.phase1_checkpoint))
         absent = [m for m in self.lc.soft_tokens if m not in arch["modalities"]]
         if absent:
             log.warning("lora.soft_tokens names %s, which the Phase 1 checkpoint has no encoder for: not used", ", ".join(absent))
@@ -219,7 +220,9 @@ class LoraTask(TaskHooks):
                           str(Path(ckpt_dir) / PROJECTORS_FILE), metadata={"modalities": json.dumps(self.modalities)})
         extra: dict[str, Any] = {"frozen_sha256": self.frozen_sha256, "lora": {"r": self.lc.r, "alpha": self.lc.alpha,
                                  "target_modules": list(self.lc.target_modules)}, "llm_path": str(self.llm_path),
-                                 "phase1_checkpoint": str(self.lc.phase1_checkpoint)}
+                                 "phase1_checkpoint": str(self.lc.phase1_checkpoint),
+                                 "soft_tokens": {m: self.lc.soft_tokens[m] for m in self.modalities},
+                                 "projector_hidden": self.lc.projector_hidden}
         if final:
             frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
             with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
@@ -236,3 +239,69 @@ class LoraTask(TaskHooks):
             raise UserError(f"--resume: the checkpoint was trained on frozen weights with sha256 {saved[:16]}..., this"
                             f" config's LLM and Phase 1 checkpoint hash to {self.frozen_sha256[:16]}... (different base"
                             " weights: resuming would train the adapters against another model)")
+
+    # ------------------------------------------------------------------------------ export
+    def export(self, ckpt: Path, out: Path, metadata: dict[str, Any]) -> list[str]:
+        """PEFT adapter folder + projector weights + a README; the adapter is checked again before it is copied."""
+        import shutil
+
+        from safetensors.torch import load_file
+
+        src = ckpt / ADAPTER_DIR
+        if not (src / "adapter_model.safetensors").is_file() or not (ckpt / PROJECTORS_FILE).is_file():
+            raise UserError(f"{ckpt}: no {ADAPTER_DIR}/adapter_model.safetensors or {PROJECTORS_FILE} (not a lora checkpoint?)")
+        adapter_cfg = json.loads((src / "adapter_config.json").read_text())
+        check_adapter_file(load_file(str(src / "adapter_model.safetensors")), int(adapter_cfg["r"]), str(src))
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(src / name, out / name)
+        shutil.copy2(ckpt / PROJECTORS_FILE, out / PROJECTORS_FILE)
+        info = {k: metadata.get(k) for k in ("run_id", "step", "loss", "frozen_sha256", "llm_path", "phase1_checkpoint", "lora",
+                                             "soft_tokens", "projector_hidden")}
+        (out / "trainer_export.json").write_text(json.dumps(info, indent=2) + "\n")
+        (out / "README.md").write_text(EXPORT_README.format(step=metadata.get("step"), run=metadata.get("run_id"),
+                                                            llm=metadata.get("llm_path"), phase1=metadata.get("phase1_checkpoint")))
+        return ["adapter_config.json", "adapter_model.safetensors", PROJECTORS_FILE, "trainer_export.json", "README.md"]
+
+
+def check_adapter_file(state: dict, r: int, where: str) -> None:
+    """An exported adapter: LoRA tensors present, none empty, rank `r` where the rank goes (A: r x in, B: out x r)."""
+    lora = {k: v for k, v in state.items() if "lora_" in k}
+    if not lora:
+        raise UserError(f"{where}: no LoRA tensors in the adapter")
+    for k, v in lora.items():
+        if v.numel() == 0 or (".lora_A." in k and v.shape[0] != r) or (".lora_B." in k and v.shape[-1] != r):
+            raise UserError(f"{where}: LoRA tensor {k} has shape {tuple(v.shape)}, expected rank {r} and no empty dimension")
+
+
+EXPORT_README = """# LoRA adapter and projectors (step {step} of run {run})
+
+- `adapter_config.json`, `adapter_model.safetensors`: a PEFT LoRA adapter for the LLM in `{llm}`.
+- `projectors.safetensors`: the trained projectors (aligned feature -> soft tokens), one MLP per modality.
+- `trainer_export.json`: step, loss, LoRA settings, soft tokens per modality, and the sha256 of the
+  frozen weights it was trained with (Phase 1 checkpoint `{phase1}` and the base LLM).
+
+Load the LLM with its adapter:
+
+```python
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+
+base = AutoModelForCausalLM.from_pretrained("{llm}")
+model = PeftModel.from_pretrained(base, "THIS_FOLDER")
+model = model.merge_and_unload()  # optional: plain weights, no PEFT at inference
+```
+
+Rebuild the multimodal front end (frozen encoders + aligner from Phase 1, trained projectors):
+
+```python
+from safetensors.torch import load_file
+from trainer.models.multimodal import build_multimodal, load_phase1, make_projectors
+import json
+
+info = json.load(open("THIS_FOLDER/trainer_export.json"))
+phase1 = load_phase1("{phase1}")
+projectors = make_projectors(phase1.architecture, info["projector_hidden"], model.config.hidden_size, info["soft_tokens"])
+projectors.load_state_dict(load_file("THIS_FOLDER/projectors.safetensors"))
+mm = build_multimodal(phase1, projectors, model)  # mm(**batch) -> loss; mm.soft_tokens(batch) -> soft tokens
+```
+"""

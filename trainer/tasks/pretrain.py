@@ -11,6 +11,7 @@ from trainer.data.sampler import ResumableSampler
 from trainer.data.shards import SHARDS_CHECKED_ENV, TokenShards, check_token_ids, find_shards, open_shard
 from trainer.ranks import RankInfo
 from trainer.tasks.base import TaskHooks
+from trainer.errors import UserError
 from trainer.log import get_logger
 from trainer.models.neox import human_count, neox_config, parameter_counts, resolve_dims
 
@@ -128,3 +129,18 @@ class PretrainTask(TaskHooks):
             "num_windows": self.sampler.n,
             "seed": self.cfg.train.seed,
         }
+
+    def export(self, ckpt: Path, out: Path, metadata: dict[str, Any]) -> list[str]:
+        """Consolidate the ZeRO shards (any stage) into a Hugging Face model folder (safetensors)."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from transformers import GPTNeoXForCausalLM
+
+        m = self.cfg.model
+        model = GPTNeoXForCausalLM(neox_config(m.preset, m.vocab_size, m.pad_vocab_to, m.seq_len, m.attn_implementation))
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UserError(f"{ckpt}: the checkpoint does not fit {m.preset} (missing {missing[:2]}, unexpected {unexpected[:2]})")
+        model.config.use_cache = True
+        model.save_pretrained(str(out), safe_serialization=True)
+        return sorted(p.name for p in out.iterdir())
