@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from trainer.cli import config_cmd, export_cmd, train_cmd, upload_cmd
+from trainer.cli import config_cmd, export_cmd, train_cmd, upload_cmd, validate_cmd
 from trainer.errors import UserError
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(upload_cmd.app, name="upload")
 app.command("upload-all")(upload_cmd.upload_all)
 app.command("export")(export_cmd.export)
+app.command("validate")(validate_cmd.validate)
 
 
 @app.callback()

@@ -177,13 +177,7 @@ class Trainer:
         model = self._build_model(deepspeed)
         for line in self.task.describe_model(model):
             log.info(line)
-        groups = param_groups(model.named_parameters(), cfg.optim.weight_decay)
-        optimizer = None if uses_ds_optimizer(self.ds_config) else optimizer_factory(cfg.optim, fused=self._on_gpu())
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=groups, optimizer=optimizer,
-            lr_scheduler=scheduler_factory(cfg.optim, cfg.train.max_steps), config=self.ds_config,
-        )
-        self.state = RunState()
+        self.initialize_engine(model)
         meta = decision["metadata"]
         if decision["resume"]:
             self._load(Path(decision["resume"]), meta)
@@ -204,6 +198,19 @@ class Trainer:
                     self.uploader.submit(c.path)
         self.flops_per_token = self.task.flops_per_token(model)
         self.peak = peak_flops(accelerator_name()) if self._on_gpu() else None
+
+    def initialize_engine(self, model: Any) -> None:
+        """The DeepSpeed engine around `model` (trainable parameters only in the optimizer) at step 0."""
+        import deepspeed
+
+        cfg = self.cfg
+        groups = param_groups(model.named_parameters(), cfg.optim.weight_decay)
+        optimizer = None if uses_ds_optimizer(self.ds_config) else optimizer_factory(cfg.optim, fused=self._on_gpu())
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, optimizer=optimizer,
+            lr_scheduler=scheduler_factory(cfg.optim, cfg.train.max_steps), config=self.ds_config,
+        )
+        self.state = RunState()
 
     def _on_gpu(self) -> bool:
         from deepspeed.accelerator import get_accelerator
@@ -389,8 +396,8 @@ class Trainer:
         """Tokens all ranks process together in one optimizer step."""
         return self.task.tokens_per_micro_batch() * self.cfg.train.grad_accum * self.ranks.world_size
 
-    def train_step(self, window: Optional["LossWindow"] = None) -> None:
-        """One optimizer step: `grad_accum` micro-batches, forward, backward, DeepSpeed step."""
+    def train_step(self, window: Optional["LossWindow"] = None) -> Any:
+        """One optimizer step: `grad_accum` micro-batches, forward, backward, DeepSpeed step. Returns the last micro-batch's loss."""
         s, eng = self.state, self.engine
         for micro in range(self.cfg.train.grad_accum):
             loss = self.task.loss(eng, self.task.batch(s.step, micro, eng.device))
@@ -401,6 +408,7 @@ class Trainer:
         s.step += 1
         if window is not None:
             window.steps += 1
+        return loss
 
     def _log_window(self, window: LossWindow, lr: float, tokens_per_step: int) -> None:
         loss, steps, elapsed = window.close()

@@ -11,7 +11,6 @@ Phase 1 checkpoint format (one `.safetensors` file, no pickle):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -208,16 +207,6 @@ def make_projectors(architecture: dict, hidden: int, llm_hidden: int, tokens: di
     Projector = _modules()[1]
     d = int(architecture["align_dim"])
     return nn.ModuleDict({m: Projector(d, hidden, llm_hidden, k) for m, k in tokens.items()})
-
-
-def tensors_sha256(named: Iterable[tuple[str, Any]]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of tensors in name order: equal iff the weights are bit-identical."""
-    h = hashlib.sha256()
-    for name, t in sorted(named, key=lambda kv: kv[0]):
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def component_of(name: str) -> str:

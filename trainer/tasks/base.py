@@ -15,6 +15,8 @@ class Task(Protocol):
 
     def check_resume(self, metadata: dict[str, Any]) -> None: ...
 
+    def freezing_problems(self, model: Any) -> list[str]: ...
+
     def prepare_data(self) -> None:
         """Once per node, before `preflight`: bring remote data local (e.g. download and verify shards)."""
 
@@ -70,3 +72,7 @@ class TaskHooks:
 
     def check_resume(self, metadata: dict[str, Any]) -> None:
         """Raise `UserError` if this task cannot continue from a checkpoint with `metadata`."""
+
+    def freezing_problems(self, model: Any) -> list[str]:
+        """What is trainable that should not be, or frozen that should train (empty: as intended)."""
+        return [] if any(p.requires_grad for p in model.parameters()) else ["no trainable parameters"]

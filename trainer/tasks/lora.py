@@ -17,8 +17,8 @@ from trainer.data.sampler import ResumableSampler
 from trainer.errors import UserError
 from trainer.log import get_logger
 from trainer.models.multimodal import (adapter_expected_shapes, build_multimodal, check_adapter_tensors, load_phase1,
-                                       make_projectors, parameter_table, read_phase1_header, tensors_sha256,
-                                       verify_phase1)
+                                       make_projectors, parameter_table, read_phase1_header, verify_phase1)
+from trainer.tensors import tensors_sha256
 from trainer.ranks import RankInfo
 from trainer.tasks.base import TaskHooks
 
@@ -134,6 +134,9 @@ class LoraTask(TaskHooks):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per rank of "Loading weights" adds nothing to the log
         phase1 = load_phase1(Path(self.lc.phase1_checkpoint))
         llm = AutoModelForCausalLM.from_pretrained(str(self.llm_path), dtype=torch.float32,
                                                    attn_implementation=self.cfg.model.attn_implementation)
@@ -232,6 +235,14 @@ class LoraTask(TaskHooks):
                     raise RuntimeError(f"frozen weights changed during training: sha256 {self.frozen_sha256} -> {now}")
                 log.info("frozen weights unchanged (sha256 %s)", now)
         return extra
+
+    def freezing_problems(self, model: Any) -> list[str]:
+        out = []
+        for n, p in model.named_parameters():
+            should_train = n.startswith("projectors.") or (n.startswith("llm.") and "lora_" in n)
+            if p.requires_grad != should_train:
+                out.append(f"{n} is {'trainable' if p.requires_grad else 'frozen'}, expected {'trainable' if should_train else 'frozen'}")
+        return out
 
     def check_resume(self, metadata: dict[str, Any]) -> None:
         saved = metadata.get("frozen_sha256")
