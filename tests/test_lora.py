@@ -1,0 +1,276 @@
+"""Phase 2 multimodal LoRA: the real launcher with 2 CPU ranks, a tiny Qwen2 and a tiny Phase 1
+checkpoint made offline by tools/make_tiny_multimodal.py."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli
+
+LORA_TINY = REPO / "configs" / "lora_tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_mm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_mm")
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_multimodal.py"), "--out", str(out), "--samples", "32"],
+                   check=True, capture_output=True, cwd=REPO)
+    return out
+
+
+def lora_config(tiny_mm: Path, where: Path, **sections: dict) -> Path:
+    cfg = yaml.safe_load(LORA_TINY.read_text())
+    cfg["run_dir"] = str(where / "runs")
+    cfg["lora"].update(llm_path=str(tiny_mm / "llm"), phase1_checkpoint=str(tiny_mm / "phase1.safetensors"))
+    cfg["data"]["path"] = str(tiny_mm / "data")
+    cfg["tracking"]["enabled"] = False
+    cfg["train"].update(log_every=2, max_steps=12)
+    cfg["optim"].update(decay_steps=12, warmup_steps=2)
+    cfg["checkpoint"].update(save_every=6, keep_last=5)
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / "lora.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in run_dir.glob("*/checkpoints/step-*/metadata.json"))
+
+
+def meta(ckpt: Path) -> dict:
+    return json.loads((ckpt / "metadata.json").read_text())
+
+
+def ok(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+
+ZERO3_PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+
+
+@pytest.mark.launcher
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_learns_keeps_frozen_weights_resumes_exactly_and_exports(tiny_mm: Path, tmp_path: Path, stage: int) -> None:
+    """Loss falls; frozen weights bit-identical; 6 steps + resume == 12 steps; the export reloads with PEFT.
+
+    Stage 3 partitions every parameter (persistence threshold 0), so the LoRA tensors are
+    partitioned too: the adapter written with each checkpoint must still be complete."""
+    ds = {"template": f"zero{stage}", "overrides": ZERO3_PARTITION_ALL if stage == 3 else {}}
+    full = lora_config(tiny_mm, tmp_path / "full", deepspeed=ds)
+    split = lora_config(tiny_mm, tmp_path / "split", deepspeed=ds)
+    r = run_cli("train", str(full), "--num-ranks", "2")
+    ok(r)
+    assert "frozen weights unchanged (sha256" in r.stdout
+    ok(run_cli("train", str(split), "--num-ranks", "2", "--max-steps", "6"))
+    r = run_cli("train", str(split), "--num-ranks", "2")  # --resume auto
+    ok(r)
+    assert "at step 6" in r.stdout
+
+    a, b = checkpoints(tmp_path / "full" / "runs"), checkpoints(tmp_path / "split" / "runs")
+    assert [p.name for p in a] == [p.name for p in b] == ["step-00000006", "step-00000012"]
+    ma, mb = meta(a[-1]), meta(b[-1])
+    losses = [loss for _, loss in ma["loss_history"]]
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert mb["loss_history"] == ma["loss_history"]  # exact, also the steps after the resume
+    assert ma["frozen_sha256"] == mb["frozen_sha256"] and len(ma["frozen_sha256"]) == 64
+
+    # only trainable state in the checkpoint: the module file is smaller than the frozen weights alone
+    frozen_bytes = (tiny_mm / "phase1.safetensors").stat().st_size + (tiny_mm / "llm" / "model.safetensors").stat().st_size
+    assert sum(f.stat().st_size for f in a[-1].glob("*model_states.pt")) < frozen_bytes / 2
+
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(a[-1] / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(v.numel() > 0 for v in adapter.values())
+    assert {tuple(v.shape)[0] for k, v in adapter.items() if "lora_A" in k} == {8}
+
+    out = tmp_path / "export"
+    r = run_cli("export", str(a[-1]), "--out", str(out))
+    ok(r)
+    assert (out / "README.md").is_file() and (out / "projectors.safetensors").is_file()
+    _exported_logits_match_the_checkpoint(a[-1], out, full, tiny_mm)
+
+    if stage == 2:  # other frozen weights of the same shapes: continuing would train against another model
+        other = _rewrite(tiny_mm / "phase1.safetensors", tmp_path / "phase1_other.safetensors",
+                         lambda t, h: t.update({"aligner.image.0.bias": t["aligner.image.0.bias"] + 1e-3}))
+        r = run_cli("train", str(split), "--num-ranks", "2", "--max-steps", "18", "--set", f"lora.phase1_checkpoint={other}")
+        assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "frozen weights with sha256" in r.stdout + r.stderr
+        assert [p.name for p in checkpoints(tmp_path / "split" / "runs")] == ["step-00000006", "step-00000012"]
+
+
+def _exported_logits_match_the_checkpoint(ckpt: Path, out: Path, config: Path, tiny_mm: Path) -> None:
+    """The trained weights from DeepSpeed's shards vs the exported PEFT adapter and projectors: same logits, same tensors."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from trainer.config.load import load_config
+    from trainer.tasks.lora import LoraTask
+
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=True)
+    model = LoraTask(load_config(config)).build_model()
+    missing, unexpected = model.load_state_dict(trained, strict=False)
+    assert not unexpected and all("lora_" not in k and not k.startswith("projectors.") for k in missing)
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_mm / "llm"))
+    exported = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        want = model.llm.eval()(input_ids=ids).logits
+        got = exported(input_ids=ids).logits
+    assert torch.equal(want, got)
+    proj = load_file(str(out / "projectors.safetensors"))
+    assert proj and all(torch.equal(v, trained[f"projectors.{k}"]) for k, v in proj.items())
+
+
+# ---------------------------------------------------------------------------- bad Phase 1 checkpoints
+def _rewrite(src: Path, dst: Path, edit) -> Path:  # type: ignore[no-untyped-def]
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors, header)
+    save_file(tensors, str(dst), metadata=header)
+    return dst
+
+
+def _bad_phase1(kind: str, good: Path, tmp: Path) -> Path:
+    import torch
+
+    dst = tmp / f"{kind}.safetensors"
+    if kind == "missing file":
+        return tmp / "nope.safetensors"
+    if kind == "not safetensors":
+        dst.write_bytes(b"\x80\x02 this is a pickle, not safetensors" * 10)
+        return dst
+    edits = {
+        "wrong format": lambda t, h: h.update(format="something-else"),
+        "wrong version": lambda t, h: h.update(format_version="7"),
+        "missing tensor": lambda t, h: t.pop(sorted(k for k in t if k.startswith("aligner.audio"))[0]),
+        "unexpected tensor": lambda t, h: t.update({"aligner.smell.0.weight": torch.zeros(2, 2)}),
+        "wrong shape": lambda t, h: t.update({"aligner.image.0.weight": torch.zeros(32, 31)}),
+    }
+    return _rewrite(good, dst, edits[kind])
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("missing file", "no such file"),
+    ("not safetensors", "not a safetensors file"),
+    ("wrong format", "header format is 'something-else', expected 'trainer-phase1'"),
+    ("wrong version", "format_version '7', this trainer reads version 1"),
+    ("missing tensor", "1 missing tensor(s), first 'aligner.audio.0.bias'"),
+    ("unexpected tensor", "1 unexpected tensor(s), first 'aligner.smell.0.weight'"),
+    ("wrong shape", "tensor 'aligner.image.0.weight' has shape [32, 31], the architecture in its header needs [32, 32]"),
+])
+def test_bad_phase1_checkpoint_is_named(tiny_mm: Path, tmp_path: Path, kind: str, message: str) -> None:
+    from trainer.errors import UserError
+    from trainer.models.multimodal import load_phase1
+
+    bad = _bad_phase1(kind, tiny_mm / "phase1.safetensors", tmp_path)
+    with pytest.raises(UserError) as exc:
+        load_phase1(bad)
+    assert message in str(exc.value) and str(bad) in str(exc.value)
+
+
+def test_bad_phase1_checkpoint_stops_train_before_launch(tiny_mm: Path, tmp_path: Path) -> None:
+    bad = _bad_phase1("wrong shape", tiny_mm / "phase1.safetensors", tmp_path)
+    cfg = lora_config(tiny_mm, tmp_path, lora={"phase1_checkpoint": str(bad)})
+    r = run_cli("train", str(cfg), "--num-ranks", "2")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "aligner.image.0.weight" in lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------- bad JSONL lines
+def _broken_dataset(tiny_mm: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mm / "data", data)
+    (data / "images" / "broken.png").write_bytes(b"not a png at all")
+    (data / "audio" / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
+    good = (data / "train.jsonl").read_text().splitlines()
+    bad = [
+        '{"sample_id": "x1", "instruction": "hi", ',                                              # line 3
+        json.dumps({"sample_id": "x2", "instruction": "hi"}),                                      # line 4
+        json.dumps({"sample_id": "x3", "instruction": "hi", "response": "yo", "image": "images/none.png"}),   # 5
+        json.dumps({"sample_id": "x4", "instruction": "hi", "response": "yo", "image": "images/broken.png"}),  # 6
+        json.dumps({"sample_id": "x5", "instruction": "hi", "response": "yo", "audio": "audio/broken.wav"}),   # 7
+    ]
+    (data / "train.jsonl").write_text("\n".join(good[:2] + bad + good[2:]) + "\n")
+    return data
+
+
+def test_bad_jsonl_lines_are_listed_with_line_numbers_before_launch(tiny_mm: Path, tmp_path: Path) -> None:
+    data = _broken_dataset(tiny_mm, tmp_path)
+    cfg = lora_config(tiny_mm, tmp_path, data={"path": str(data)})
+    r = run_cli("train", str(cfg), "--num-ranks", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    index = data / "train.jsonl"
+    assert line.startswith(f"error: 5 bad line(s) in {index}")
+    for no, what in [(3, "invalid JSON"), (4, "missing field 'response'"), (5, "image file images/none.png not found"),
+                     (6, "unreadable image images/broken.png"), (7, "unreadable audio audio/broken.wav")]:
+        assert f"{index}:{no}: {what}" in line, (no, line)
+    assert "data.on_bad_sample: skip" in line
+
+
+@pytest.mark.launcher
+def test_skip_mode_trains_on_the_good_lines_and_counts_the_bad(tiny_mm: Path, tmp_path: Path) -> None:
+    data = _broken_dataset(tiny_mm, tmp_path)
+    cfg = lora_config(tiny_mm, tmp_path, data={"path": str(data), "on_bad_sample": "skip"}, train={"max_steps": 4})
+    r = run_cli("train", str(cfg), "--num-ranks", "1")
+    ok(r)
+    assert "5 bad line(s) skipped" in r.stdout
+    (ckpt,) = checkpoints(tmp_path / "runs")
+    assert meta(ckpt)["data_position"]["skipped_lines"] == 5 and meta(ckpt)["data_position"]["num_samples"] == 32
+
+
+# ------------------------------------------------------------------------------ guard and validate
+def test_the_adapter_guard_rejects_empty_and_misshapen_tensors() -> None:
+    import torch
+
+    from trainer.models.multimodal import check_adapter_tensors
+
+    expected = {"a.lora_A.default.weight": (8, 64), "a.lora_B.default.weight": (64, 8)}
+    good = {"a.lora_A.weight": torch.zeros(8, 64), "a.lora_B.weight": torch.zeros(64, 8)}
+    check_adapter_tensors(good, expected, "adapter")
+    with pytest.raises(RuntimeError, match=r"a.lora_A.weight is empty \(0,\)"):
+        check_adapter_tensors({**good, "a.lora_A.weight": torch.empty(0)}, expected, "adapter")
+    with pytest.raises(RuntimeError, match="differ from the configured"):
+        check_adapter_tensors({**good, "a.lora_B.weight": torch.zeros(64, 4)}, expected, "adapter")
+    with pytest.raises(RuntimeError, match="1 LoRA tensors written, the model has 2"):
+        check_adapter_tensors({"a.lora_A.weight": torch.zeros(8, 64)}, expected, "adapter")
+
+
+def test_validate_passes_a_good_config_and_names_what_breaks(tiny_mm: Path, tmp_path: Path) -> None:
+    good = lora_config(tiny_mm, tmp_path / "good", tracking={"enabled": True})
+    r = run_cli("validate", str(good), "--quick")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    names = ["configuration", "model initialization", "parameter freezing", "data pipeline", "forward pass", "training step",
+             "checkpoint save and load", "MLflow logging", "short training run"]
+    for name in names:
+        assert any(line.startswith("PASS") and name in line for line in r.stdout.splitlines()), (name, r.stdout)
+    assert "9/9 checks passed" in r.stdout
+    assert not (tmp_path / "good" / "runs").exists()  # validate writes nothing of its own next to the config
+
+    broken = lora_config(tiny_mm, tmp_path / "broken", lora={"target_modules": ["q_proj", "qkv_fused"]})
+    r = run_cli("validate", str(broken), "--quick")
+    assert r.returncode == 1
+    out = r.stdout.splitlines()
+    fail = [line for line in out if line.startswith("FAIL")]
+    assert len(fail) == 1 and "model initialization" in fail[0] and "lora.target_modules: ['qkv_fused']" in fail[0]
+    assert sum(line.startswith("SKIP") for line in out) == 7 and "first failure: model initialization" in r.stdout
