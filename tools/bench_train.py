@@ -3,11 +3,15 @@
 
     python tools/bench_train.py neox-tiny                      # CPU, fp32, ZeRO-2, 1 rank
     python tools/bench_train.py neox-1.2b --precision bf16 --zero 1 --micro-batch 8 --steps 20
+    python tools/bench_train.py lora-tiny                      # Phase 2 LoRA, tiny fixtures
+    python tools/bench_train.py lora-qwen2.5-0.5b --precision bf16 --zero 2 --micro-batch 8   # GPU
 
 Runs the real engine (the same `Trainer` setup and step as `trainer train`) on one rank with
-random tokens in a temporary shard folder, MLflow and uploads off, no checkpoints. Reports the
-median step time over the measured steps, tokens/s and MFU (FLOPs per token = 6N + 12*L*d*T,
-over the device's bf16 peak; GPUs only). For several ranks, start it with the deepspeed launcher.
+random tokens in a temporary shard folder (LoRA: fixtures from tools/make_tiny_multimodal.py, random
+weights), MLflow and uploads off, no checkpoints. Reports the median step time over the measured
+steps, tokens/s and MFU (FLOPs per token: 6N + 12*L*d*T for pretraining; 4N + 8*L*d*T for LoRA,
+whose frozen weights need no weight gradients; over the device's bf16 peak; GPUs only). For
+several ranks, start it with the deepspeed launcher.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ HEADER = ("| preset | device | ranks | precision | ZeRO | micro x accum | seq | 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("preset", choices=["neox-tiny", "neox-1.2b"])
+    p.add_argument("preset", choices=["neox-tiny", "neox-1.2b", "lora-tiny", "lora-qwen2.5-0.5b"])
+    p.add_argument("--max-length", type=int, default=None, help="LoRA: prompt + response tokens per sample")
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (allocations, autotuning)")
     p.add_argument("--micro-batch", type=int, default=None)
@@ -59,24 +64,24 @@ def main() -> int:
     zero = args.zero if args.zero is not None else (1 if gpu else 2)
     micro = args.micro_batch or (8 if gpu else 4)
     setup_logging(0)
-    dims = resolve_dims(args.preset, None, 128, args.seq_len)
     total_steps = args.warmup + args.steps
+    common = {"optim": {"warmup_steps": 1}, "tracking": {"enabled": False}, "deepspeed": {"template": f"zero{zero}"},
+              "train": {"max_steps": total_steps + 1, "micro_batch_size": micro, "grad_accum": args.grad_accum, "precision": precision}}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        data = Path(tmp) / "shards"
-        data.mkdir()
-        tokens = (total_steps * micro * args.grad_accum + 8) * (dims["seq_len"] + 1)
-        np.save(data / "shard_00000.npy", np.random.default_rng(0).integers(0, dims["vocab_size"], tokens, dtype=np.int32))
-        cfg = RunConfig.model_validate({
-            "run_dir": str(Path(tmp) / "runs"),
-            "model": {"preset": args.preset, "seq_len": args.seq_len, "attn_implementation": args.attn,
-                      "gradient_checkpointing": args.grad_ckpt},
-            "data": {"path": str(data)},
-            "optim": {"warmup_steps": 1},
-            "train": {"max_steps": total_steps + 1, "micro_batch_size": micro, "grad_accum": args.grad_accum,
-                      "precision": precision},
-            "tracking": {"enabled": False},
-            "deepspeed": {"template": f"zero{zero}"},
-        })
+        if args.preset.startswith("lora-"):
+            seq, cfg = lora_config(Path(tmp), args, common)
+        else:
+            dims = resolve_dims(args.preset, None, 128, args.seq_len)
+            seq = dims["seq_len"]
+            data = Path(tmp) / "shards"
+            data.mkdir()
+            tokens = (total_steps * micro * args.grad_accum + 8) * (seq + 1)
+            np.save(data / "shard_00000.npy", np.random.default_rng(0).integers(0, dims["vocab_size"], tokens, dtype=np.int32))
+            cfg = RunConfig.model_validate({
+                **common, "run_dir": str(Path(tmp) / "runs"), "data": {"path": str(data)},
+                "model": {"preset": args.preset, "seq_len": args.seq_len, "attn_implementation": args.attn,
+                          "gradient_checkpointing": args.grad_ckpt},
+            })
         trainer = Trainer(cfg, build_task(cfg), source="bench")
         trainer.setup()
         sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -98,9 +103,30 @@ def main() -> int:
     if not args.no_header:
         print(HEADER)
     print(f"| {args.preset} | {accelerator_name()} | {trainer.ranks.world_size} | {precision} | {zero} | {micro} x {args.grad_accum} |"
-          f" {dims['seq_len']} | {args.attn} | {'yes' if args.grad_ckpt else 'no'} | {step:.4f} | {tps:,.0f} |"
+          f" {seq} | {args.attn} | {'yes' if args.grad_ckpt else 'no'} | {step:.4f} | {tps:,.0f} |"
           f" {f'{util:.1%}' if util is not None else 'n/a (CPU)'} |")
     return 0
+
+
+def lora_config(tmp: Path, args: argparse.Namespace, common: dict) -> tuple[int, "object"]:
+    """Fixtures (tiny, or Qwen2.5-0.5B's shape with real-size encoders; random weights) and the LoRA run config."""
+    import subprocess
+
+    from trainer.config.schema import RunConfig
+
+    size = "tiny" if args.preset == "lora-tiny" else "qwen2.5-0.5b"
+    out = tmp / "mm"
+    subprocess.run([sys.executable, str(Path(__file__).parent / "make_tiny_multimodal.py"), "--out", str(out), "--size", size,
+                    "--samples", "64"], check=True, capture_output=True)
+    max_length = args.max_length or (48 if size == "tiny" else 512)
+    tokens = {"image": 2, "audio": 2, "text": 2} if size == "tiny" else {"image": 32, "audio": 32, "text": 32}
+    cfg = RunConfig.model_validate({
+        **common, "task": "lora", "run_dir": str(tmp / "runs"), "data": {"path": str(out / "data")},
+        "model": {"attn_implementation": args.attn, "gradient_checkpointing": args.grad_ckpt},
+        "lora": {"llm_path": str(out / "llm"), "phase1_checkpoint": str(out / "phase1.safetensors"), "r": 16, "alpha": 32,
+                 "soft_tokens": tokens, "projector_hidden": 64 if size == "tiny" else 1024, "max_length": max_length},
+    })
+    return max_length + sum(tokens.values()), cfg
 
 
 if __name__ == "__main__":

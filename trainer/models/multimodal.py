@@ -109,15 +109,19 @@ def _modules() -> tuple[Any, Any]:
             return self.aligner[modality](feat)
 
     class Projector(nn.Module):
-        """Aligned feature -> K soft tokens of the LLM's hidden size."""
+        """Aligned feature -> K soft tokens of the LLM's hidden size; a sample without the modality gets
+        K learned placeholder vectors instead (exact zero vectors there made the LLM's gradients NaN
+        at the Qwen2.5-0.5B shape)."""
 
         def __init__(self, align_dim: int, hidden: int, llm_hidden: int, tokens: int):
             super().__init__()
             self.tokens, self.llm_hidden = tokens, llm_hidden
             self.net = nn.Sequential(nn.Linear(align_dim, hidden), nn.GELU(), nn.Linear(hidden, tokens * llm_hidden))
+            self.absent = nn.Parameter(torch.randn(tokens, llm_hidden) * 0.02)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x).view(x.shape[0], self.tokens, self.llm_hidden)
+        def forward(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+            out = self.net(x.to(self.net[0].weight.dtype)).view(x.shape[0], self.tokens, self.llm_hidden)
+            return torch.where(present.view(-1, 1, 1), out, self.absent.unsqueeze(0).to(out.dtype))
 
     return Phase1Model, Projector
 
@@ -246,8 +250,8 @@ def _llm_modules() -> Any:
     class MultimodalLM(nn.Module):
         """Soft tokens of every modality, prepended to the prompt's embeddings, into a LoRA LLM.
 
-        A sample without a modality gets K zero vectors in its place (same shapes for the whole
-        batch). The loss is the mean cross-entropy over response tokens only.
+        A sample without a modality gets its projector's K learned placeholder vectors (same
+        shapes for the whole batch). The loss is the mean cross-entropy over response tokens only.
         """
 
         def __init__(self, phase1: Any, projectors: Any, llm: Any):
@@ -259,8 +263,7 @@ def _llm_modules() -> Any:
             for m, proj in self.projectors.items():
                 with torch.no_grad():
                     feat = self.phase1.encode(m, batch)
-                tok = proj(feat.to(proj.net[0].weight.dtype))
-                out.append(tok * batch[f"has_{m}"].to(tok.dtype).view(-1, 1, 1))
+                out.append(proj(feat, batch[f"has_{m}"]))
             return torch.cat(out, dim=1)
 
         def forward(self, **batch: Any) -> Any:
