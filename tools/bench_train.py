@@ -93,6 +93,11 @@ def main() -> int:
             sync()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
+        data_times = []
+        for i in range(args.warmup, total_steps):  # the batches again, alone: how much of a step is data preparation
+            t0 = time.perf_counter()
+            trainer.task.batch(i, 0, trainer.engine.device)
+            data_times.append(time.perf_counter() - t0)
     step = statistics.median(times)
     tps = trainer.tokens_per_step() / step
     util = None
@@ -105,6 +110,8 @@ def main() -> int:
     print(f"| {args.preset} | {accelerator_name()} | {trainer.ranks.world_size} | {precision} | {zero} | {micro} x {args.grad_accum} |"
           f" {seq} | {args.attn} | {'yes' if args.grad_ckpt else 'no'} | {step:.4f} | {tps:,.0f} |"
           f" {f'{util:.1%}' if util is not None else 'n/a (CPU)'} |")
+    print(f"batch preparation: {statistics.median(data_times) * args.grad_accum:.4f} s of the {step:.4f} s step"
+          f" ({statistics.median(data_times) * args.grad_accum / step:.0%})")
     return 0
 
 

@@ -46,12 +46,17 @@ def fields() -> None:
     from trainer.config.schema import RunConfig
 
     def walk(model: type, prefix: str = "") -> None:
+        import typing
+
         for name, f in model.model_fields.items():
             ann = f.annotation
+            inner = [a for a in typing.get_args(ann) if a is not type(None)]
+            if len(inner) == 1 and isinstance(inner[0], type) and hasattr(inner[0], "model_fields"):
+                ann = inner[0]  # an optional section (lora): list its fields too
             if isinstance(ann, type) and hasattr(ann, "model_fields"):
                 walk(ann, f"{prefix}{name}.")
                 continue
-            default = f.default if f.default_factory is None else f.default_factory()
-            typer.echo(f"{prefix}{name} = {default!r}\n    {f.description or ''}")
+            default = "(required)" if f.is_required() else repr(f.default if f.default_factory is None else f.default_factory())
+            typer.echo(f"{prefix}{name} = {default}\n    {f.description or ''}")
 
     walk(RunConfig)
