@@ -296,3 +296,37 @@ def test_lora_task_without_its_section_is_one_line(tmp_path: Path) -> None:
     cfg.write_text("task: lora\nlora:\n  llm_path: m\n  phase1_checkpoint: p.safetensors\n  soft_tokens: {image: 0}\n")
     r = run_cli("config", "show", str(cfg))
     assert r.returncode == 2 and "soft_tokens" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_file_that_breaks_mid_run_is_skipped_or_named(tiny_mm: Path, tmp_path: Path) -> None:
+    """Files deleted after the start-up scan: `skip` replaces the sample and counts it, `error` names its line."""
+    import shutil
+
+    from trainer.config.load import load_config
+    from trainer.errors import UserError
+    from trainer.ranks import RankInfo
+    from trainer.tasks.lora import LoraTask
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mm / "data", data)
+    for mode in ("skip", "error"):
+        task = LoraTask(load_config(lora_config(tiny_mm, tmp_path / mode, data={"path": str(data), "on_bad_sample": mode})))
+        task.setup_data(RankInfo(0, 1, 0, 1), 4, 1)
+        first = task.samples[int(task.sampler.indices(0, 0)[0])]
+        for path in first.media.values():
+            path.unlink(missing_ok=True)
+        if mode == "skip":
+            batch = task.batch(0, 0, "cpu")
+            assert batch["input_ids"].shape[0] == 4 and len(task.skipped) == 1
+            assert f"train.jsonl:{first.line}: unreadable during training" in task.skipped[0]
+        else:
+            with pytest.raises(UserError, match=f"train.jsonl:{first.line}: unreadable during training"):
+                task.batch(0, 0, "cpu")
+        shutil.rmtree(data)
+        shutil.copytree(tiny_mm / "data", data)
+
+
+def test_validate_a_pretraining_config(tiny_config: Path) -> None:
+    r = run_cli("validate", str(tiny_config), "--quick")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "9/9 checks passed" in r.stdout and "PASS  parameter freezing" in r.stdout

@@ -179,9 +179,25 @@ class LoraTask(TaskHooks):
 
     def batch(self, step: int, micro: int, device: Any) -> dict[str, Any]:
         assert self.sampler is not None
-        f = self._featurizer()
-        items = [f.features(self.samples[int(i)]) for i in self.sampler.indices(step, micro)]
+        items = [self._features(int(i)) for i in self.sampler.indices(step, micro)]
         return {k: v.to(device) for k, v in collate(items).items()}
+
+    def _features(self, i: int) -> dict[str, Any]:
+        """Sample `i`'s tensors. A file that broke after the start-up scan (deleted, truncated) stops the run
+        with its line (`on_bad_sample: error`) or is replaced by the next good sample and counted (`skip`)."""
+        f, n = self._featurizer(), len(self.samples)
+        index = Path(self.cfg.data.path) / self.cfg.data.train_file
+        for k in range(n):
+            s = self.samples[(i + k) % n]
+            try:
+                return f.features(s)
+            except Exception as exc:
+                problem = f"{index}:{s.line}: unreadable during training ({type(exc).__name__}: {str(exc)[:120]})"
+                if self.cfg.data.on_bad_sample == "error":
+                    raise UserError(problem + " (set data.on_bad_sample: skip to go on without it)") from None
+                self.skipped.append(problem)
+                log.warning("%s: skipped, the next sample takes its place", problem)
+        raise UserError(f"{index}: no sample could be read")
 
     def loss(self, model: Any, batch: dict[str, Any]) -> Any:
         return model(**batch)
