@@ -330,3 +330,30 @@ def test_validate_a_pretraining_config(tiny_config: Path) -> None:
     r = run_cli("validate", str(tiny_config), "--quick")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "9/9 checks passed" in r.stdout and "PASS  parameter freezing" in r.stdout
+
+
+def test_phase1_from_pretrained_encoder_folders(tmp_path: Path) -> None:
+    """Encoders saved as ordinary Hugging Face folders become a Phase 1 checkpoint that loads back bit for bit."""
+    import torch
+    from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, WhisperConfig, WhisperModel
+
+    from trainer.models.multimodal import load_phase1, tiny_architecture
+
+    arch = tiny_architecture(300)["modalities"]
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**arch["image"]["config"])).save_pretrained(tmp_path / "clip")
+    WhisperModel(WhisperConfig(**arch["audio"]["config"])).save_pretrained(tmp_path / "whisper")
+    BertModel(BertConfig(**arch["text"]["config"]), add_pooling_layer=False).save_pretrained(tmp_path / "bert")
+    out = tmp_path / "phase1.safetensors"
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "build_phase1.py"), "--image", str(tmp_path / "clip"),
+                        "--audio", str(tmp_path / "whisper"), "--text", str(tmp_path / "bert"), "--align-dim", "16",
+                        "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = load_phase1(out)
+    clip = CLIPVisionModel.from_pretrained(str(tmp_path / "clip"))
+    assert all(torch.equal(v, model.encoders["image"].state_dict()[k]) for k, v in clip.state_dict().items())
+    assert model.aligner["audio"][0].weight.shape == (16, 32)
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "build_phase1.py"), "--image", str(tmp_path / "nope"),
+                        "--align-dim", "16", "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "image encoder" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.safetensors").exists()

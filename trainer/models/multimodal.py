@@ -130,6 +130,37 @@ def build_phase1(architecture: dict) -> Any:
     return _modules()[0](architecture)
 
 
+def phase1_from_pretrained(paths: dict[str, Path], align_dim: int, aligner_state: Optional[dict] = None, seed: int = 0) -> Any:
+    """A Phase 1 model whose encoders are loaded from local Hugging Face folders (CLIP or CLIP-vision,
+    Whisper, BERT); the aligner is `aligner_state` (keys `<modality>.0.weight`, ...) or freshly
+    initialised from `seed` (to be trained in Phase 1)."""
+    import torch
+
+    loaders = {
+        "image": lambda p: __import__("transformers").CLIPVisionModel.from_pretrained(str(p)),
+        "audio": lambda p: __import__("transformers").WhisperModel.from_pretrained(str(p)).get_encoder(),
+        "text": lambda p: __import__("transformers").BertModel.from_pretrained(str(p), add_pooling_layer=False),
+    }
+    unknown = sorted(set(paths) - set(loaders))
+    if unknown:
+        raise UserError(f"no pretrained loader for modality {unknown[0]!r} (expected {list(loaders)})")
+    encoders = {}
+    for m, p in paths.items():
+        try:
+            encoders[m] = loaders[m](p)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{m} encoder {p}: cannot load ({str(exc).splitlines()[0][:160]})") from None
+    arch = {"align_dim": align_dim,
+            "modalities": {m: {"type": ENCODER_TYPES[m], "config": enc.config.to_diff_dict()} for m, enc in encoders.items()}}
+    torch.manual_seed(seed)
+    model = build_phase1(arch)
+    for m, enc in encoders.items():
+        model.encoders[m].load_state_dict(enc.state_dict(), strict=True)
+    if aligner_state is not None:
+        model.aligner.load_state_dict(aligner_state, strict=True)
+    return model
+
+
 def save_phase1(model: Any, path: Path) -> None:
     """Write a Phase 1 checkpoint (the format in this module's docstring)."""
     from safetensors.torch import save_file
