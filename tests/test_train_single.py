@@ -205,3 +205,32 @@ def test_the_same_command_after_the_run_completed_does_nothing(tiny_config: Path
     assert r.stderr.strip() == ("nothing to do: run run-done is complete (step-00000300, train.max_steps 300); raise"
                                 " --max-steps to train further, or pass --resume none for a new run")
     assert "deepspeed.launcher.runner" not in r.stdout and set(tmp_path.rglob("*")) == before
+
+
+def test_export_of_a_pretraining_checkpoint_loads_with_transformers(tiny_config: Path, tmp_path: Path) -> None:
+    """ZeRO shards -> a transformers folder: AutoModelForCausalLM loads it and gives the checkpoint's logits."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
+
+    from trainer.config.load import load_config
+    from trainer.models.neox import neox_config
+
+    cfg = _cfg(tiny_config, train={"max_steps": 4}, checkpoint={"save_every": 4})
+    r = run_rank("--config", str(cfg))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (ckpt,) = sorted((tmp_path / "runs").glob("*/checkpoints/step-00000004"))
+    out = tmp_path / "hf"
+    r = run_cli("export", str(ckpt), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+    m = load_config(cfg).model
+    want = GPTNeoXForCausalLM(neox_config(m.preset, m.vocab_size, m.pad_vocab_to, m.seq_len, m.attn_implementation))
+    want.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+    got = AutoModelForCausalLM.from_pretrained(str(out))
+    ids = torch.tensor([[1, 5, 9, 200, 511, 3]])
+    with torch.no_grad():
+        assert torch.equal(want.eval()(input_ids=ids).logits, got.eval()(input_ids=ids).logits)
+    r = run_cli("export", str(ckpt), "--out", str(out))
+    assert r.returncode == 2 and "not an empty folder" in r.stderr
