@@ -6,7 +6,7 @@ RANKS   ?= 2
 # DeepSpeed JIT-compiles a few ops on first use (~1-2 min here): keep them in the ignored build folder.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
-.PHONY: setup run test bench clean
+.PHONY: setup run run-lora test bench clean
 
 $(VENV)/.installed: setup.py requirements-lock.txt constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,14 @@ data/tiny_shards/shard_00000.npy: tools/make_synthetic_shards.py | setup
 run: setup data/tiny_shards/shard_00000.npy
 	$(BIN)/trainer train configs/pretrain_tiny.yaml --num-ranks $(RANKS) --max-steps 150 --set optim.decay_steps=300 --resume none
 	$(BIN)/trainer train configs/pretrain_tiny.yaml --num-ranks $(RANKS) --max-steps 300 --set optim.decay_steps=300 --resume latest
+
+data/tiny_mm/phase1.safetensors: tools/make_tiny_multimodal.py | setup
+	$(BIN)/python tools/make_tiny_multimodal.py --out data/tiny_mm
+
+# Phase 2 LoRA on the tiny offline fixtures: the preflight checks, then 2 CPU ranks through the launcher.
+run-lora: setup data/tiny_mm/phase1.safetensors
+	$(BIN)/trainer validate configs/lora_tiny.yaml --quick
+	$(BIN)/trainer train configs/lora_tiny.yaml --num-ranks $(RANKS) --resume none
 
 test: setup
 	$(BIN)/python -m pytest -q
