@@ -68,7 +68,7 @@ class Storage(Protocol):
 
     url: str
 
-    def check(self) -> None: ...
+    def check(self, timeout_s: float = 30.0) -> None: ...
     def writer(self, name: str) -> contextlib.AbstractContextManager[BinaryIO]: ...
     def put_stream(self, name: str, stream: BinaryIO, size: int) -> ObjectInfo: ...
     def put_bytes(self, name: str, data: bytes) -> None: ...
@@ -138,7 +138,7 @@ class FileStorage:
     def display(self, name: str) -> str:
         return f"file://{self.root / name}"
 
-    def check(self) -> None:
+    def check(self, timeout_s: float = 30.0) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -241,12 +241,12 @@ class GCSStorage:
     def display(self, name: str) -> str:
         return f"gs://{self.bucket_name}/{self._key(name)}"
 
-    def check(self) -> None:
+    def check(self, timeout_s: float = 30.0) -> None:
         """Can we list objects under the prefix? (objects.list: the permission uploads need, unlike
         buckets.get, which least-privilege service accounts often lack.)"""
         try:
-            next(iter(self.client.list_blobs(self.bucket_name, prefix=self._key(""), max_results=1, timeout=30,
-                                             retry=self.retry.with_timeout(30))), None)
+            next(iter(self.client.list_blobs(self.bucket_name, prefix=self._key(""), max_results=1, timeout=timeout_s,
+                                             retry=self.retry.with_timeout(timeout_s))), None)
         except Exception as exc:
             raise UserError(f"upload.url {self.url}: {describe_error(exc, self.bucket_name)}") from None
 

@@ -133,8 +133,9 @@ class CheckpointStore:
     def path(self, tag: str) -> Path:
         return self.root / tag
 
-    def committed(self) -> list[Checkpoint]:
-        """Committed checkpoints, oldest step first."""
+    def committed(self, problems: Optional[list[str]] = None) -> list[Checkpoint]:
+        """Committed checkpoints, oldest step first. One with unreadable metadata is skipped with a
+        warning, or its line appended to `problems` when a list is given."""
         out = []
         if self.root.is_dir():
             for d in self.root.iterdir():
@@ -142,7 +143,10 @@ class CheckpointStore:
                     try:
                         out.append(Checkpoint(d, read_metadata(d)))
                     except UserError as exc:
-                        log.warning("skipping checkpoint with unreadable metadata: %s", exc)
+                        if problems is None:
+                            log.warning("skipping checkpoint with unreadable metadata: %s", exc)
+                        else:
+                            problems.append(str(exc))
         return sorted(out, key=lambda c: c.step)
 
     def remove_partials(self) -> list[Path]:

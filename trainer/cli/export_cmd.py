@@ -6,34 +6,21 @@ from typing import Annotated
 
 import typer
 
-from trainer.errors import UserError
-
 
 def export(
-    ckpt: Annotated[Path, typer.Argument(help="A committed checkpoint folder (RUN_DIR/RUN_ID/checkpoints/step-NNNNNNNN).", show_default=False)],
+    ckpt: Annotated[str, typer.Argument(help="A checkpoint folder, or a reference looked up under --runs: TAG, RUN/TAG,"
+                                             " RUN (its newest), latest, best.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Folder to write (must not exist, or be empty).", show_default=False)],
+    runs: Annotated[str, typer.Option("--runs", "-r", help="Folder of runs where references are looked up.")] = "runs",
 ) -> None:
     """Export a checkpoint: pretrain -> a transformers model folder; lora -> a PEFT adapter folder plus projectors."""
-    import shutil
-    import tempfile
+    from trainer.checkpoint.catalog import resolve
+    from trainer.errors import UserError
+    from trainer.tasks import export_checkpoint
 
-    from trainer.checkpoint.store import read_metadata
-    from trainer.config.load import load_config
-    from trainer.tasks import build_task
-
-    meta = read_metadata(ckpt)
-    if not (ckpt / "config.yaml").is_file():
-        raise UserError(f"{ckpt}: no config.yaml beside the metadata (a checkpoint from an older trainer?)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out}: exists and is not an empty folder (nothing was written)")
-    task = build_task(load_config(ckpt / "config.yaml"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        files = task.export(ckpt, staging, meta)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)  # all or nothing: a failed export leaves no half-written folder
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    typer.echo(f"exported {meta.get('task', task.name)} checkpoint {ckpt.name} (step {meta['step']}) to {out}: {', '.join(files)}")
+    entry = resolve(ckpt, runs)
+    if entry.local is None:
+        raise UserError(f"{ckpt}: a checkpoint in the bucket; restore it first (`trainer train` with --resume auto"
+                        " does) or export a local copy")
+    meta, files = export_checkpoint(entry.local, out)
+    typer.echo(f"exported {meta.get('task', '')} checkpoint {entry.local.name} (step {meta['step']}) to {out}: {', '.join(files)}")

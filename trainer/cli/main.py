@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from trainer.cli import config_cmd, export_cmd, train_cmd, upload_cmd, validate_cmd
+from trainer.cli import checkpoints_cmd, config_cmd, export_cmd, monitor_cmd, train_cmd, upload_cmd, validate_cmd
 from trainer.errors import UserError
 
 app = typer.Typer(
@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 app.command("train")(train_cmd.train)
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(checkpoints_cmd.app, name="checkpoints")
+app.command("monitor")(monitor_cmd.monitor)
 app.add_typer(upload_cmd.app, name="upload")
 app.command("upload-all")(upload_cmd.upload_all)
 app.command("export")(export_cmd.export)

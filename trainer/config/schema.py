@@ -189,6 +189,9 @@ class TrackingConfig(Section):
     """MLflow experiment name; defaults to the task name."""
     flush_every_s: float = Field(default=5.0, gt=0)
     """Background thread sends batched metrics at least this often."""
+    log_export: bool = False
+    """At the end of a completed run, export the final checkpoint (`trainer export`) to
+    `<run>/export/` and log it as the MLflow artifact `export/` (a full model: large)."""
 
 
 class DeepSpeedConfig(Section):

@@ -26,7 +26,8 @@ from trainer.tasks.base import Task
 from trainer.log import add_log_file, get_logger, redact
 from trainer.ranks import rank_info
 from trainer.tracking.mlflow_tracker import make_tracker
-from trainer.tracking.plots import plot_curves
+from trainer.tracking.plots import Curve, save_curves
+from trainer.runstatus import FAILED, FINISHED, RUNNING, STOPPED, StatusWriter
 from trainer.storage import open_storage
 from trainer.upload.restore import restore, restore_newest
 from trainer.upload.uploader import MANIFEST, NodeInfo, is_uploaded, make_uploader, remote_prefix
@@ -110,6 +111,7 @@ class Trainer:
         self.uploader: Any = None
         self.save_seconds: collections.deque[float] = collections.deque(maxlen=3)  # the recent saves, for the grace budget
         self.stop_deadline: Optional[float] = None  # monotonic time by which a stopped job must have left
+        self.status: Optional[StatusWriter] = None  # rank 0: <run>/status.json for `trainer monitor`
 
     # ----------------------------------------------------------------------------------- setup
     def _decide_run(self) -> dict:
@@ -170,6 +172,9 @@ class Trainer:
         if r.is_main:
             add_log_file(self.run_root / "train.log", r.rank)
             (self.run_root / "config.yaml").write_text(config_to_yaml(cfg))
+            self.status = StatusWriter(self.run_root, run_id=self.run_id, task=cfg.task, world_size=r.world_size,
+                                       max_steps=cfg.train.max_steps, log_every=cfg.train.log_every)
+            self.status.update(state=RUNNING, step=(decision["metadata"] or {}).get("step", 0))
         self.config_hash = config_hash(cfg)
         log.info("run %s: %d rank(s), ZeRO stage %d, %s, config %s (hash %s)", self.run_id, r.world_size, self.stage,
                  cfg.train.precision, self.source, self.config_hash)
@@ -254,6 +259,9 @@ class Trainer:
             if self.uploader is not None:
                 self.uploader.submit(self.store.path(tag))
             self._retention()
+        if self.ranks.is_main and self.tracker is not None:
+            self.tracker.log_curves_later([self._curve()], f"run {self.run_id}")
+            self._status(last_checkpoint=tag)
         dist.barrier()
         self.state.last_saved_step = step
         self.save_seconds.append(time.perf_counter() - t0)
@@ -331,6 +339,7 @@ class Trainer:
             "task": self.cfg.task,
             "mlflow_run_id": self.mlflow_run_id,
             "model": model_identity(self.cfg),
+            "config": public_config_dict(self.cfg),
             "config_hash": self.config_hash,
             "branched_from": self.branched_from,
             "world_size": self.ranks.world_size,
@@ -385,6 +394,7 @@ class Trainer:
             if stopped:
                 log.warning("stop requested (%s): stopped at step %d%s", self.stop.signal_name, s.step,
                             " after saving" if save else "")
+                self._status(state="stopping", step=s.step, stop_signal=self.stop.signal_name, eta_s=None)
                 break
         self._drain_uploads(stopped)
         if stopped:
@@ -425,9 +435,20 @@ class Trainer:
                    "perf/tokens_per_s": tps, "perf/mfu": util}
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, s.step)
+        self._status(step=s.step, loss=loss, lr=lr, grad_norm=grad_norm, step_time_s=step_time, tokens_per_s=tps, mfu=util,
+                     best_loss=s.best_loss, best_step=s.best_step, eta_s=(self.cfg.train.max_steps - s.step) * step_time)
         log.info("step %d/%d loss %.4f lr %.3e grad_norm %s step %.3fs %s tok/s%s", s.step, self.cfg.train.max_steps, loss, lr,
                  f"{grad_norm:.3f}" if grad_norm is not None else "n/a", step_time, f"{tps:,.0f}",
                  f" mfu {util:.1%}" if util is not None else "")
+
+    def _curve(self) -> Curve:
+        """This run's loss and LR history so far (copies: a background thread may plot them)."""
+        s = self.state
+        return Curve(self.run_id[:8], [list(p) for p in s.loss_history], [list(p) for p in s.lr_history])
+
+    def _status(self, **fields: Any) -> None:
+        if self.status is not None:
+            self.status.update(**fields)
 
     def _finish(self, start_step: int, elapsed: float, tokens_per_step: int, stopped: bool) -> None:
         s = self.state
@@ -438,12 +459,15 @@ class Trainer:
         first = s.loss_history[0][1] if s.loss_history else float("nan")
         plot = None
         if s.loss_history:
-            plot = plot_curves(s.loss_history, s.lr_history, self.run_root / "curves.png", f"run {self.run_id}")
+            plot = save_curves([self._curve()], self.run_root / "curves.png", f"run {self.run_id}")
             self.tracker.log_artifact(plot, "plots")
         if stopped:
             self.tracker.set_tags({"trainer.stopped_at_step": s.step, "trainer.stopped_by": self.stop.signal_name or "",
                                    "trainer.emergency_checkpoint": tag_for(s.step) if s.last_saved_step == s.step else "skipped"})
+        elif self.cfg.tracking.log_export and getattr(self.tracker, "run_id", None):
+            self._log_export()
         self.tracker.finish("KILLED" if stopped else "FINISHED")
+        self._status(state=STOPPED if stopped else FINISHED, stop_signal=self.stop.signal_name if stopped else None, eta_s=None)
         committed = self.store.committed()
         newest = committed[-1].tag if committed else "none"
         log.info("%s: %d steps in %.1f s, loss %.4f -> %.4f (best %.4f at step %s), %s tokens/s",
@@ -455,7 +479,31 @@ class Trainer:
         if plot:
             log.info("curves: %s", plot)
 
+    def _log_export(self) -> None:
+        """tracking.log_export: the final checkpoint exported (`trainer export`) and logged as the artifact `export/`."""
+        from trainer.tasks import export_checkpoint
+
+        final, out = self.store.path(tag_for(self.state.step)), self.run_root / "export"
+        if not is_committed(final):
+            log.warning("tracking.log_export: no final checkpoint %s to export", final.name)
+            return
+        t0 = time.perf_counter()
+        try:
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            _, files = export_checkpoint(final, out, self.task)
+        except Exception as exc:  # the run itself succeeded: say so, and keep its exit code
+            log.warning("tracking.log_export: exporting %s failed (%s: %s); `trainer export` can retry it", final.name,
+                        type(exc).__name__, str(exc)[:300])
+            return
+        self.tracker.log_artifacts(out, "export")
+        log.info("exported %s to %s (%s) in %.1f s and logged it to MLflow as export/", final.name, out, ", ".join(files),
+                 time.perf_counter() - t0)
+
     def fail(self) -> None:
         """Mark the tracking run FAILED (called on an exception)."""
         if self.tracker is not None:
             self.tracker.finish("FAILED")
+        self._status(state=FAILED, eta_s=None)

@@ -34,6 +34,8 @@ class NullTracker:
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None: ...
+    def log_artifacts(self, folder: Path, artifact_path: Optional[str] = None) -> None: ...
+    def log_curves_later(self, curves: list, title: str) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def finish(self, status: str) -> None: ...
 
@@ -62,7 +64,7 @@ class MlflowTracker:
         if not self.resumed:
             self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         self._finished = False
-        self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self._queue: "queue.Queue[Any]" = queue.Queue()  # metric tuples, jobs (callables), None = stop
         self._flush_every = cfg.flush_every_s
         self._thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
         self._thread.start()
@@ -92,6 +94,24 @@ class MlflowTracker:
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         self._safe(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
+    def log_artifacts(self, folder: Path, artifact_path: Optional[str] = None) -> None:
+        self._safe(self.client.log_artifacts, self.run_id, str(folder), artifact_path)
+
+    def log_curves_later(self, curves: list, title: str) -> None:
+        """Render the curves PNG and log it as `plots/curves.png`, on the background thread (the
+        training thread only copies the histories)."""
+        curves = list(curves)
+
+        def job() -> None:
+            import tempfile
+
+            from trainer.tracking.plots import save_curves
+
+            with tempfile.TemporaryDirectory(prefix="trainer-plot-") as tmp:
+                self.client.log_artifact(self.run_id, str(save_curves(curves, Path(tmp) / "curves.png", title)), "plots")
+
+        self._queue.put(job)
+
     def finish(self, status: str) -> None:
         """Flush queued metrics and end the run with FINISHED, FAILED or KILLED (once)."""
         if self._finished:
@@ -112,6 +132,8 @@ class MlflowTracker:
                 item = self._queue.get(timeout=max(0.05, self._flush_every - (time.monotonic() - last)))
                 if item is None:
                     done = True
+                elif callable(item):
+                    self._safe(item)
                 else:
                     pending.append(item)
             except queue.Empty:

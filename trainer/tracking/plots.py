@@ -1,32 +1,58 @@
-"""Loss and learning-rate curves as PNG (matplotlib, no display needed)."""
+"""Loss and learning-rate curves as PNG.
+
+Built on `matplotlib.figure.Figure` directly, not pyplot: no display, no global state, so the
+tracker's background thread can render while the training thread goes on.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+FIGSIZE = (10.0, 6.0)  # inches
+DPI = 100  # -> 1000 x 600 pixels
 
 
-def plot_curves(loss: Sequence[Sequence[float]], lr: Sequence[Sequence[float]], out: Path, title: str = "") -> Path:
-    """Write a two-panel PNG: loss vs step and LR vs step. `loss`/`lr` are [step, value] pairs."""
-    import matplotlib
+@dataclass(frozen=True)
+class Curve:
+    """One run's history: [step, value] pairs as the checkpoint metadata stores them."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    label: str
+    loss: Sequence[Sequence[float]]
+    lr: Sequence[Sequence[float]]
 
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    if loss:
-        ax_loss.plot([p[0] for p in loss], [p[1] for p in loss], color="tab:blue")
+
+def curves_figure(curves: Sequence[Curve], title: str = "") -> Any:
+    """Two panels sharing the step axis: train loss (top) and learning rate (bottom), one line per curve."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    for i, c in enumerate(curves):
+        color = f"C{i % 10}"
+        if c.loss:
+            ax_loss.plot([p[0] for p in c.loss], [p[1] for p in c.loss], color=color, label=c.label)
+        if c.lr:
+            ax_lr.plot([p[0] for p in c.lr], [p[1] for p in c.lr], color=color, label=c.label)
     ax_loss.set_ylabel("train loss")
     ax_loss.grid(alpha=0.3)
-    if lr:
-        ax_lr.plot([p[0] for p in lr], [p[1] for p in lr], color="tab:orange")
+    if any(c.loss for c in curves):
+        ax_loss.legend(loc="upper right", fontsize="small")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def save_curves(curves: Sequence[Curve], out: Path, title: str = "") -> Path:
+    """Write the curves as a PNG of FIGSIZE * DPI pixels; the file appears whole (temp file, rename)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    tmp = out.with_name(f".{out.name}.tmp")
+    curves_figure(curves, title).savefig(tmp, format="png", dpi=DPI)
+    tmp.replace(out)
     return out

@@ -29,22 +29,32 @@ class RestoreFailed(Exception):
     """A remote checkpoint that cannot be used: missing part, checksum mismatch, unsafe archive."""
 
 
-def remote_checkpoints(storage: Storage, task: Optional[str] = None, model: Optional[dict] = None) -> list[tuple[str, dict]]:
-    """(prefix, manifest) of every checkpoint under the URL with a readable manifest, newest first,
-    saved by the same task and model architecture when those are given."""
-    found = []
+def read_manifests(storage: Storage) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(prefix, manifest) of every checkpoint under the URL with a readable manifest, and one line
+    per manifest that cannot be read."""
+    found, problems = [], []
     for name in storage.list():
         if not name.endswith("/" + MANIFEST):
             continue
         prefix = name[: -len(MANIFEST) - 1]
         try:
             manifest = json.loads(storage.get_bytes(name) or b"")
-            meta = dict(manifest["checkpoint"])
+            dict(manifest["checkpoint"])
+            int(manifest["step"])
         except (ValueError, KeyError, TypeError) as exc:
-            log.warning("skipping %s: unreadable manifest (%s)", storage.display(name), type(exc).__name__)
+            problems.append(f"{storage.display(name)}: unreadable manifest ({type(exc).__name__})")
             continue
-        if Checkpoint(Path(prefix), meta).matches(task, model):
-            found.append((prefix, manifest))
+        found.append((prefix, manifest))
+    return found, problems
+
+
+def remote_checkpoints(storage: Storage, task: Optional[str] = None, model: Optional[dict] = None) -> list[tuple[str, dict]]:
+    """(prefix, manifest) of every checkpoint under the URL with a readable manifest, newest first,
+    saved by the same task and model architecture when those are given."""
+    found, problems = read_manifests(storage)
+    for line in problems:
+        log.warning("skipping %s", line)
+    found = [(prefix, m) for prefix, m in found if Checkpoint(Path(prefix), m["checkpoint"]).matches(task, model)]
     return sorted(found, key=lambda pm: (str(pm[1]["checkpoint"].get("committed_at", "")), int(pm[1]["step"])), reverse=True)
 
 

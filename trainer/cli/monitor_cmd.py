@@ -1,0 +1,63 @@
+"""`trainer monitor RUN_DIR`: a live view of a run (status, checkpoints, uploads, log tail)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def monitor(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder, or a folder of runs (the one active last is shown).")] = Path("runs"),
+    refresh: Annotated[float, typer.Option("--refresh", min=0.2, help="Seconds between refreshes.")] = 2.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit (scripts, cron).")] = False,
+    logs_only: Annotated[bool, typer.Option("--logs-only", help="Only the log: its tail, followed as it grows.")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=1, help="Log lines to show.")] = 12,
+) -> None:
+    """Watch a run: step, loss, tokens/s, ETA, last checkpoint, upload queue and the log tail. Ctrl-C leaves."""
+    from rich.console import Console
+
+    from trainer.monitor import LOG_FILE, find_run, render, snapshot
+
+    run = find_run(run_dir)
+    console = Console(width=max(120, Console().width), highlight=False)
+    if once:
+        console.print(render(snapshot(run, lines), logs_only, wrap_log=True))
+        return
+    if logs_only:
+        _follow(run / LOG_FILE, lines, refresh)
+        return
+    from rich.live import Live
+
+    try:
+        with Live(render(snapshot(run, lines)), console=console, refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(refresh)
+                live.update(render(snapshot(find_run(run_dir) if run != run_dir else run, lines)))
+    except KeyboardInterrupt:
+        pass
+
+
+def _follow(log: Path, lines: int, refresh: float) -> None:
+    """`tail -f`: the last lines, then whatever is appended (a new file after a restart is picked up)."""
+    from trainer.monitor import tail
+
+    for line in tail(log, lines):
+        typer.echo(line)
+    pos = log.stat().st_size if log.exists() else 0
+    try:
+        while True:
+            time.sleep(refresh)
+            if not log.exists():
+                continue
+            size = log.stat().st_size
+            if size < pos:  # truncated or replaced
+                pos = 0
+            if size > pos:
+                with open(log, errors="replace") as f:
+                    f.seek(pos)
+                    typer.echo(f.read(), nl=False)
+                    pos = f.tell()
+    except KeyboardInterrupt:
+        pass
