@@ -109,7 +109,7 @@ def _fmt_eta(seconds: Optional[float]) -> str:
     return str(dt.timedelta(seconds=int(seconds)))
 
 
-def render(s: Snapshot, logs_only: bool = False, wrap_log: bool = False) -> Any:
+def render(s: Snapshot, wrap_log: bool = False) -> Any:
     """A rich renderable of the snapshot; log lines are cut at the panel's width unless `wrap_log`."""
     from rich.console import Group
     from rich.panel import Panel
@@ -120,8 +120,6 @@ def render(s: Snapshot, logs_only: bool = False, wrap_log: bool = False) -> Any:
     log_text = Text("\n".join(s.log) if s.log else f"(no {LOG_FILE} yet)", no_wrap=not wrap_log,
                     overflow="fold" if wrap_log else "ellipsis")
     log_panel = Panel(log_text, title=f"{s.run / LOG_FILE} (last {len(s.log)} lines)", title_align="left")
-    if logs_only:
-        return log_panel
     st = s.status or {}
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")

@@ -21,12 +21,12 @@ def monitor(
     from trainer.monitor import LOG_FILE, find_run, render, snapshot
 
     run = find_run(run_dir)
+    if logs_only:  # plain lines, as `tail` prints them
+        _follow(run / LOG_FILE, lines, refresh, once)
+        return
     console = Console(width=max(120, Console().width), highlight=False)
     if once:
-        console.print(render(snapshot(run, lines), logs_only, wrap_log=True))
-        return
-    if logs_only:
-        _follow(run / LOG_FILE, lines, refresh)
+        console.print(render(snapshot(run, lines), wrap_log=True))
         return
     from rich.live import Live
 
@@ -39,12 +39,14 @@ def monitor(
         pass
 
 
-def _follow(log: Path, lines: int, refresh: float) -> None:
-    """`tail -f`: the last lines, then whatever is appended (a new file after a restart is picked up)."""
+def _follow(log: Path, lines: int, refresh: float, once: bool) -> None:
+    """`tail -f` (`tail` with once): the last lines, then whatever is appended (a new file after a restart is picked up)."""
     from trainer.monitor import tail
 
     for line in tail(log, lines):
         typer.echo(line)
+    if once:
+        return
     pos = log.stat().st_size if log.exists() else 0
     try:
         while True:
