@@ -29,22 +29,30 @@ class RestoreFailed(Exception):
     """A remote checkpoint that cannot be used: missing part, checksum mismatch, unsafe archive."""
 
 
-def read_manifests(storage: Storage) -> tuple[list[tuple[str, dict]], list[str]]:
+def read_manifests(storage: Storage, threads: int = 8) -> tuple[list[tuple[str, dict]], list[str]]:
     """(prefix, manifest) of every checkpoint under the URL with a readable manifest, and one line
-    per manifest that cannot be read."""
-    found, problems = [], []
-    for name in storage.list():
-        if not name.endswith("/" + MANIFEST):
-            continue
-        prefix = name[: -len(MANIFEST) - 1]
+    per manifest that cannot be read. The manifests are fetched `threads` at a time (one request
+    each: on a bucket the round trips, not the bytes, are the cost)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [n for n in storage.list() if n.endswith("/" + MANIFEST)]
+
+    def fetch(name: str) -> tuple[str, Optional[dict], str]:
         try:
             manifest = json.loads(storage.get_bytes(name) or b"")
             dict(manifest["checkpoint"])
             int(manifest["step"])
         except (ValueError, KeyError, TypeError) as exc:
-            problems.append(f"{storage.display(name)}: unreadable manifest ({type(exc).__name__})")
-            continue
-        found.append((prefix, manifest))
+            return name, None, f"{storage.display(name)}: unreadable manifest ({type(exc).__name__})"
+        return name, manifest, ""
+
+    found, problems = [], []
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names)))) as pool:
+        for name, manifest, problem in pool.map(fetch, names):
+            if manifest is None:
+                problems.append(problem)
+            else:
+                found.append((name[: -len(MANIFEST) - 1], manifest))
     return found, problems
 
 
