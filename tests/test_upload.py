@@ -187,7 +187,7 @@ def test_bad_urls_and_buckets_are_one_line_errors(tmp_path: Path, monkeypatch: p
         assert r.returncode == 2 and "bucket 'no-such-bucket' does not exist" in r.stderr
     finally:
         emu.stop()
-    r = run_cli("upload-all", str(run_root), "--url", "gs://b/x", env={"STORAGE_EMULATOR_HOST": emu.url})  # server gone
+    r = run_cli("upload-all", str(run_root), "--url", "gs://b/x", "--timeout", "3", env={"STORAGE_EMULATOR_HOST": emu.url})  # server gone
     assert r.returncode == 2 and "cannot reach the storage service" in r.stderr and "Traceback" not in r.stderr
     assert not list((tmp_path / "runs").rglob("upload_state.json"))  # nothing written
 

@@ -71,7 +71,8 @@ def snapshot(run: Path, log_lines: int = 12) -> Snapshot:
     status = read_status(run)
     state, detail = _state(status)
     ckpts = [{"tag": c.tag, "step": c.step, "loss": c.loss, "committed_at": c.metadata.get("committed_at"),
-              "reason": c.metadata.get("reason"), "upload": read_state(c.path)["state"]}
+              "reason": c.metadata.get("reason"), "task": c.metadata.get("task"), "world_size": c.metadata.get("world_size"),
+              "upload": read_state(c.path)["state"]}
              for c in CheckpointStore(run).committed([])]
     return Snapshot(run, status, state, detail, ckpts, tail(run / LOG_FILE, log_lines))
 
@@ -125,7 +126,10 @@ def render(s: Snapshot, wrap_log: bool = False) -> Any:
     grid.add_column(style="bold")
     grid.add_column()
     color = {"running": "green", "finished": "blue", "stopped": "yellow"}.get(s.state, "red")
-    grid.add_row("run", f"{st.get('run_id', s.run.name)} ({st.get('task', '')}, {st.get('world_size', '?')} rank(s))")
+    last = s.checkpoints[-1] if s.checkpoints else {}
+    task, world = st.get("task") or last.get("task"), st.get("world_size") or last.get("world_size")
+    about = ", ".join(x for x in (task, f"{world} rank(s)" if world else "") if x)
+    grid.add_row("run", f"{st.get('run_id', s.run.name)}" + (f" ({about})" if about else ""))
     grid.add_row("state", Text(f"{s.state}: {s.state_detail}", style=color))
     step, max_steps = st.get("step"), st.get("max_steps")
     if step is not None and max_steps:

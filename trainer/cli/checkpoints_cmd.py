@@ -137,8 +137,7 @@ def show(ref: RefArg, runs: RunsOpt = "runs", as_json: JsonOpt = False, verify: 
         verify_all(cat, url, timeout)
     stats = loss_stats(e.meta)
     if as_json:
-        meta = {k: v for k, v in e.meta.items()}
-        typer.echo(json.dumps({"where": e.where, "metadata": meta, "loss_stats": stats, "lr": current_lr(e.meta),
+        typer.echo(json.dumps({"where": e.where, "metadata": e.meta, "loss_stats": stats, "lr": current_lr(e.meta),
                                "files": [{"path": p, "size": s} for p, s in e.files], "size_bytes": e.size,
                                "upload": e.upload}, indent=1, default=str))
         return _finish(cat)
@@ -169,6 +168,7 @@ def show(ref: RefArg, runs: RunsOpt = "runs", as_json: JsonOpt = False, verify: 
         ("accelerator", str(sysinfo.get("accelerator", ""))),
         ("versions", ", ".join(f"{k} {sysinfo[k]}" for k in ("torch", "deepspeed", "transformers", "python") if k in sysinfo)),
         ("config hash", str(m.get("config_hash", ""))),
+        ("frozen sha256", str(m.get("frozen_sha256") or "")),
         ("model", ", ".join(f"{k}={v}" for k, v in (m.get("model") or {}).items())),
         ("branched from", str(m.get("branched_from") or "")),
         ("mlflow run", str(m.get("mlflow_run_id") or "")),

@@ -12,6 +12,7 @@ app = typer.Typer(help="Checkpoint uploads: state, and uploading by hand.", no_a
 
 RunDirArg = Annotated[Path, typer.Argument(help="A run folder (runs/<run_id>) or a run_dir holding several runs.", show_default=False)]
 UrlOpt = Annotated[Optional[str], typer.Option("--url", help="Destination (gs://BUCKET/PREFIX or file:///PATH); default: the run's upload.url.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", min=1, help="Seconds to keep retrying an unreachable bucket before giving up.")]
 
 
 def _runs(run_dir: Path) -> list[Path]:
@@ -44,11 +45,11 @@ def _upload_settings(run_root: Path, url: Optional[str]):  # type: ignore[no-unt
     return settings
 
 
-def _uploader(settings):  # type: ignore[no-untyped-def]
+def _uploader(settings, timeout: float):  # type: ignore[no-untyped-def]
     from trainer.upload.uploader import checkpoint_uploader
 
     uploader = checkpoint_uploader(settings)
-    uploader.storage.check()
+    uploader.storage.check(timeout)
     return uploader
 
 
@@ -100,7 +101,7 @@ def status(run_dir: RunDirArg) -> None:
 
 @app.command("upload")
 def upload_one(run_dir: RunDirArg, tag: Annotated[str, typer.Argument(help="Checkpoint tag, e.g. step-00000100.")],
-               url: UrlOpt = None) -> int:
+               url: UrlOpt = None, timeout: TimeoutOpt = 30.0) -> int:
     """Upload one checkpoint now (skipped if it is already verified in the bucket)."""
     from trainer.upload.uploader import UploadFailed
 
@@ -108,7 +109,7 @@ def upload_one(run_dir: RunDirArg, tag: Annotated[str, typer.Argument(help="Chec
     if not matches:
         raise UserError(f"{run_dir}: no committed checkpoint {tag}")
     run, ckpt = matches[-1]
-    uploader = _uploader(_upload_settings(run, url))
+    uploader = _uploader(_upload_settings(run, url), timeout)
     try:
         state = uploader.upload(ckpt.path)
     except UploadFailed as exc:
@@ -118,7 +119,7 @@ def upload_one(run_dir: RunDirArg, tag: Annotated[str, typer.Argument(help="Chec
     return 0
 
 
-def upload_all(run_dir: RunDirArg, url: UrlOpt = None) -> int:
+def upload_all(run_dir: RunDirArg, url: UrlOpt = None, timeout: TimeoutOpt = 30.0) -> int:
     """Upload every committed checkpoint not yet verified in the bucket (idempotent)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -131,7 +132,7 @@ def upload_all(run_dir: RunDirArg, url: UrlOpt = None) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), transient=False) as progress:
         for run, c, st in rows:
-            up = uploaders.get(run) or uploaders.setdefault(run, _uploader(_upload_settings(run, url)))
+            up = uploaders.get(run) or uploaders.setdefault(run, _uploader(_upload_settings(run, url), timeout))
             if is_uploaded(c.path) and verify_remote(up.storage, remote_prefix(c.metadata))[0]:  # type: ignore[attr-defined]
                 skipped += 1
                 continue
