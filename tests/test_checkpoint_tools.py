@@ -310,3 +310,17 @@ def test_bad_input_is_one_line_and_exit_2(runs: Runs, tmp_path: Path) -> None:
     assert "step-00000008" in r.stdout and "step-00000024" in r.stdout and "step-00000016" not in r.stdout
     assert r.stderr.strip() == f"error: {bad}:1: corrupt checkpoint metadata (Expecting value)"
     assert_user_error(cli(runs, "checkpoints", "show", str(bad.parent)), str(bad), "corrupt")
+
+    # Export reads local shards only; a checkpoint named by its bucket URL is refused, nothing written.
+    out = tmp_path / "export"
+    r = cli(runs, "export", f"{runs.url}/{runs.a.name}/step-00000008", "--out", str(out))
+    assert_user_error(r, "in the bucket", "restore it first")
+    assert not out.exists()
+    # A checkpoint whose metadata carries no loss history has nothing to plot.
+    bare = copy / runs.a.name / "checkpoints" / "step-00000008"
+    meta = json.loads((bare / "metadata.json").read_text())
+    meta.pop("loss_history")
+    (bare / "metadata.json").write_text(json.dumps(meta))
+    r = cli(runs, "checkpoints", "plot", str(bare), "--save", str(tmp_path / "none.png"))
+    assert_user_error(r, "no logged loss to plot")
+    assert not (tmp_path / "none.png").exists()

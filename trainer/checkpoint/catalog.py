@@ -16,17 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.checkpoint.store import METADATA, TAG_PREFIX, CheckpointStore, read_metadata, tag_for
+from trainer.checkpoint.store import (METADATA, TAG_PREFIX, CheckpointStore, best_by_loss, newest, read_metadata, recency,
+                                      run_roots, tag_for)
 from trainer.errors import UserError
-
-TAG_WORDS = ("latest", "best")
-
 
 @dataclass
 class Entry:
     """One committed checkpoint, local or remote."""
 
-    meta: dict
+    metadata: dict
     where: str  # the local folder, or the URL of the remote prefix
     files: list[tuple[str, int]]
     upload: dict  # {"state": local|pending|uploading|uploaded|failed|verified|unverified, "detail": ...}
@@ -37,19 +35,19 @@ class Entry:
 
     @property
     def run_id(self) -> str:
-        return str(self.meta["run_id"])
+        return str(self.metadata["run_id"])
 
     @property
     def tag(self) -> str:
-        return str(self.meta.get("tag") or tag_for(self.step))
+        return str(self.metadata.get("tag") or tag_for(self.step))
 
     @property
     def step(self) -> int:
-        return int(self.meta["step"])
+        return int(self.metadata["step"])
 
     @property
     def loss(self) -> Optional[float]:
-        v = self.meta.get("loss")
+        v = self.metadata.get("loss")
         return float(v) if v is not None else None
 
     @property
@@ -76,15 +74,7 @@ class Catalog:
         for e in self.entries:
             by_run.setdefault(e.run_id, []).append(e)
         groups = [(rid, sorted(es, key=lambda e: e.step)) for rid, es in by_run.items()]
-        return sorted(groups, key=lambda g: max((str(e.meta.get("committed_at", "")), e.step) for e in g[1]), reverse=True)
-
-    def best(self, entries: list[Entry]) -> Optional[Entry]:
-        """The lowest finite loss among `entries` (the newest of equals), as retention keeps it."""
-        scored = [e for e in entries if e.loss is not None and math.isfinite(e.loss)]
-        return min(scored, key=lambda e: (e.loss, -e.step)) if scored else None
-
-    def newest(self, entries: list[Entry]) -> Entry:
-        return max(entries, key=lambda e: (str(e.meta.get("committed_at", "")), e.step))
+        return sorted(groups, key=lambda g: recency(newest(g[1]).metadata), reverse=True)
 
     def find(self, ref: str) -> Entry:
         """The checkpoint a non-path reference names in this catalog; `UserError` otherwise."""
@@ -104,7 +94,7 @@ class Catalog:
                             f" name one as RUN/{ref}")
         matching = [g for g in runs if g[0].startswith(ref)]
         if len(matching) == 1:
-            return self.newest(matching[0][1])
+            return newest(matching[0][1])
         if len(matching) > 1:
             raise UserError(f"{ref}: matches {len(matching)} runs ({_few(rid[:12] for rid, _ in matching)}); give more of the run id")
         raise UserError(f"{ref}: no such checkpoint or run under {self.source} (tags: {_few(sorted({e.tag for e in self.entries}))};"
@@ -122,13 +112,13 @@ class Catalog:
         if not entries:
             return None
         if tag == "latest":
-            return self.newest(entries)
+            return newest(entries)
         if tag == "best":
-            return self.best(entries)
+            return best_by_loss(entries)
         if tag.isdigit():
             tag = tag_for(int(tag))
         same = [e for e in entries if e.tag == tag]
-        return self.newest(same) if same else None
+        return newest(same) if same else None
 
 
 def _few(items: Any, n: int = 6) -> str:
@@ -166,13 +156,7 @@ def _scan_local(path: Path) -> Catalog:
     elif path.name.startswith(TAG_PREFIX):
         raise UserError(f"{path}: not a committed checkpoint (no {METADATA}: a save that never completed)")
     else:
-        if (path / "checkpoints").is_dir():
-            roots = [path]
-        elif path.name == "checkpoints":
-            roots = [path.parent]
-        else:
-            roots = sorted(p for p in path.iterdir() if (p / "checkpoints").is_dir())
-        ckpts = [(c.path, c.metadata) for r in roots for c in CheckpointStore(r).committed(cat.problems)]
+        ckpts = [(c.path, c.metadata) for r in run_roots(path) for c in CheckpointStore(r).committed(cat.problems)]
     for d, meta in ckpts:
         state = read_state(d)
         detail = state.get("url", "") if state["state"] == "uploaded" else state.get("error", "")
@@ -246,7 +230,7 @@ def resolve(ref: str, default_source: str | Path, timeout_s: float = 30.0) -> En
         runs = cat.runs()
         if len(runs) > 1:
             raise UserError(f"{ref}: holds {len(runs)} runs ({_few(rid[:12] for rid, _ in runs)}); name one run or checkpoint")
-        return cat.newest(runs[0][1])
+        return newest(runs[0][1])
     return scan(default_source, timeout_s).find(ref)
 
 
@@ -268,7 +252,7 @@ def verify(cat: Catalog, url_override: Optional[str] = None, timeout_s: float = 
                     continue
                 if url not in readers:
                     readers[url] = open_reader(url, timeout_s)
-                storage, prefix = readers[url], remote_prefix(e.meta)
+                storage, prefix = readers[url], remote_prefix(e.metadata)
             ok, why, _ = verify_remote(storage, prefix)
         except UserError as exc:
             ok, why = False, str(exc)

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from trainer.errors import NothingToDo, UserError
 from trainer.log import get_logger
@@ -24,6 +24,8 @@ log = get_logger("checkpoint")
 METADATA = "metadata.json"
 METADATA_FORMAT = 1
 TAG_PREFIX = "step-"
+
+T = TypeVar("T", bound=Any)  # a Checkpoint, or anything with .metadata, .loss and .step
 
 
 def tag_for(step: int) -> str:
@@ -176,10 +178,9 @@ class CheckpointStore:
         """
         ckpts = self.committed()
         keep = {c.path for c in ckpts[-keep_last:]}
-        if keep_best:
-            scored = [c for c in ckpts if c.loss is not None and math.isfinite(c.loss)]
-            if scored:
-                keep.add(min(scored, key=lambda c: (c.loss, -c.step)).path)
+        best = best_by_loss(ckpts) if keep_best else None
+        if best is not None:
+            keep.add(best.path)
         deleted = []
         for c in ckpts:
             if c.path not in keep and (deletable is None or deletable(c.path)):
@@ -212,8 +213,30 @@ def all_committed(run_dir: Path) -> list[Checkpoint]:
     return out
 
 
-def _newest(ckpts: list[Checkpoint]) -> Checkpoint:
-    return max(ckpts, key=lambda c: (str(c.metadata.get("committed_at", "")), c.step))
+def recency(meta: dict) -> tuple[str, int]:
+    """Sort key of checkpoint metadata: commit time, then step (a branched run's steps restart)."""
+    return str(meta.get("committed_at", "")), int(meta["step"])
+
+
+def newest(ckpts: list[T]) -> T:
+    """The most recently committed of `ckpts` (anything with `.metadata`)."""
+    return max(ckpts, key=lambda c: recency(c.metadata))
+
+
+def best_by_loss(ckpts: list[T]) -> Optional[T]:
+    """The lowest finite loss (the newest step of equals), as retention keeps it; None if none has a loss."""
+    scored = [c for c in ckpts if c.loss is not None and math.isfinite(c.loss)]
+    return min(scored, key=lambda c: (c.loss, -c.step)) if scored else None
+
+
+def run_roots(path: Path) -> list[Path]:
+    """`path` itself if it is a run folder (or that folder's checkpoints/), else the run folders directly under it."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        return [path]
+    if path.name == "checkpoints" and path.is_dir():
+        return [path.parent]
+    return sorted(p for p in path.iterdir() if (p / "checkpoints").is_dir()) if path.is_dir() else []
 
 
 def resolve_resume(run_dir: Path, spec: Optional[str], task: Optional[str] = None, model: Optional[dict] = None) -> Optional[Checkpoint]:
@@ -229,7 +252,7 @@ def resolve_resume(run_dir: Path, spec: Optional[str], task: Optional[str] = Non
     if spec in ("auto", "latest"):
         ckpts = [c for c in all_committed(run_dir) if c.matches(task, model)]  # never another job's checkpoint
         if ckpts:
-            return _newest(ckpts)
+            return newest(ckpts)
         if spec == "auto":
             return None
         raise UserError(f"--resume latest: no committed checkpoint under {run_dir}/")
@@ -245,7 +268,7 @@ def resolve_resume(run_dir: Path, spec: Optional[str], task: Optional[str] = Non
     else:
         candidates = [c for c in all_committed(run_dir) if c.tag == spec]
     if candidates:
-        return _newest(candidates)
+        return newest(candidates)
     available = sorted({c.tag for c in all_committed(run_dir)})
     hint = f" (available: {', '.join(available[-5:])})" if available else " (there are none)"
     raise UserError(f"--resume {spec}: no committed checkpoint with that tag or path under {run_dir}/{hint}")

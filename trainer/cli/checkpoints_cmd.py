@@ -63,7 +63,7 @@ def _note(e: "Entry", best: Optional["Entry"]) -> str:
     marks = []
     if best is e:
         marks.append("★ best")
-    reason = e.meta.get("reason")
+    reason = e.metadata.get("reason")
     if reason == "preemption":
         marks.append("⚡ preemption save")
     elif reason == "final":
@@ -93,6 +93,7 @@ def list_cmd(source: SourceArg = "runs", as_json: JsonOpt = False, verify: Verif
     from rich.table import Table
 
     from trainer.checkpoint.catalog import scan, verify as verify_all
+    from trainer.checkpoint.store import best_by_loss
 
     cat = scan(source, timeout)
     if verify:
@@ -100,22 +101,22 @@ def list_cmd(source: SourceArg = "runs", as_json: JsonOpt = False, verify: Verif
     if as_json:
         out = []
         for rid, entries in cat.runs():
-            best = cat.best(entries)
-            out += [{"run_id": rid, "tag": e.tag, "step": e.step, "epoch": e.meta.get("epoch"), "loss": e.loss,
-                     "best": best is e, "reason": e.meta.get("reason"), "committed_at": e.meta.get("committed_at"),
+            best = best_by_loss(entries)
+            out += [{"run_id": rid, "tag": e.tag, "step": e.step, "epoch": e.metadata.get("epoch"), "loss": e.loss,
+                     "best": best is e, "reason": e.metadata.get("reason"), "committed_at": e.metadata.get("committed_at"),
                      "size_bytes": e.size, "upload": e.upload["state"], "upload_detail": e.upload["detail"],
                      "where": e.where} for e in entries]
         typer.echo(json.dumps(out, indent=1))
         return _finish(cat)
     console = _console()
     for rid, entries in cat.runs():
-        best = cat.best(entries)
-        task = entries[-1].meta.get("task", "")
+        best = best_by_loss(entries)
+        task = entries[-1].metadata.get("task", "")
         table = Table("tag", "step", "epoch", "loss", "time (UTC)", "size", "upload", "note",
                       title=f"run {rid} ({task}, {len(entries)} checkpoint{'s' if len(entries) != 1 else ''})",
                       title_justify="left")
         for e in entries:
-            table.add_row(e.tag, str(e.step), _num(e.meta.get("epoch"), ".3f"), _num(e.loss), _when(e.meta), _mb(e.size),
+            table.add_row(e.tag, str(e.step), _num(e.metadata.get("epoch"), ".3f"), _num(e.loss), _when(e.metadata), _mb(e.size),
                           _upload_text(e), _note(e, best))
         console.print(table)
     console.print(f"{len(cat.entries)} checkpoint(s) in {len(cat.runs())} run(s) under {cat.source}")
@@ -135,13 +136,13 @@ def show(ref: RefArg, runs: RunsOpt = "runs", as_json: JsonOpt = False, verify: 
     cat = Catalog(e.where, [e])
     if verify:
         verify_all(cat, url, timeout)
-    stats = loss_stats(e.meta)
+    stats = loss_stats(e.metadata)
     if as_json:
-        typer.echo(json.dumps({"where": e.where, "metadata": e.meta, "loss_stats": stats, "lr": current_lr(e.meta),
+        typer.echo(json.dumps({"where": e.where, "metadata": e.metadata, "loss_stats": stats, "lr": current_lr(e.metadata),
                                "files": [{"path": p, "size": s} for p, s in e.files], "size_bytes": e.size,
                                "upload": e.upload}, indent=1, default=str))
         return _finish(cat)
-    m, sysinfo = e.meta, e.meta.get("system") or {}
+    m, sysinfo = e.metadata, e.metadata.get("system") or {}
     trend = ""
     if stats["trend"]:
         arrow = {"improving": "↓", "worsening": "↑", "flat": "→"}[stats["trend"]]
@@ -208,19 +209,19 @@ def compare(refs: Annotated[list[str], typer.Argument(help="Two or more checkpoi
     def row(name: str, values: list[Any], fmt: str = ".4f") -> None:
         metrics.append((name, values, fmt))
 
-    stats = [loss_stats(e.meta) for e in entries]
+    stats = [loss_stats(e.metadata) for e in entries]
     row("step", [e.step for e in entries], "d")
-    row("tokens seen", [e.meta.get("tokens_seen") for e in entries], ",d")
-    row("epoch", [e.meta.get("epoch") for e in entries], ".3f")
+    row("tokens seen", [e.metadata.get("tokens_seen") for e in entries], ",d")
+    row("epoch", [e.metadata.get("epoch") for e in entries], ".3f")
     row("loss", [s["current"] for s in stats])
     row("best loss", [s["best"] for s in stats])
     row("mean loss", [s["mean"] for s in stats])
     row("loss std", [s["std"] for s in stats])
-    row("learning rate", [current_lr(e.meta) for e in entries], ".3e")
-    row("world size", [e.meta.get("world_size") for e in entries], "d")
-    row("ZeRO stage", [e.meta.get("zero_stage") for e in entries], "d")
+    row("learning rate", [current_lr(e.metadata) for e in entries], ".3e")
+    row("world size", [e.metadata.get("world_size") for e in entries], "d")
+    row("ZeRO stage", [e.metadata.get("zero_stage") for e in entries], "d")
     row("size (MB)", [e.size / 2**20 for e in entries], ",.1f")
-    row("config hash", [e.meta.get("config_hash") for e in entries], "s")
+    row("config hash", [e.metadata.get("config_hash") for e in entries], "s")
     diffs = config_differences([e.config for e in entries])
     unknown = [lab for lab, e in zip(labels, entries) if e.config is None]
     if as_json:
@@ -265,7 +266,7 @@ def plot(refs: Annotated[list[str], typer.Argument(help="Checkpoints or runs (a 
 
     entries = [resolve(r, runs, timeout) for r in refs]
     labels = _labels(entries)
-    curves = [Curve(lab, e.meta.get("loss_history") or [], e.meta.get("lr_history") or []) for lab, e in zip(labels, entries)]
+    curves = [Curve(lab, e.metadata.get("loss_history") or [], e.metadata.get("lr_history") or []) for lab, e in zip(labels, entries)]
     if not any(c.loss for c in curves):
         raise UserError(f"{', '.join(refs)}: no logged loss to plot (the checkpoints carry no loss_history)")
     if save is None:

@@ -34,7 +34,7 @@ def monitor(
         with Live(render(snapshot(run, lines)), console=console, refresh_per_second=4, screen=False) as live:
             while True:
                 time.sleep(refresh)
-                live.update(render(snapshot(find_run(run_dir) if run != run_dir else run, lines)))
+                live.update(render(snapshot(find_run(run_dir), lines)))
     except KeyboardInterrupt:
         pass
 

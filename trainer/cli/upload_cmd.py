@@ -16,11 +16,11 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", min=1, help="Seconds to 
 
 
 def _runs(run_dir: Path) -> list[Path]:
+    from trainer.checkpoint.store import run_roots
+
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
-    if (run_dir / "checkpoints").is_dir():
-        return [run_dir]
-    runs = sorted(p for p in run_dir.iterdir() if (p / "checkpoints").is_dir())
+    runs = run_roots(run_dir)
     if not runs:
         raise UserError(f"{run_dir}: neither a run folder (with checkpoints/) nor a folder of runs")
     return runs

@@ -261,7 +261,7 @@ class Trainer:
             self._retention()
         if self.ranks.is_main and self.tracker is not None:
             self.tracker.log_curves_later([self._curve()], f"run {self.run_id}")
-            self._status(last_checkpoint=tag)
+        self._status(last_checkpoint=tag)
         dist.barrier()
         self.state.last_saved_step = step
         self.save_seconds.append(time.perf_counter() - t0)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
-from trainer.checkpoint.store import Checkpoint, CheckpointStore, fsync_dir
+from trainer.checkpoint.store import Checkpoint, CheckpointStore, fsync_dir, recency
 from trainer.log import get_logger
 from trainer.storage import Storage, crc32c_of_file, describe_error
 from trainer.upload.uploader import MANIFEST, MB, write_state
@@ -63,7 +63,7 @@ def remote_checkpoints(storage: Storage, task: Optional[str] = None, model: Opti
     for line in problems:
         log.warning("skipping %s", line)
     found = [(prefix, m) for prefix, m in found if Checkpoint(Path(prefix), m["checkpoint"]).matches(task, model)]
-    return sorted(found, key=lambda pm: (str(pm[1]["checkpoint"].get("committed_at", "")), int(pm[1]["step"])), reverse=True)
+    return sorted(found, key=lambda pm: recency(pm[1]["checkpoint"]), reverse=True)
 
 
 def restore(storage: Storage, prefix: str, manifest: dict, run_dir: Path,
