@@ -10,8 +10,9 @@ from typing import Optional
 import pytest
 
 from trainer.checkpoint import store as store_mod
-from trainer.checkpoint.store import (METADATA, CheckpointStore, all_committed, atomic_write, delete_checkpoint, is_committed,
-                                      read_metadata, resolve_resume, tag_for)
+from trainer.checkpoint.layout import METADATA, tag_for
+from trainer.checkpoint.store import (CheckpointStore, all_committed, atomic_write, delete_checkpoint, is_committed, read_metadata,
+                                      resolve_resume)
 from trainer.errors import UserError
 
 

@@ -12,8 +12,11 @@ import pytest
 from conftest import crc32c_b64, fake_checkpoint
 from trainer.checkpoint.store import CheckpointStore
 from trainer.storage import open_storage
-from trainer.upload.restore import RestoreFailed, remote_checkpoints, restore, restore_newest
-from trainer.upload.uploader import MANIFEST, CheckpointUploader, read_state
+from trainer.checkpoint.layout import MANIFEST
+from trainer.checkpoint.layout import read_upload_state as read_state
+from trainer.checkpoint.remote import remote_checkpoints
+from trainer.upload.restore import RestoreFailed, restore, restore_newest
+from trainer.upload.uploader import CheckpointUploader
 
 
 def _files(ckpt: Path) -> dict[str, bytes]:

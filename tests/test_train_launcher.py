@@ -140,7 +140,7 @@ def _sigterm_one_process(tiny_config: Path, tmp_path: Path, target: str, url: st
     import time
 
     from trainer.storage import open_storage
-    from trainer.upload.uploader import verify_remote
+    from trainer.checkpoint.remote import verify_remote
 
     cfg = write_config(tiny_config, tmp_path / "runs", train={"max_steps": 100000, "log_every": 5},
                        checkpoint={"save_every": 100000}, upload={"url": url}, preemption={"grace_s": 20})
@@ -206,7 +206,7 @@ def test_two_simulated_nodes_upload_one_complete_checkpoint(tiny_config: Path, t
 
     from trainer.launcher.command import free_port
     from trainer.storage import open_storage
-    from trainer.upload.uploader import verify_remote
+    from trainer.checkpoint.remote import verify_remote
 
     bucket = tmp_path / "bucket"
     hostfile = tmp_path / "hostfile"

@@ -226,7 +226,7 @@ def test_export_of_a_pretraining_checkpoint_loads_with_transformers(tiny_config:
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
     m = load_config(cfg).model
-    want = GPTNeoXForCausalLM(neox_config(m.preset, m.vocab_size, m.pad_vocab_to, m.seq_len, m.attn_implementation))
+    want = GPTNeoXForCausalLM(neox_config(m))
     want.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
     got = AutoModelForCausalLM.from_pretrained(str(out))
     ids = torch.tensor([[1, 5, 9, 200, 511, 3]])

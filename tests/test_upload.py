@@ -13,7 +13,10 @@ from conftest import crc32c_b64, fake_checkpoint, run_cli, run_rank
 from storage_servers import BUCKET, Emulator
 from trainer.checkpoint.store import CheckpointStore
 from trainer.storage import open_storage
-from trainer.upload.uploader import MANIFEST, CheckpointUploader, UploadFailed, read_state, verify_remote
+from trainer.checkpoint.layout import MANIFEST
+from trainer.checkpoint.layout import read_upload_state as read_state
+from trainer.checkpoint.remote import verify_remote
+from trainer.upload.uploader import CheckpointUploader, UploadFailed
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd", "gzip"])
@@ -158,7 +161,7 @@ def test_retention_never_deletes_what_is_not_uploaded(tmp_path: Path) -> None:
     ckpts = [fake_checkpoint(run_root, s, loss=10.0 - s / 10) for s in (10, 20, 30, 40)]
     storage = open_storage(f"file://{tmp_path / 'bucket'}")
     CheckpointUploader(storage, "none").upload(ckpts[1])  # only step 20 is uploaded
-    from trainer.upload.uploader import is_uploaded
+    from trainer.checkpoint.layout import is_uploaded
 
     deleted = CheckpointStore(run_root).retention(keep_last=1, keep_best=True, deletable=is_uploaded)
     assert deleted == [ckpts[1]]
@@ -294,7 +297,7 @@ def test_disk_full_at_the_destination_is_one_line_and_loses_nothing(tmp_path: Pa
     assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.name != "upload_state.json"} == before  # nothing lost
     assert not [p for p in target.rglob("*") if p.is_file()]  # no partial part, no manifest
     # Retention still keeps it: it is not uploaded.
-    from trainer.upload.uploader import is_uploaded
+    from trainer.checkpoint.layout import is_uploaded
 
     assert CheckpointStore(run_root).retention(keep_last=0, keep_best=False, deletable=is_uploaded) == []
 

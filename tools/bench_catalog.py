@@ -43,7 +43,7 @@ def main() -> None:
 
     from storage_servers import BUCKET, Emulator
     from trainer.storage import open_storage
-    from trainer.upload.restore import read_manifests
+    from trainer.checkpoint.remote import read_manifests
 
     with tempfile.TemporaryDirectory() as tmp:
         emu = Emulator("fake-gcs-server", Path(tmp) / "gcs").start()

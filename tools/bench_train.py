@@ -31,7 +31,7 @@ HEADER = ("| preset | device | ranks | precision | ZeRO | micro x accum | seq | 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("preset", choices=["neox-tiny", "neox-1.2b", "lora-tiny", "lora-qwen2.5-0.5b"])
+    p.add_argument("preset", choices=["neox-tiny", "neox-410m", "neox-1.2b", "lora-tiny", "lora-qwen2.5-0.5b"])
     p.add_argument("--max-length", type=int, default=None, help="LoRA: prompt + response tokens per sample")
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (allocations, autotuning)")

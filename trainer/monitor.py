@@ -65,14 +65,14 @@ class Snapshot:
 
 
 def snapshot(run: Path, log_lines: int = 12) -> Snapshot:
+    from trainer.checkpoint.layout import read_upload_state
     from trainer.checkpoint.store import CheckpointStore
-    from trainer.upload.uploader import read_state
 
     status = read_status(run)
     state, detail = _state(status)
     ckpts = [{"tag": c.tag, "step": c.step, "loss": c.loss, "committed_at": c.metadata.get("committed_at"),
               "reason": c.metadata.get("reason"), "task": c.metadata.get("task"), "world_size": c.metadata.get("world_size"),
-              "upload": read_state(c.path)["state"]}
+              "upload": read_upload_state(c.path)["state"]}
              for c in CheckpointStore(run).committed([])]
     return Snapshot(run, status, state, detail, ckpts, tail(run / LOG_FILE, log_lines))
 

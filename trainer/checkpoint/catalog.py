@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.checkpoint.store import (METADATA, TAG_PREFIX, CheckpointStore, best_by_loss, newest, read_metadata, recency,
-                                      run_roots, tag_for)
+from trainer.checkpoint.layout import MANIFEST, METADATA, TAG_PREFIX, read_upload_state, remote_prefix, tag_for
+from trainer.checkpoint.remote import read_manifests, verify_remote
+from trainer.checkpoint.store import CheckpointStore, best_by_loss, newest, read_metadata, recency, run_roots
 from trainer.errors import UserError
 
 @dataclass
@@ -144,8 +145,6 @@ def scan(source: str | Path, timeout_s: float = 30.0) -> Catalog:
 
 
 def _scan_local(path: Path) -> Catalog:
-    from trainer.upload.uploader import read_state
-
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     if not path.is_dir():
@@ -158,7 +157,7 @@ def _scan_local(path: Path) -> Catalog:
     else:
         ckpts = [(c.path, c.metadata) for r in run_roots(path) for c in CheckpointStore(r).committed(cat.problems)]
     for d, meta in ckpts:
-        state = read_state(d)
+        state = read_upload_state(d)
         detail = state.get("url", "") if state["state"] == "uploaded" else state.get("error", "")
         files = sorted((str(p.relative_to(d)), p.stat().st_size) for p in d.rglob("*") if p.is_file())
         cat.entries.append(Entry(meta, str(d), files, {"state": state["state"], "detail": detail or ""},
@@ -196,8 +195,6 @@ def open_reader(url: str, timeout_s: float) -> Any:
 
 def _scan_remote(url: str, timeout_s: float) -> Catalog:
     from trainer.storage import describe_error
-    from trainer.upload.restore import read_manifests
-    from trainer.upload.uploader import MANIFEST
 
     url = url.rstrip("/")
     storage = open_reader(url, timeout_s)
@@ -238,7 +235,6 @@ def verify(cat: Catalog, url_override: Optional[str] = None, timeout_s: float = 
     """Check each checkpoint in its bucket (manifest there, every part with its size and CRC32C);
     sets upload state to `verified`, or `unverified` with the reason."""
     from trainer.storage import describe_error
-    from trainer.upload.uploader import remote_prefix, verify_remote
 
     readers: dict[str, Any] = {}
     for e in cat.entries:

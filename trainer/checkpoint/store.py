@@ -16,20 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
+from trainer.checkpoint.layout import METADATA, METADATA_FORMAT, TAG_PREFIX
+from trainer.config.load import architecture_difference
 from trainer.errors import NothingToDo, UserError
 from trainer.log import get_logger
 
 log = get_logger("checkpoint")
 
-METADATA = "metadata.json"
-METADATA_FORMAT = 1
-TAG_PREFIX = "step-"
-
 T = TypeVar("T", bound=Any)  # a Checkpoint, or anything with .metadata, .loss and .step
-
-
-def tag_for(step: int) -> str:
-    return f"{TAG_PREFIX}{step:08d}"
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -83,14 +77,13 @@ class Checkpoint:
         meta = self.metadata
         if task is not None and meta.get("task", task) != task:
             return False
-        return model is None or meta.get("model") is None or _arch(meta["model"]) == _arch(model)
+        return model is None or meta.get("model") is None or not architecture_difference(meta["model"], model)
 
     def check_resumable(self, spec: str, world_size: int, task: str, max_steps: int, model: Optional[dict] = None) -> None:
         """`UserError` if this checkpoint cannot continue a job of that shape."""
         meta = self.metadata
-        if model is not None and meta.get("model") is not None and _arch(meta["model"]) != _arch(model):
-            raise UserError(f"--resume {spec}: {self.path} holds a different model ({_arch(meta['model'])}) than this config"
-                            f" ({_arch(model)})")
+        if model is not None and meta.get("model") is not None and (diff := architecture_difference(meta["model"], model)):
+            raise UserError(f"--resume {spec}: {self.path} holds a different model than this config ({diff})")
         if int(meta.get("world_size", world_size)) != world_size:
             raise UserError(
                 f"--resume {spec}: {self.path} was saved by {meta['world_size']} ranks, this job has {world_size};"
@@ -195,11 +188,6 @@ def delete_checkpoint(ckpt_dir: Path) -> None:
     """Un-commit first (remove metadata.json), then delete: a crash in between leaves a partial."""
     (Path(ckpt_dir) / METADATA).unlink(missing_ok=True)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-
-
-def _arch(model: dict) -> dict:
-    """The model settings that change the parameters' shapes (not kernels or recomputation)."""
-    return {k: v for k, v in model.items() if k not in ("attn_implementation", "gradient_checkpointing")}
 
 
 def all_committed(run_dir: Path) -> list[Checkpoint]:

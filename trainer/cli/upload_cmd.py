@@ -55,9 +55,9 @@ def _uploader(settings, timeout: float):  # type: ignore[no-untyped-def]
 
 def _rows(run_dir: Path) -> list[tuple[Path, object, dict]]:
     from trainer.checkpoint.store import CheckpointStore
-    from trainer.upload.uploader import read_state
+    from trainer.checkpoint.layout import read_upload_state
 
-    return [(run, c, read_state(c.path)) for run in _runs(run_dir) for c in CheckpointStore(run).committed()]
+    return [(run, c, read_upload_state(c.path)) for run in _runs(run_dir) for c in CheckpointStore(run).committed()]
 
 
 def _size(path: Path) -> int:
@@ -123,7 +123,9 @@ def upload_all(run_dir: RunDirArg, url: UrlOpt = None, timeout: TimeoutOpt = 30.
     """Upload every committed checkpoint not yet verified in the bucket (idempotent)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    from trainer.upload.uploader import UploadFailed, is_uploaded, verify_remote, remote_prefix
+    from trainer.checkpoint.layout import is_uploaded, remote_prefix
+    from trainer.checkpoint.remote import verify_remote
+    from trainer.upload.uploader import UploadFailed
 
     rows = _rows(run_dir)
     done = skipped = 0

@@ -201,7 +201,39 @@ def model_identity(cfg: RunConfig) -> dict:
     if cfg.task == "lora":
         lora = data["lora"]
         return {k: lora[k] for k in ("r", "alpha", "target_modules", "soft_tokens", "projector_hidden")}
-    return data["model"]
+    from trainer.models.neox import dims_of
+
+    return {**data["model"], **dims_of(cfg.model)}  # the fields as configured, and the sizes they resolve to
+
+
+_NOT_SHAPES = ("attn_implementation", "gradient_checkpointing", "dropout", "max_position_embeddings")
+
+
+def architecture(model: dict) -> dict:
+    """The part of a recorded model identity that fixes the parameters' shapes (and the data windows).
+
+    Metadata written before the sizes were recorded holds only the preset and its overrides: those
+    are resolved here, so that old and new checkpoints compare alike.
+    """
+    from trainer.config.schema import ModelConfig
+
+    if "preset" in model:
+        from pydantic import ValidationError
+
+        from trainer.models.neox import dims_of
+
+        try:
+            model = {**model, **dims_of(ModelConfig.model_validate({k: v for k, v in model.items() if k in ModelConfig.model_fields}))}
+        except ValidationError:
+            pass  # a preset this version does not know: compare what was recorded
+        model.pop("preset", None)  # the sizes decide, not the name they came from
+    return {k: v for k, v in model.items() if k not in _NOT_SHAPES}
+
+
+def architecture_difference(recorded: dict, wanted: dict) -> str:
+    """`num_layers 2 there, 3 here; ...` for the settings in which two model identities differ ('' if none)."""
+    a, b = architecture(recorded), architecture(wanted)
+    return "; ".join(f"{k} {a.get(k)} there, {b.get(k)} here" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -17,18 +17,39 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    preset: Literal["neox-tiny", "neox-1.2b"] = "neox-tiny"
-    """Architecture preset: `neox-tiny` (tests and demos on a CPU) or `neox-1.2b` (Pythia-1.4B shape)."""
+    preset: Literal["neox-tiny", "neox-410m", "neox-1.2b"] = "neox-tiny"
+    """Architecture preset: `neox-tiny` (tests and demos on a CPU), `neox-410m` (Pythia-410M shape: the
+    checkpoint-scale rehearsal) or `neox-1.2b` (Pythia-1.4B shape). The fields below override its sizes."""
+    num_layers: Optional[int] = Field(default=None, ge=1, le=1024)
+    """Transformer layers; None: the preset's (24 for neox-1.2b and neox-410m, 2 for neox-tiny)."""
+    hidden_size: Optional[int] = Field(default=None, ge=8)
+    """Width of the residual stream; None: the preset's (2048 / 1024 / 64)."""
+    num_heads: Optional[int] = Field(default=None, ge=1)
+    """Attention heads; must divide hidden_size; None: the preset's (16 / 16 / 4)."""
+    intermediate_size: Optional[int] = Field(default=None, ge=1)
+    """Width of the MLP; None: the preset's (4 x hidden: 8192 / 4096 / 256)."""
     vocab_size: Optional[int] = Field(default=None, ge=2)
-    """Vocabulary size before padding; defaults to the preset's (50257 for neox-1.2b, 512 for neox-tiny)."""
+    """Vocabulary size before padding; defaults to the preset's (50257 for neox-1.2b and neox-410m, 512 for neox-tiny)."""
     pad_vocab_to: int = Field(default=128, ge=1)
     """Pad the embedding rows up to a multiple of this (efficient matmuls on tensor cores)."""
     seq_len: Optional[int] = Field(default=None, ge=8)
-    """Training sequence length in tokens; defaults to the preset's context (2048 / 128)."""
+    """Training sequence length in tokens; defaults to the preset's context (2048 / 2048 / 128)."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on hidden states and attention weights while training (0, as in Pythia)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (saves memory, costs ~30% compute)."""
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "ModelConfig":
+        from trainer.models.neox import dimension_problems, dims_of
+
+        problems = dimension_problems(dims_of(self))
+        if problems:  # one at a time: the first names the field to change
+            name, what = problems[0]
+            raise ValueError(f"model.{name} {what}")
+        return self
 
 
 class DataConfig(Section):

@@ -13,7 +13,7 @@ from trainer.ranks import RankInfo
 from trainer.tasks.base import TaskHooks
 from trainer.errors import UserError
 from trainer.log import get_logger
-from trainer.models.neox import human_count, neox_config, parameter_counts, resolve_dims
+from trainer.models.neox import dims_of, human_count, neox_config, parameter_counts
 
 log = get_logger("pretrain")
 
@@ -25,7 +25,7 @@ class PretrainTask(TaskHooks):
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         m = cfg.model
-        self.dims = resolve_dims(m.preset, m.vocab_size, m.pad_vocab_to, m.seq_len)
+        self.dims = dims_of(m)
         self.seq_len = self.dims["seq_len"]
         self.shards: Optional[TokenShards] = None
         self.sampler: Optional[ResumableSampler] = None
@@ -67,7 +67,7 @@ class PretrainTask(TaskHooks):
         from transformers import GPTNeoXForCausalLM
 
         m = self.cfg.model
-        config = neox_config(m.preset, m.vocab_size, m.pad_vocab_to, m.seq_len, m.attn_implementation)
+        config = neox_config(m)
         torch.manual_seed(self.cfg.train.seed)
         model = GPTNeoXForCausalLM(config)
         if m.gradient_checkpointing:
@@ -136,7 +136,7 @@ class PretrainTask(TaskHooks):
         from transformers import GPTNeoXForCausalLM
 
         m = self.cfg.model
-        model = GPTNeoXForCausalLM(neox_config(m.preset, m.vocab_size, m.pad_vocab_to, m.seq_len, m.attn_implementation))
+        model = GPTNeoXForCausalLM(neox_config(m))
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

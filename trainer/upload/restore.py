@@ -9,7 +9,6 @@ A checkpoint that fails any check is skipped with a warning and the next older o
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tarfile
@@ -17,53 +16,17 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
-from trainer.checkpoint.store import Checkpoint, CheckpointStore, fsync_dir, recency
+from trainer.checkpoint.layout import MB, UploadState, write_upload_state
+from trainer.checkpoint.remote import remote_checkpoints
+from trainer.checkpoint.store import CheckpointStore, fsync_dir
 from trainer.log import get_logger
 from trainer.storage import Storage, crc32c_of_file, describe_error
-from trainer.upload.uploader import MANIFEST, MB, write_state
 
 log = get_logger("restore")
 
 
 class RestoreFailed(Exception):
     """A remote checkpoint that cannot be used: missing part, checksum mismatch, unsafe archive."""
-
-
-def read_manifests(storage: Storage, threads: int = 8) -> tuple[list[tuple[str, dict]], list[str]]:
-    """(prefix, manifest) of every checkpoint under the URL with a readable manifest, and one line
-    per manifest that cannot be read. The manifests are fetched `threads` at a time (one request
-    each: on a bucket the round trips, not the bytes, are the cost)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    names = [n for n in storage.list() if n.endswith("/" + MANIFEST)]
-
-    def fetch(name: str) -> tuple[str, Optional[dict], str]:
-        try:
-            manifest = json.loads(storage.get_bytes(name) or b"")
-            dict(manifest["checkpoint"])
-            int(manifest["step"])
-        except (ValueError, KeyError, TypeError) as exc:
-            return name, None, f"{storage.display(name)}: unreadable manifest ({type(exc).__name__})"
-        return name, manifest, ""
-
-    found, problems = [], []
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names)))) as pool:
-        for name, manifest, problem in pool.map(fetch, names):
-            if manifest is None:
-                problems.append(problem)
-            else:
-                found.append((name[: -len(MANIFEST) - 1], manifest))
-    return found, problems
-
-
-def remote_checkpoints(storage: Storage, task: Optional[str] = None, model: Optional[dict] = None) -> list[tuple[str, dict]]:
-    """(prefix, manifest) of every checkpoint under the URL with a readable manifest, newest first,
-    saved by the same task and model architecture when those are given."""
-    found, problems = read_manifests(storage)
-    for line in problems:
-        log.warning("skipping %s", line)
-    found = [(prefix, m) for prefix, m in found if Checkpoint(Path(prefix), m["checkpoint"]).matches(task, model)]
-    return sorted(found, key=lambda pm: recency(pm[1]["checkpoint"]), reverse=True)
 
 
 def restore(storage: Storage, prefix: str, manifest: dict, run_dir: Path,
@@ -90,7 +53,7 @@ def restore(storage: Storage, prefix: str, manifest: dict, run_dir: Path,
             path = staging / rel
             if not path.is_file() or path.stat().st_size != f["size"] or crc32c_of_file(path) != f["crc32c"]:
                 raise RestoreFailed(f"{rel} does not match the manifest after unpacking")
-        write_state(staging, "uploaded", url=storage.display(prefix), bytes=manifest.get("bytes"),
+        write_upload_state(staging, UploadState.UPLOADED, url=storage.display(prefix), bytes=manifest.get("bytes"),
                     manifest_crc32c=manifest.get("manifest_crc32c"), restored=True)
         os.rename(staging, final)  # metadata.json is inside: committed whole, at once
         fsync_dir(store.root)

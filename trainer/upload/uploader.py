@@ -13,7 +13,6 @@ each checkpoint lives in `upload_state.json` inside the local checkpoint folder,
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import json
 import random
 import re
@@ -24,9 +23,12 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from trainer.checkpoint.store import METADATA, atomic_write, read_metadata, tag_for
+from trainer.checkpoint.layout import (MANIFEST, MANIFEST_FORMAT, MB, METADATA, UPLOAD_STATE_FILE, UploadState, read_upload_state,
+                                       remote_prefix, utc_now, write_upload_state)
+from trainer.checkpoint.remote import verify_remote
+from trainer.checkpoint.store import read_metadata
 from trainer.log import get_logger
 from trainer.upload.archive import SUFFIX, Compression, PartResult, TarStream, compress_into, plan_parts
 from trainer.storage import Storage, describe_error, is_permanent
@@ -36,12 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = get_logger("upload")
 
-STATE_FILE = "upload_state.json"
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
 _RANKED_FILE = re.compile(r"(?:zero_pp_rank_|rng_state_rank)(\d+)")
-MB = 1024 * 1024
-
 
 @dataclass(frozen=True)
 class NodeInfo:
@@ -65,58 +62,14 @@ class NodeInfo:
         return "part" if self.node_rank == 0 else f"node{self.node_rank:02d}-part"
 
 
-def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def read_state(ckpt_dir: Path) -> dict:
-    try:
-        return json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {"state": "local"}
-
-
-def write_state(ckpt_dir: Path, state: str, **fields: Any) -> dict:
-    data = {"state": state, "updated_at": utc_now(), **fields}
-    if Path(ckpt_dir).is_dir():
-        atomic_write(Path(ckpt_dir) / STATE_FILE, json.dumps(data, indent=2) + "\n")
-    return data
-
-
-def is_uploaded(ckpt_dir: Path) -> bool:
-    return read_state(ckpt_dir).get("state") == "uploaded"
-
-
-def remote_prefix(meta: dict) -> str:
-    return f"{meta['run_id']}/{meta.get('tag') or tag_for(int(meta['step']))}"
-
-
 def local_files(ckpt_dir: Path, node: NodeInfo) -> list[tuple[str, int]]:
     """(relative path, size) of the checkpoint's files this node uploads."""
     out = []
     for p in sorted(Path(ckpt_dir).rglob("*")):
         rel = str(p.relative_to(ckpt_dir))
-        if p.is_file() and p.name != STATE_FILE and not p.name.startswith(".") and node.owns(rel):
+        if p.is_file() and p.name != UPLOAD_STATE_FILE and not p.name.startswith(".") and node.owns(rel):
             out.append((rel, p.stat().st_size))
     return out
-
-
-def verify_remote(storage: Storage, prefix: str) -> tuple[bool, str, Optional[dict]]:
-    """Is `<prefix>/manifest.json` there, and does every part it names have its size and CRC32C?"""
-    raw = storage.get_bytes(f"{prefix}/{MANIFEST}")
-    if raw is None:
-        return False, "no manifest", None
-    try:
-        manifest = json.loads(raw)
-    except json.JSONDecodeError:
-        return False, "manifest is not valid JSON", None
-    for part in manifest.get("parts", []):
-        info = storage.stat(f"{prefix}/{part['name']}")
-        if info is None:
-            return False, f"part {part['name']} is missing", manifest
-        if info.size != part["size"] or (info.crc32c and info.crc32c != part["crc32c"]):
-            return False, f"part {part['name']} has size {info.size} crc32c {info.crc32c}, manifest says {part['size']} {part['crc32c']}", manifest
-    return True, "verified", manifest
 
 
 class UploadFailed(Exception):
@@ -148,11 +101,11 @@ class CheckpointUploader:
             ok, _, manifest = verify_remote(self.storage, prefix)
         except Exception as exc:
             reason = describe_error(exc)[:500]
-            write_state(ckpt_dir, "failed", url=self.storage.display(prefix), error=reason, failed_at=utc_now())
+            write_upload_state(ckpt_dir, UploadState.FAILED, url=self.storage.display(prefix), error=reason, failed_at=utc_now())
             raise UploadFailed(f"{tag}: {reason}") from exc
         if ok and manifest is not None:
             log.info("%s is already uploaded and verified at %s", tag, self.storage.display(prefix))
-            return write_state(ckpt_dir, "uploaded", url=self.storage.display(prefix), bytes=manifest.get("bytes"),
+            return write_upload_state(ckpt_dir, UploadState.UPLOADED, url=self.storage.display(prefix), bytes=manifest.get("bytes"),
                                manifest_crc32c=manifest.get("manifest_crc32c"), skipped=True)
         files = local_files(ckpt_dir, self.node)
         if self.node.num_nodes == 1:
@@ -160,12 +113,12 @@ class CheckpointUploader:
             if missing:
                 reason = (f"this folder lacks the files of rank(s) {missing[:8]} (a multi-node run without a shared"
                           " filesystem): each node uploads its own part during training")
-                write_state(ckpt_dir, "failed", error=reason, failed_at=utc_now())
+                write_upload_state(ckpt_dir, UploadState.FAILED, error=reason, failed_at=utc_now())
                 raise UploadFailed(f"{tag}: {reason}")
         total = sum(size for _, size in files)
         groups = plan_parts(files, self.workers)
         started = time.monotonic()
-        write_state(ckpt_dir, "uploading", url=self.storage.display(prefix), bytes=total, started_at=utc_now())
+        write_upload_state(ckpt_dir, UploadState.UPLOADING, url=self.storage.display(prefix), bytes=total, started_at=utc_now())
         log.info("archiving %s: %d files, %.1f MB into %d part(s) (%s)", tag, len(files), total / MB, len(groups), self.compression)
         log.info("uploading %s to %s", tag, self.storage.display(prefix))
         try:
@@ -189,7 +142,7 @@ class CheckpointUploader:
                     self._remove_stale_parts(prefix)
                 except Exception as cleanup_exc:
                     log.warning("could not remove the parts of the failed upload: %s", describe_error(cleanup_exc))
-            write_state(ckpt_dir, "failed", url=self.storage.display(prefix), bytes=total, error=reason, failed_at=utc_now())
+            write_upload_state(ckpt_dir, UploadState.FAILED, url=self.storage.display(prefix), bytes=total, error=reason, failed_at=utc_now())
             raise UploadFailed(f"{tag}: {reason}") from exc
         seconds = time.monotonic() - started
         rate = total / MB / seconds if seconds > 0 else 0.0
@@ -199,7 +152,7 @@ class CheckpointUploader:
                 self.prune_remote(meta["run_id"], self.keep_remote)
             except Exception as exc:  # the upload itself is complete; pruning is retried after the next one
                 log.warning("remote retention failed: %s", str(exc)[:300])
-        return write_state(ckpt_dir, "uploaded", url=self.storage.display(prefix), bytes=total, seconds=round(seconds, 3),
+        return write_upload_state(ckpt_dir, UploadState.UPLOADED, url=self.storage.display(prefix), bytes=total, seconds=round(seconds, 3),
                            rate_mb_s=round(rate, 2), parts=len(results), manifest_crc32c=manifest.get("manifest_crc32c"))
 
     def prune_remote(self, run_id: str, keep: int) -> list[str]:
@@ -329,7 +282,7 @@ class BackgroundUploader:
         self._thread.start()
 
     def submit(self, ckpt_dir: Path) -> None:
-        write_state(ckpt_dir, "pending", queued_at=utc_now())
+        write_upload_state(ckpt_dir, UploadState.PENDING, queued_at=utc_now())
         with self._cond:
             self._waiting.append(Path(ckpt_dir))
             waiting = len(self._waiting)
@@ -376,7 +329,7 @@ class BackgroundUploader:
                 self._child.kill()
             self._cond.notify_all()
         for p in abandoned:
-            write_state(p, "failed", error="interrupted: the job ended before this upload finished", failed_at=utc_now())
+            write_upload_state(p, UploadState.FAILED, error="interrupted: the job ended before this upload finished", failed_at=utc_now())
         self._thread.join(timeout=5)
         return done
 
@@ -395,8 +348,8 @@ class BackgroundUploader:
         code = child.wait()
         with self._cond:
             self._child = None
-        state = read_state(job)
-        if code != 0 or state.get("state") != "uploaded":
+        state = read_upload_state(job)
+        if code != 0 or state.get("state") != UploadState.UPLOADED:
             raise UploadFailed(f"{job.name}: {state.get('error') or f'upload process exited with {code}'}")
         return "uploaded"
 
@@ -416,7 +369,7 @@ class BackgroundUploader:
                     with self._cond:
                         self._requeue = None
                         self._waiting.append(job)
-                    write_state(job, "pending", queued_at=utc_now())
+                    write_upload_state(job, UploadState.PENDING, queued_at=utc_now())
                     continue
                 self.results[job.name] = "failed"
                 if self._closed:
@@ -442,7 +395,7 @@ class SyncUploader:
         self.results: dict[str, str] = {}
 
     def submit(self, ckpt_dir: Path) -> None:
-        write_state(ckpt_dir, "pending", queued_at=utc_now())
+        write_upload_state(ckpt_dir, UploadState.PENDING, queued_at=utc_now())
         try:
             self.results[Path(ckpt_dir).name] = self.uploader.upload(ckpt_dir)["state"]
         except UploadFailed as exc:
