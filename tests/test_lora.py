@@ -264,7 +264,7 @@ def test_validate_passes_a_good_config_and_names_what_breaks(tiny_mm: Path, tmp_
              "checkpoint save and load", "MLflow logging", "short training run"]
     for name in names:
         assert any(line.startswith("PASS") and name in line for line in r.stdout.splitlines()), (name, r.stdout)
-    assert "9/9 checks passed" in r.stdout
+    assert "10/10 checks passed" in r.stdout
     assert not (tmp_path / "good" / "runs").exists()  # validate writes nothing of its own next to the config
 
     broken = lora_config(tiny_mm, tmp_path / "broken", lora={"target_modules": ["q_proj", "qkv_fused"]})
@@ -329,7 +329,7 @@ def test_a_file_that_breaks_mid_run_is_skipped_or_named(tiny_mm: Path, tmp_path:
 def test_validate_a_pretraining_config(tiny_config: Path) -> None:
     r = run_cli("validate", str(tiny_config), "--quick")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "9/9 checks passed" in r.stdout and "PASS  parameter freezing" in r.stdout
+    assert "10/10 checks passed" in r.stdout and "PASS  parameter freezing" in r.stdout
 
 
 def test_phase1_from_pretrained_encoder_folders(tmp_path: Path) -> None:

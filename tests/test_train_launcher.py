@@ -39,34 +39,37 @@ def write_config(tiny_config: Path, run_dir: Path, **sections: dict) -> Path:
 @pytest.mark.launcher
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_rank_resume_is_exact(tiny_config: Path, tmp_path: Path, stage: int) -> None:
-    """8 uninterrupted steps == 4 steps, then a resume to 8: same losses and weights, bit for bit."""
-    common = dict(train={"max_steps": 8, "log_every": 1, "micro_batch_size": 4},
-                  optim={"decay_steps": 8, "warmup_steps": 2},
-                  checkpoint={"save_every": 4, "keep_last": 5},
-                  deepspeed={"template": f"zero{stage}"})
-    full = write_config(tiny_config, tmp_path / "full", **common)
-    split = write_config(tiny_config, tmp_path / "split", **common)
+    """8 uninterrupted steps == a resume from that run's step 4 to step 8: same losses and weights, bit for bit.
 
-    r = run_cli("train", str(full), "--num-ranks", "2")
+    The step-4 checkpoint is written in the background (checkpoint.async, the default) while steps 5-8
+    train; dropout makes the resumed losses depend on the restored RNG states; with stage 2 each
+    step accumulates two micro-batches (the stop agreement between them runs too)."""
+    accum = 2 if stage == 2 else 1
+    cfg = write_config(tiny_config, tmp_path / "runs",
+                       train={"max_steps": 8, "log_every": 1, "micro_batch_size": 4, "grad_accum": accum},
+                       model={"dropout": 0.1}, optim={"decay_steps": 8, "warmup_steps": 2},
+                       checkpoint={"save_every": 4, "keep_last": 5}, deepspeed={"template": f"zero{stage}"})
+    r = run_cli("train", str(cfg), "--num-ranks", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r = run_cli("train", str(split), "--num-ranks", "2", "--max-steps", "4")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r = run_cli("train", str(split), "--num-ranks", "2", "--resume", "latest")
+    assert "state captured in" in r.stdout and "writing" in r.stdout  # step 4 went to the background writer
+    full = committed(tmp_path / "runs")
+    assert [p.name for p in full] == ["step-00000004", "step-00000008"]
+    assert metadata(full[0])["save"]["async"] is True and metadata(full[1])["save"]["async"] is False
+
+    r = run_cli("train", str(cfg), "--num-ranks", "2", "--resume", str(full[0]))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 4" in r.stdout
+    (branch,) = [p for p in committed(tmp_path / "runs") if p.parent.parent != full[0].parent.parent]
+    assert branch.name == "step-00000008" and metadata(branch)["branched_from"] == str(full[0])
 
-    a, b = committed(tmp_path / "full"), committed(tmp_path / "split")
-    assert [p.name for p in a] == ["step-00000004", "step-00000008"]
-    assert [p.name for p in b] == ["step-00000004", "step-00000008"]
-    assert len({p.parent.parent for p in b}) == 1, "the resume must continue the same run folder"
-    ma, mb = metadata(a[-1]), metadata(b[-1])
+    ma, mb = metadata(full[-1]), metadata(branch)
     assert [s for s, _ in ma["loss_history"]] == list(range(1, 9))
     assert ma["loss_history"] == mb["loss_history"]  # bitwise: JSON floats round-trip exactly
     assert ma["lr_history"] == mb["lr_history"]
     assert ma["loss_history"][-1][1] < ma["loss_history"][0][1]
     assert mb["world_size"] == 2 and mb["zero_stage"] == stage
-    assert mb["data_position"]["samples_seen"] == 8 * 4 * 2
-    wa, wb = fp32_weights(a[-1]), fp32_weights(b[-1])
+    assert mb["data_position"]["samples_seen"] == 8 * 4 * 2 * accum
+    wa, wb = fp32_weights(full[-1]), fp32_weights(branch)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert wa[k].shape == wb[k].shape and bool((wa[k] == wb[k]).all()), k

@@ -138,7 +138,7 @@ def test_sigterm_without_time_for_a_save_skips_it_and_says_so(tiny_config: Path,
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, seen + out
-    assert "not saving at step" in out and "newest committed checkpoint: step 10" in out, out
+    assert "not saving at step" in out and "newest committed checkpoint: step-00000010" in out, out
     metas = [json.loads(p.read_text()) for p in run_dir.glob("*/checkpoints/step-*/metadata.json")]
     assert sorted(m["step"] for m in metas) == [5, 10] and {m["reason"] for m in metas} == {"scheduled"}
 

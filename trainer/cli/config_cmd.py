@@ -33,7 +33,12 @@ def show(
     cfg = load_config(config, overrides(sets, max_steps, batch_size, learning_rate))
     world = sum(parse_hostfile(hostfile).values()) if hostfile else (num_ranks or 1)
     ds = render_ds_config(cfg, world, build_task(cfg).model_hints().get("hidden_size"), str(config))
-    doc = {**config_to_dict(cfg), "resolved": {"world_size": world, "config_hash": config_hash(cfg), "deepspeed_json": ds}}
+    resolved: dict = {"world_size": world, "config_hash": config_hash(cfg)}
+    if cfg.task == "pretrain":
+        from trainer.models.neox import dims_of
+
+        resolved["model"] = dims_of(cfg.model)  # the preset's sizes with the config's overrides
+    doc = {**config_to_dict(cfg), "resolved": {**resolved, "deepspeed_json": ds}}
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
     else:
@@ -57,6 +62,6 @@ def fields() -> None:
                 walk(ann, f"{prefix}{name}.")
                 continue
             default = "(required)" if f.is_required() else repr(f.default if f.default_factory is None else f.default_factory())
-            typer.echo(f"{prefix}{name} = {default}\n    {f.description or ''}")
+            typer.echo(f"{prefix}{f.alias or name} = {default}\n    {f.description or ''}")
 
     walk(RunConfig)

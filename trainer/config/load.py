@@ -248,6 +248,7 @@ def config_hash(cfg: RunConfig) -> str:
     data.pop("upload", None)
     data.pop("tracking", None)
     data["checkpoint"].pop("resume", None)
+    data["checkpoint"].pop("async", None)  # how saves are written, not what is trained
     data["train"].pop("max_steps", None)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

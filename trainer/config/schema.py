@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False,
+                              validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
 
 class ModelConfig(Section):
@@ -152,6 +153,11 @@ class CheckpointConfig(Section):
     """Keep the newest N committed checkpoints locally (the best by loss is kept as well)."""
     keep_best: bool = True
     """Also keep the checkpoint with the lowest loss."""
+    async_save: bool = Field(default=True, alias="async")
+    """Write scheduled checkpoints in the background: training waits only while the state is copied to host
+    memory (kept for reuse: host RAM the size of one rank's state), then goes on while a thread writes and
+    fsyncs the files; the checkpoint is committed once every rank's files are on disk. false: training
+    waits for the whole write. Final and emergency saves are always written directly."""
     resume: Optional[str] = "auto"
     """`auto` (the newest local checkpoint of this task and model, else the newest complete one at
     upload.url, downloaded and verified, else a fresh start; a complete run: nothing to do), `latest`
@@ -199,6 +205,9 @@ class PreemptionConfig(Section):
     the deadline."""
     exit_reserve_s: float = Field(default=2.0, ge=0)
     """Seconds of the grace kept for leaving (tracking, process teardown) after the upload drain."""
+    check_micro_batches: bool = True
+    """With grad_accum > 1, also agree on a stop between micro-batches (one small all-reduce each): a stop
+    then waits for one micro-batch, not a whole step, and the state saved is that of the last complete step."""
 
 
 class TrackingConfig(Section):

@@ -1,12 +1,17 @@
 """Process-group helpers: rank info from the launcher's environment, init, and small collectives."""
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from trainer.errors import UserError
+from trainer.log import get_logger
 from trainer.ranks import RankInfo
+
+log = get_logger("dist")
 
 T = TypeVar("T")
 
@@ -85,40 +90,109 @@ def any_rank(flag: bool) -> bool:
     return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
 
 
-def on_main_then_share(fn: Callable[[], T], info: RankInfo) -> T:
+def world_size() -> int:
+    import deepspeed.comm as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_mains(info: RankInfo) -> list[int]:
+    """The first rank of every node (homogeneous nodes, ranks numbered node by node)."""
+    per_node = max(1, info.local_world_size)
+    return list(range(0, info.world_size, per_node))
+
+
+_waits = itertools.count()  # every rank makes the same sequence of waits: the n-th wait has the same keys everywhere
+WAIT_LOG_EVERY_S = 30.0
+
+
+def wait_for(fn: Callable[[], T], runners: Sequence[int], what: str) -> tuple[str, Any]:
+    """Run `fn` on the ranks in `runners` while every rank waits for all of them, with no collective timeout.
+
+    One rank's I/O (restoring a 20 GB checkpoint, downloading or scanning the data) can take longer
+    than the process group's timeout; the other ranks would die of it in their next collective. Here
+    the waiting happens on the rendezvous store instead: the runners publish `trainer.progress`
+    lines, the waiting ranks log them every 30 s ("waiting 120 s for rank 0 restoring ...: 4.1 of
+    6.5 GB"), and a runner that crashes is named at once instead of leaving the others hanging.
+
+    Returns this rank's outcome: ("ok", result), ("user_error", (type, message)), or ("idle", None).
+    """
+    from trainer import progress
+
+    rank, world = int(os.environ.get("RANK", "0")), world_size()
+    outcome: tuple[str, Any] = ("idle", None)
+    if world == 1:
+        try:
+            return "ok", fn()
+        except UserError as exc:
+            return "user_error", (type(exc), exc.message)
+    store, key = _store(), f"trainer/wait/{next(_waits)}"
+    if rank in runners:
+        with progress.listening(lambda line: store.set(f"{key}/progress/{rank}", line)):
+            try:
+                outcome = ("ok", fn())
+            except UserError as exc:
+                outcome = ("user_error", (type(exc), exc.message))
+            except BaseException as exc:
+                store.set(f"{key}/done/{rank}", f"crash: {type(exc).__name__}: {str(exc)[:300]}")
+                raise
+        store.set(f"{key}/done/{rank}", "ok")
+    started = time.monotonic()
+    next_log, delay = started + WAIT_LOG_EVERY_S, 0.002
+    pending = [r for r in runners if r != rank or outcome[0] == "idle"]
+    while pending:
+        still = []
+        for r in pending:
+            if not store.check([f"{key}/done/{r}"]):
+                still.append(r)
+            elif (done := store.get(f"{key}/done/{r}").decode()).startswith("crash: "):
+                raise RuntimeError(f"rank {r} failed while {what}: {done.removeprefix('crash: ')}")
+        pending = still
+        if not pending:
+            break
+        if time.monotonic() >= next_log:
+            said = [f"rank {r}: {store.get(f'{key}/progress/{r}').decode()}" for r in pending
+                    if store.check([f"{key}/progress/{r}"])]
+            log.info("waiting %.0f s for %s (%s)", time.monotonic() - started, what,
+                     "; ".join(said) or f"rank(s) {', '.join(map(str, pending))}, no progress reported yet")
+            next_log += WAIT_LOG_EVERY_S
+        time.sleep(delay)
+        delay = min(0.5, delay * 2)
+    return outcome
+
+
+def _store() -> Any:
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()  # the rendezvous store every rank already holds
+
+
+def on_main_then_share(fn: Callable[[], T], info: RankInfo, what: str = "rank 0") -> T:
     """Run `fn` on rank 0 and give its result (or its `UserError`) to every rank.
 
     Used for checks and decisions that must be taken once and agreed on: a bad shard found by
     rank 0 stops every rank with the same one-line error instead of leaving the others waiting.
+    The others wait without a collective timeout however long `fn` takes (`wait_for`).
     """
-    result: tuple[str, Any] = ("ok", None)
-    if info.is_main:
-        try:
-            result = ("ok", fn())
-        except UserError as exc:
-            result = ("user_error", (type(exc), exc.message))
-    result = broadcast_object(result)
+    result = wait_for(fn, [0], what)
+    result = broadcast_object(result if info.is_main else None)
     if result[0] == "user_error":
         kind, message = result[1]
         raise kind(message, shared=True)
     return result[1]
 
 
-def agree(fn: Callable[[], None], run_here: bool) -> None:
-    """Run `fn` where `run_here`, then make every rank raise the first `UserError` any rank hit.
+def agree(fn: Callable[[], None], runners: Sequence[int], what: str = "per-node work") -> None:
+    """Run `fn` on the `runners` ranks, then make every rank raise the first `UserError` any rank hit.
 
     For per-node work (downloads) whose failure on one node must stop all nodes, not leave the
     others waiting in the next collective.
     """
     import deepspeed.comm as dist
 
-    error = None
-    if run_here:
-        try:
-            fn()
-        except UserError as exc:
-            error = exc.message
-    if dist.get_world_size() > 1:
+    outcome = wait_for(fn, runners, what)
+    error = outcome[1][1] if outcome[0] == "user_error" else None
+    if world_size() > 1:
         errors: list = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
         error = next((e for e in errors if e), None)

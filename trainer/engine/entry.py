@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from trainer.errors import EXIT_BUG, STATUS_FILE_ENV, UserError
 
@@ -25,6 +25,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--resume", help="auto | latest | TAG | RUN_ID/TAG | PATH")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def main_and_exit(argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """`main`, then leave at once: the interpreter's teardown of a process holding the model, its
+    optimizer state and the snapshot buffers takes seconds that the grace period does not have.
+    Everything that matters is flushed first (logs, stdout); uploads and tracking ended in `main`."""
+    code = main(argv)
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

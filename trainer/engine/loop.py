@@ -1,27 +1,33 @@
-"""The training loop around a DeepSpeed engine. It runs any `Task` and knows no model or dataset."""
+"""The training loop around a DeepSpeed engine. It runs any `Task` and knows no model or dataset.
+
+Checkpoints (saving in the background, committing, loading, uploads and retention) are the
+`CheckpointManager`'s; where the wall time goes is the `Goodput` clock's. The loop steps, logs,
+and asks them.
+"""
 from __future__ import annotations
 
-import collections
 import datetime as dt
 import json
-import math
 import logging
-import random
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.checkpoint.store import Checkpoint, CheckpointStore, is_committed, read_metadata, resolve_resume, tag_for
+from trainer.checkpoint.layout import MANIFEST, remote_prefix, tag_for, utc_now
+from trainer.checkpoint.store import Checkpoint, CheckpointStore, is_committed, read_metadata, resolve_resume
 from trainer.config.deepspeed import render_ds_config, uses_ds_optimizer, zero_stage
 from trainer.config.load import config_hash, config_to_yaml, flatten, model_identity, public_config_dict
 from trainer.config.schema import RunConfig
 from trainer.engine import dist
+from trainer.engine.checkpointing import CheckpointManager, capture_rng
+from trainer.engine.goodput import Goodput, PhaseClock, describe, process_started_monotonic
 from trainer.engine.metrics import accelerator_name, mfu, peak_flops, system_info
-from trainer.engine.optim import optimizer_factory, param_groups, reapply_schedule, scheduler_factory
+from trainer.engine.optim import optimizer_factory, param_groups, scheduler_factory
 from trainer.engine.signals import StopFlag, watch_launchers
-from trainer.errors import EXIT_OK, EXIT_PREEMPTED, UserError
+from trainer.errors import EXIT_OK, EXIT_PREEMPTED
 from trainer.tasks.base import Task
 from trainer.log import add_log_file, get_logger, redact
 from trainer.ranks import rank_info
@@ -29,19 +35,12 @@ from trainer.tracking.mlflow_tracker import make_tracker
 from trainer.tracking.plots import Curve, save_curves
 from trainer.runstatus import FAILED, FINISHED, RUNNING, STOPPED, StatusWriter
 from trainer.storage import open_storage
-from trainer.upload.restore import restore, restore_newest
-from trainer.upload.uploader import MANIFEST, NodeInfo, is_uploaded, make_uploader, remote_prefix
-from trainer.upload.uploader import read_state as read_upload_state
 
 log = get_logger("engine")
 
 
 def new_run_id() -> str:
     return f"{uuid.uuid4().hex}_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}"
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -54,7 +53,6 @@ class RunState:
     best_loss: Optional[float] = None
     best_step: Optional[int] = None
     last_loss: Optional[float] = None
-    last_saved_step: Optional[int] = None
 
     def record(self, step: int, loss: float, lr: float) -> None:
         self.loss_history.append([step, loss])
@@ -72,7 +70,6 @@ class RunState:
             best_loss=meta.get("best_loss"),
             best_step=meta.get("best_step"),
             last_loss=meta.get("loss"),
-            last_saved_step=int(meta["step"]),
         )
 
 
@@ -106,22 +103,30 @@ class Trainer:
         self.source = source
         self.ranks = rank_info()
         self.stop = StopFlag()
+        self.clock = PhaseClock("startup", since=process_started_monotonic())
+        self.goodput = Goodput(self.clock)
         self.tracker: Any = None
         self.engine: Any = None
         self.uploader: Any = None
-        self.save_seconds: collections.deque[float] = collections.deque(maxlen=3)  # the recent saves, for the grace budget
+        self.ckpt: Optional[CheckpointManager] = None
+        self.state = RunState()
+        self.boundary_rng: Optional[dict] = None  # RNG at the start of the step in progress (for a stop between micro-batches)
         self.stop_deadline: Optional[float] = None  # monotonic time by which a stopped job must have left
         self.status: Optional[StatusWriter] = None  # rank 0: <run>/status.json for `trainer monitor`
+        self._grace_warned: set[str] = set()
 
     # ----------------------------------------------------------------------------------- setup
     def _decide_run(self) -> dict:
         """On rank 0: which checkpoint to resume (if any) and the run id. Shared with all ranks."""
+        from trainer.upload.restore import restore_newest
+
         model = model_identity(self.cfg)
         ckpt = resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume, task=self.cfg.task, model=model)
         restored = None
         if ckpt is None and self.cfg.checkpoint.resume == "auto" and self.cfg.upload.url:
             log.info("no local checkpoint: looking for the newest complete one in %s", redact(self.cfg.upload.url))
-            path = restore_newest(open_storage(self.cfg.upload.url), self.cfg.run_dir, self.cfg.task, model)
+            with self.clock.phase_of("restore"):
+                path = restore_newest(open_storage(self.cfg.upload.url), self.cfg.run_dir, self.cfg.task, model)
             if path is not None:
                 ckpt, restored = Checkpoint(path, read_metadata(path)), remote_prefix(read_metadata(path))
         if ckpt is None:
@@ -139,11 +144,16 @@ class Trainer:
 
     def _restore_on_this_node(self, decision: dict) -> None:
         """Nodes without a shared filesystem: each node's first rank fetches the checkpoint rank 0 chose."""
-        if decision.get("restored") and self.ranks.is_local_main and not is_committed(Path(decision["resume"])):
-            storage = open_storage(self.cfg.upload.url)  # type: ignore[arg-type]
-            manifest = json.loads(storage.get_bytes(f"{decision['restored']}/{MANIFEST}") or b"{}")
-            restore(storage, decision["restored"], manifest, self.cfg.run_dir)
-        dist.barrier()
+        from trainer.upload.restore import restore
+
+        def fetch() -> None:
+            if decision.get("restored") and not is_committed(Path(decision["resume"])):
+                storage = open_storage(self.cfg.upload.url)  # type: ignore[arg-type]
+                manifest = json.loads(storage.get_bytes(f"{decision['restored']}/{MANIFEST}") or b"{}")
+                with self.clock.phase_of("restore"):
+                    restore(storage, decision["restored"], manifest, self.cfg.run_dir)
+
+        dist.agree(fetch, dist.local_mains(self.ranks), f"each node restoring {Path(str(decision.get('resume'))).name}")
 
     def setup(self) -> None:
         import deepspeed
@@ -155,12 +165,13 @@ class Trainer:
         cfg, r = self.cfg, self.ranks
         self.ds_config = render_ds_config(cfg, r.world_size, self.task.model_hints().get("hidden_size"), self.source)
         self.stage = zero_stage(self.ds_config)
-        dist.agree(self.task.prepare_data, run_here=r.is_local_main)
-        dist.on_main_then_share(self.task.preflight, r)
+        dist.agree(self.task.prepare_data, dist.local_mains(r), "the first rank of each node preparing the data")
+        dist.on_main_then_share(self.task.preflight, r, "rank 0 checking the data")
         if cfg.upload.url:
-            dist.on_main_then_share(lambda: open_storage(cfg.upload.url).check(), r)
-        decision = dist.on_main_then_share(self._decide_run, r)
-        self._restore_on_this_node(decision)
+            dist.on_main_then_share(lambda: open_storage(cfg.upload.url).check(), r, "rank 0 checking upload.url")
+        decision = dist.on_main_then_share(self._decide_run, r, "rank 0 choosing (and restoring) the checkpoint to resume")
+        if decision["resume"]:
+            self._restore_on_this_node(decision)
         self.run_id = decision["run_id"]
         self.branched_from = decision.get("branched_from")
         self.run_root = Path(cfg.run_dir) / self.run_id
@@ -169,12 +180,15 @@ class Trainer:
             self.store.remove_partials()  # this run's only: another job may be saving in its own run folder
             self.run_root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
+        meta = decision["metadata"]
         if r.is_main:
             add_log_file(self.run_root / "train.log", r.rank)
             (self.run_root / "config.yaml").write_text(config_to_yaml(cfg))
             self.status = StatusWriter(self.run_root, run_id=self.run_id, task=cfg.task, world_size=r.world_size,
                                        max_steps=cfg.train.max_steps, log_every=cfg.train.log_every)
-            self.status.update(state=RUNNING, step=(decision["metadata"] or {}).get("step", 0))
+            self.status.update(state=RUNNING, step=(meta or {}).get("step", 0))
+        source_root = Path(decision["resume"]).parent.parent if decision["resume"] else None
+        self.goodput.begin(self.run_root, meta, source_root, attempt_id=uuid.uuid4().hex[:12], writer=r.is_main)
         self.config_hash = config_hash(cfg)
         log.info("run %s: %d rank(s), ZeRO stage %d, %s, config %s (hash %s)", self.run_id, r.world_size, self.stage,
                  cfg.train.precision, self.source, self.config_hash)
@@ -183,26 +197,36 @@ class Trainer:
         for line in self.task.describe_model(model):
             log.info(line)
         self.initialize_engine(model)
-        meta = decision["metadata"]
-        if decision["resume"]:
-            self._load(Path(decision["resume"]), meta)
-        self.task.setup_data(r, cfg.train.micro_batch_size, cfg.train.grad_accum)
-        if r.is_main:
-            self.tracker = make_tracker(cfg.tracking, Path(cfg.run_dir), cfg.tracking.experiment or cfg.task, self.run_id,
-                                        (meta or {}).get("mlflow_run_id"))
-            self.tracker.log_params({**flatten(public_config_dict(cfg)), "world_size": r.world_size, "zero_stage": self.stage})
-            self.tracker.set_tags({"trainer.run_id": self.run_id, "trainer.config_hash": self.config_hash})
-            self.tracker.log_artifact(self.run_root / "config.yaml", "config")
-        self.mlflow_run_id = dist.broadcast_object(getattr(self.tracker, "run_id", None))
         if cfg.upload.url and r.is_local_main:
+            from trainer.upload.uploader import NodeInfo, make_uploader
+
             node = NodeInfo(r.rank // r.local_world_size, max(1, r.world_size // r.local_world_size), r.local_world_size)
             self.uploader = make_uploader(cfg.upload, node)
-            for c in self.store.committed():  # uploads a hard stop cut short (or that failed) go first
-                if not is_uploaded(c.path):
-                    log.info("%s was never uploaded completely: queued again", c.tag)
-                    self.uploader.submit(c.path)
+        self.ckpt = CheckpointManager(cfg, r, self.store, self.task, self.goodput, self._metadata, self._side_files,
+                                      uploader=self.uploader, on_commit=self._on_commit)
+        self.ckpt.attach(self.engine)
+        if decision["resume"]:
+            self.ckpt.load(Path(decision["resume"]), meta)
+            self.state = RunState.from_metadata(meta)
+            if meta.get("config_hash") != self.config_hash:
+                log.warning("resuming %s saved with config hash %s; this config hashes to %s (training settings changed)",
+                            Path(decision["resume"]).name, meta.get("config_hash"), self.config_hash)
+            log.info("resumed from %s at step %d (run %s)", decision["resume"], self.state.step, self.run_id)
+        self.task.setup_data(r, cfg.train.micro_batch_size, cfg.train.grad_accum)
+        self.mlflow_run_id = dist.on_main_then_share(lambda: self._start_tracking(meta), r, "rank 0 starting MLflow tracking")
+        self.ckpt.requeue_unfinished_uploads()
         self.flops_per_token = self.task.flops_per_token(model)
         self.peak = peak_flops(accelerator_name()) if self._on_gpu() else None
+
+    def _start_tracking(self, meta: Optional[dict]) -> Optional[str]:
+        """Rank 0: the MLflow run (continued on a resume), with params and the config. Returns its id."""
+        cfg, r = self.cfg, self.ranks
+        self.tracker = make_tracker(cfg.tracking, Path(cfg.run_dir), cfg.tracking.experiment or cfg.task, self.run_id,
+                                    (meta or {}).get("mlflow_run_id"))
+        self.tracker.log_params({**flatten(public_config_dict(cfg)), "world_size": r.world_size, "zero_stage": self.stage})
+        self.tracker.set_tags({"trainer.run_id": self.run_id, "trainer.config_hash": self.config_hash})
+        self.tracker.log_artifact(self.run_root / "config.yaml", "config")
+        return getattr(self.tracker, "run_id", None)
 
     def initialize_engine(self, model: Any) -> None:
         """The DeepSpeed engine around `model` (trainable parameters only in the optimizer) at step 0."""
@@ -234,106 +258,21 @@ class Trainer:
         return self.task.build_model()
 
     # ------------------------------------------------------------------------------ checkpoints
-    def _rng_file(self, ckpt_dir: Path) -> Path:
-        return ckpt_dir / f"rng_state_rank{self.ranks.rank:05d}.pt"
-
-    def _save(self, reason: str) -> Path:
-        import numpy as np
-        import torch
-
-        step, tag = self.state.step, tag_for(self.state.step)
-        t0 = time.perf_counter()
-        self.engine.save_checkpoint(str(self.store.root), tag=tag, client_state={"trainer_step": step}, save_latest=False,
-                                    exclude_frozen_parameters=not self.task.save_frozen)
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, self._rng_file(self.store.path(tag)))
-        extra = self.task.on_save(self.engine.module, self.store.path(tag), self.ranks.is_main, reason == "final")
-        dist.barrier()  # every rank's files are on disk before anyone commits
-        if self.ranks.is_local_main:
-            self.store.commit(tag, {**self._metadata(reason), **extra}, {
-                "config.yaml": config_to_yaml(self.cfg),
-                "ds_config.json": json.dumps(self.ds_config, indent=2) + "\n",
-            })
-            if self.uploader is not None:
-                self.uploader.submit(self.store.path(tag))
-            self._retention()
-        if self.ranks.is_main and self.tracker is not None:
-            self.tracker.log_curves_later([self._curve()], f"run {self.run_id}")
-        self._status(last_checkpoint=tag)
-        dist.barrier()
-        self.state.last_saved_step = step
-        self.save_seconds.append(time.perf_counter() - t0)
-        log.info("saved checkpoint %s (%s) in %.1f s", self.store.path(tag), reason, self.save_seconds[-1])
-        return self.store.path(tag)
-
-    def _emergency_save_fits(self) -> bool:
-        """At the agreed stop step: does a save fit in what is left of the grace period? Collective.
-
-        The clock starts at the earliest signal any rank received; a save is expected to take as
-        long as the slowest of the recent ones (unknown before the first: then it is tried).
-        """
-        p = self.cfg.preemption
-        elapsed = dist.all_reduce_max([self.stop.elapsed()])[0]
-        self.stop_deadline = time.monotonic() + p.grace_s - elapsed
-        left = self.stop_deadline - time.monotonic() - p.exit_reserve_s
-        need = max(self.save_seconds, default=0.0)
-        fits = bool(dist.broadcast_object(left >= 1.2 * need))
-        if not fits:
-            last = f"step {self.state.last_saved_step}" if self.state.last_saved_step is not None else "none"
-            log.warning("not saving at step %d: %.1f s of the %.0f s grace left, a save takes ~%.1f s (newest committed"
-                        " checkpoint: %s)", self.state.step, left, p.grace_s, need, last)
-        return fits
-
-    def _retention(self) -> None:
-        self.store.retention(self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best,
-                             deletable=is_uploaded if self.uploader is not None else None)
-
-    def _drain_uploads(self, stopped: bool) -> None:
-        """Wait for queued uploads (bounded), then report where every checkpoint is."""
-        if self.uploader is None:
-            return
-        p = self.cfg.preemption
-        if stopped:
-            self.uploader.prioritize_newest()
-            assert self.stop_deadline is not None
-            timeout = max(0.0, self.stop_deadline - time.monotonic() - p.exit_reserve_s)
-        else:
-            timeout = self.cfg.upload.drain_timeout_s
-        waiting = self.uploader.pending()
-        if waiting:
-            log.info("waiting up to %.0f s for %d checkpoint upload(s): %s", timeout, len(waiting), ", ".join(x.name for x in waiting))
-
-        def give_up() -> bool:  # a second signal; or a first one during the final drain, once its grace is spent
-            return self.stop.urgent or (self.stop.is_set() and self.stop.elapsed() > p.grace_s - p.exit_reserve_s)
-
-        if not self.uploader.close(timeout, abort=give_up):
-            log.warning("stopped waiting for uploads: %s", "a second signal" if self.stop.urgent else "the time is up")
-        self._retention()
-        for c in self.store.committed():
-            st = read_upload_state(c.path)
-            if st["state"] == "uploaded":
-                log.info("checkpoint %s: uploaded (%s)", c.tag, st.get("url", ""))
-                continue
-            what = {"failed": "upload interrupted" if str(st.get("error", "")).startswith("interrupted") else "upload FAILED",
-                    "local": "not uploaded"}.get(st["state"], st["state"])
-            log.warning("checkpoint %s: %s, still local (%s)", c.tag, what, c.path)
-
-    def _metadata(self, reason: str) -> dict:
+    def _metadata(self, step: int, reason: str) -> dict:
+        """The metadata of a checkpoint whose state is captured now (committed once it is on disk)."""
         s = self.state
-        pos = self.task.data_position(s.step)
+        pos = self.task.data_position(step)
         return {
-            "step": s.step,
-            "tag": tag_for(s.step),
+            "step": step,
+            "tag": tag_for(step),
             "reason": reason,
             "epoch": pos.get("epoch"),
             "tokens_seen": pos.get("tokens_seen"),
             "loss": s.last_loss,
             "best_loss": s.best_loss,
             "best_step": s.best_step,
-            "loss_history": s.loss_history,
-            "lr_history": s.lr_history,
+            "loss_history": [list(p) for p in s.loss_history],  # copies: the loop appends while the files are written
+            "lr_history": [list(p) for p in s.lr_history],
             "data_position": pos,
             "run_id": self.run_id,
             "task": self.cfg.task,
@@ -344,81 +283,110 @@ class Trainer:
             "branched_from": self.branched_from,
             "world_size": self.ranks.world_size,
             "zero_stage": self.stage,
-            "committed_at": utc_now(),
+            "captured_at": utc_now(),
             "system": system_info(self.cfg.train.precision, self.ranks.world_size, self.stage),
         }
 
-    def _load(self, ckpt_dir: Path, meta: dict) -> None:
-        import numpy as np
-        import torch
+    def _side_files(self) -> dict[str, str]:
+        return {"config.yaml": config_to_yaml(self.cfg), "ds_config.json": json.dumps(self.ds_config, indent=2) + "\n"}
 
-        self.task.check_resume(meta)
-        load_path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_module_strict=self.task.save_frozen)
-        if load_path is None:
-            raise UserError(f"--resume: DeepSpeed found no loadable checkpoint in {ckpt_dir}")
-        reapply_schedule(self.engine.lr_scheduler, self.cfg.optim, self.cfg.train.max_steps)
-        rng_file = self._rng_file(ckpt_dir)
-        if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
-        else:
-            log.warning("no RNG state for rank %d in %s; continuing with fresh RNG", self.ranks.rank, ckpt_dir)
-        self.state = RunState.from_metadata(meta)
-        if meta.get("config_hash") != self.config_hash:
-            log.warning("resuming %s saved with config hash %s; this config hashes to %s (training settings changed)",
-                        ckpt_dir.name, meta.get("config_hash"), self.config_hash)
-        log.info("resumed from %s at step %d (run %s)", ckpt_dir, self.state.step, self.run_id)
+    def _on_commit(self, tag: str, meta: dict) -> None:
+        """Rank 0, after a commit: the curves to MLflow (on its thread), the status file, the ledger."""
+        if self.tracker is not None:
+            self.tracker.log_curves_later([self._curve()], f"run {self.run_id}")
+        self._status(last_checkpoint=tag)
+        self.goodput.flush()
+
+    def _stop_deadline(self) -> float:
+        """The monotonic time by which a stopped job must have left. Collective: the clock starts at the
+        earliest signal any rank received."""
+        elapsed = dist.all_reduce_max([self.stop.elapsed()])[0]
+        return time.monotonic() + self.cfg.preemption.grace_s - elapsed
 
     # ------------------------------------------------------------------------------------- loop
     def train(self) -> int:
         cfg, s = self.cfg, self.state
+        assert self.ckpt is not None
         tokens_per_step = self.tokens_per_step()
         window = LossWindow()
         start_step, t_start = s.step, time.perf_counter()
         log.info("training steps %d -> %d (%s tokens per step)", s.step, cfg.train.max_steps, f"{tokens_per_step:,}")
+        self.clock.switch("productive")
         stopped = False
         while s.step < cfg.train.max_steps:
             lr = self.engine.get_lr()[0]
-            self.train_step(window)
+            completed = self.train_step(window, check_stop=True) is not None
             last = s.step == cfg.train.max_steps
-            stopped = dist.any_rank(self.stop.is_set()) and not last  # a stop on the last step is just the end
-            save = self._emergency_save_fits() if stopped else last or s.step % cfg.checkpoint.save_every == 0
+            # one small all-reduce per step: any rank's stop request, and every rank's background write
+            stop_any, write_state = dist.all_reduce_max([float(self.stop.is_set()), self.ckpt.write_state()])
+            self.ckpt.poll(write_state)
+            stopped = bool(stop_any) and not (completed and last)  # a stop on the last step is just the end
+            if stopped:
+                self._stop_here(window, lr, tokens_per_step, completed)
+                break
+            save = last or self.ckpt.due(s.step)
             if save or s.step % cfg.train.log_every == 0:
                 self._log_window(window, lr, tokens_per_step)
             if save:
-                self._save("preemption" if stopped else "final" if last else "scheduled")
-            if stopped:
-                log.warning("stop requested (%s): stopped at step %d%s", self.stop.signal_name, s.step,
-                            " after saving" if save else "")
-                self._status(state="stopping", step=s.step, stop_signal=self.stop.signal_name, eta_s=None)
-                break
-        self._drain_uploads(stopped)
+                if last:
+                    self.ckpt.wait()  # the write in flight first: checkpoints commit in step order
+                self.ckpt.maybe_save(s.step, "final" if last else "scheduled")
+        self.clock.switch("exit")
+        self.ckpt.wait(self.stop_deadline)
+        self.ckpt.drain(stopped, self.stop_deadline, self.stop)
         if stopped:
             dist.barrier()  # leave together: the launcher terminates the others when one rank exits non-zero
         self._finish(start_step, time.perf_counter() - t_start, tokens_per_step, stopped)
         return EXIT_PREEMPTED if stopped else EXIT_OK
 
+    def _stop_here(self, window: LossWindow, lr: float, tokens_per_step: int, completed: bool) -> None:
+        """All ranks agreed to stop at this step (or between its micro-batches: the state of the last complete
+        step). Finish the write in flight if the deadline allows, then an emergency save if it fits."""
+        assert self.ckpt is not None
+        s = self.state
+        self.clock.switch("exit")
+        self.stop_deadline = self._stop_deadline()
+        reserve = self.cfg.preemption.exit_reserve_s
+        if self.ckpt.pending is not None:
+            need = self.ckpt.in_flight_remaining_s()
+            log.info("stop: the write of %s has ~%.1f s to go; waiting for it until %.1f s before the deadline",
+                     self.ckpt.pending.tag, need, reserve)
+            self.ckpt.wait(self.stop_deadline - reserve)
+        saved = self.ckpt.last_saved_step == s.step
+        if not saved and self.ckpt.pending is None and self.ckpt.save_fits(s.step, self.stop_deadline):
+            self._log_window(window, lr, tokens_per_step)
+            self.ckpt.maybe_save(s.step, "preemption", rng=None if completed else self.boundary_rng)
+            saved = True
+        where = "" if completed else " (between micro-batches: the state of the last complete step)"
+        log.warning("stop requested (%s): stopped at step %d%s%s", self.stop.signal_name, s.step, where,
+                    " after saving" if saved else "")
+        self._status(state="stopping", step=s.step, stop_signal=self.stop.signal_name, eta_s=None)
+
     def tokens_per_step(self) -> int:
         """Tokens all ranks process together in one optimizer step."""
         return self.task.tokens_per_micro_batch() * self.cfg.train.grad_accum * self.ranks.world_size
 
-    def train_step(self, window: Optional["LossWindow"] = None) -> Any:
-        """One optimizer step: `grad_accum` micro-batches, forward, backward, DeepSpeed step. Returns the last micro-batch's loss."""
-        s, eng = self.state, self.engine
-        for micro in range(self.cfg.train.grad_accum):
+    def train_step(self, window: Optional["LossWindow"] = None, check_stop: bool = False) -> Any:
+        """One optimizer step: `grad_accum` micro-batches, forward, backward, DeepSpeed step. Returns the last
+        micro-batch's loss; None if the ranks agreed to stop between two micro-batches (the step is not taken)."""
+        s, eng, ga = self.state, self.engine, self.cfg.train.grad_accum
+        between = check_stop and ga > 1 and self.cfg.preemption.check_micro_batches
+        if between:
+            self.boundary_rng = capture_rng()
+        losses = []
+        for micro in range(ga):
+            if between and micro and dist.any_rank(self.stop.is_set()):
+                return None
             loss = self.task.loss(eng, self.task.batch(s.step, micro, eng.device))
             eng.backward(loss)
             eng.step()
-            if window is not None:
-                window.add(loss)
+            losses.append(loss)
         s.step += 1
         if window is not None:
+            for x in losses:
+                window.add(x)
             window.steps += 1
-        return loss
+        return losses[-1]
 
     def _log_window(self, window: LossWindow, lr: float, tokens_per_step: int) -> None:
         loss, steps, elapsed = window.close()
@@ -431,15 +399,28 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         util = mfu(tps / self.ranks.world_size, self.flops_per_token, self.peak)
+        good = self.goodput.record()
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "perf/step_time_s": step_time,
-                   "perf/tokens_per_s": tps, "perf/mfu": util}
+                   "perf/tokens_per_s": tps, "perf/mfu": util, "goodput/ratio": good["goodput"],
+                   **{f"goodput/{k}_s": v for k, v in good["seconds"].items()}}
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, s.step)
         self._status(step=s.step, loss=loss, lr=lr, grad_norm=grad_norm, step_time_s=step_time, tokens_per_s=tps, mfu=util,
-                     best_loss=s.best_loss, best_step=s.best_step, eta_s=(self.cfg.train.max_steps - s.step) * step_time)
+                     best_loss=s.best_loss, best_step=s.best_step, eta_s=(self.cfg.train.max_steps - s.step) * step_time,
+                     goodput=good)
+        self.goodput.flush()
         log.info("step %d/%d loss %.4f lr %.3e grad_norm %s step %.3fs %s tok/s%s", s.step, self.cfg.train.max_steps, loss, lr,
                  f"{grad_norm:.3f}" if grad_norm is not None else "n/a", step_time, f"{tps:,.0f}",
                  f" mfu {util:.1%}" if util is not None else "")
+        if s.step >= 2:  # the first step is a warm-up
+            self._check_grace(step_time)
+
+    def _check_grace(self, step_time: float) -> None:
+        """Can a stop signal be honoured inside the grace period? Said once (again once a save is measured)."""
+        for kind, line in grace_problems(self.cfg, step_time, self.ckpt.emergency_save_s() if self.ckpt else None):
+            if kind not in self._grace_warned:
+                self._grace_warned.add(kind)
+                log.warning(line)
 
     def _curve(self) -> Curve:
         """This run's loss and LR history so far (copies: a background thread may plot them)."""
@@ -452,6 +433,7 @@ class Trainer:
 
     def _finish(self, start_step: int, elapsed: float, tokens_per_step: int, stopped: bool) -> None:
         s = self.state
+        assert self.ckpt is not None
         if not self.ranks.is_main:
             return
         steps = s.step - start_step
@@ -463,16 +445,25 @@ class Trainer:
             self.tracker.log_artifact(plot, "plots")
         if stopped:
             self.tracker.set_tags({"trainer.stopped_at_step": s.step, "trainer.stopped_by": self.stop.signal_name or "",
-                                   "trainer.emergency_checkpoint": tag_for(s.step) if s.last_saved_step == s.step else "skipped"})
+                                   "trainer.emergency_checkpoint": tag_for(s.step) if self.ckpt.last_saved_step == s.step else "skipped"})
         elif self.cfg.tracking.log_export and getattr(self.tracker, "run_id", None):
             self._log_export()
+        good = self.goodput.record()
+        self.tracker.log_metrics({"goodput/ratio": good["goodput"], **{f"goodput/{k}_s": v for k, v in good["seconds"].items()}},
+                                 s.step)
         self.tracker.finish("KILLED" if stopped else "FINISHED")
-        self._status(state=STOPPED if stopped else FINISHED, stop_signal=self.stop.signal_name if stopped else None, eta_s=None)
+        self._status(state=STOPPED if stopped else FINISHED, stop_signal=self.stop.signal_name if stopped else None, eta_s=None,
+                     goodput=good)
+        self.goodput.flush()
         committed = self.store.committed()
         newest = committed[-1].tag if committed else "none"
         log.info("%s: %d steps in %.1f s, loss %.4f -> %.4f (best %.4f at step %s), %s tokens/s",
                  "stopped" if stopped else "done", steps, elapsed, first, s.last_loss or float("nan"),
                  s.best_loss or float("nan"), s.best_step, f"{tps:,.0f}")
+        if self.ckpt.blocked_s:
+            log.info("saves blocked training %.1f s in all (%.1f s of it waiting for a previous write)", self.ckpt.blocked_s,
+                     self.ckpt.stall_s)
+        log.info("%s", describe(good))
         log.info("checkpoints: %s (newest %s)", self.store.root, newest)
         if getattr(self.tracker, "run_id", None):
             log.info("MLflow: run %s in %s", self.tracker.run_id, redact(self.tracker.uri))
@@ -507,3 +498,24 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.finish("FAILED")
         self._status(state=FAILED, eta_s=None)
+
+
+def grace_problems(cfg: RunConfig, step_time: float, save_s: Optional[float]) -> list[tuple[str, str]]:
+    """(kind, why) a stop signal cannot be honoured within `preemption.grace_s` with these settings (empty: it can).
+
+    A stop is acted on at the next micro-batch boundary (`preemption.check_micro_batches`, grad_accum > 1)
+    or step boundary; then a save needs its time, and leaving needs `exit_reserve_s`."""
+    p, ga = cfg.preemption, cfg.train.grad_accum
+    micro = ga > 1 and p.check_micro_batches
+    wait = step_time / ga if micro else step_time
+    unit = "micro-batch" if micro else "step"
+    budget = p.grace_s - p.exit_reserve_s
+    if wait > budget:
+        return [("step", f"a {unit} takes {wait:.1f} s, more than the {p.grace_s:g} s grace (minus {p.exit_reserve_s:g} s to leave):"
+                f" a SIGTERM cannot be honoured at a {unit} boundary with these settings; the run resumes from its last"
+                " checkpoint (lower train.micro_batch_size" + ("" if micro else ", or raise train.grad_accum") + ")")]
+    if save_s is not None and wait + 1.2 * save_s > budget:
+        return [("save", f"a {unit} ({wait:.1f} s) and an emergency save (~{save_s:.1f} s) take more than the {p.grace_s:g} s grace"
+                f" (minus {p.exit_reserve_s:g} s to leave): a SIGTERM will usually stop without saving, losing the work since"
+                " the last checkpoint (save more often, or lower the step time)")]
+    return []

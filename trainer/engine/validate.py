@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from trainer.errors import UserError
 
 CHECKS = ("configuration", "model initialization", "parameter freezing", "data pipeline", "forward pass", "training step",
-          "checkpoint save and load", "MLflow logging", "short training run")
+          "checkpoint save and load", "MLflow logging", "short training run", "preemption timing")
 
 
 @dataclass
@@ -39,6 +39,9 @@ class Validator:
         self.model: Any = None
         self.trainer: Any = None
         self.batch: Any = None
+        self.configured = (1, 1)
+        self.step_s = 0.0
+        self.save_s = 0.0
 
     # ------------------------------------------------------------------------------ checks
     def configuration(self) -> str:
@@ -50,6 +53,7 @@ class Validator:
         cfg.run_dir = self.tmp / "runs"
         cfg.checkpoint.resume = "none"
         cfg.upload.url = None
+        self.configured = (cfg.train.micro_batch_size, cfg.train.grad_accum)  # the checks run smaller; timing scales back
         cfg.train.grad_accum = 1
         cfg.train.micro_batch_size = min(cfg.train.micro_batch_size, 2)
         self.cfg, self.task = cfg, build_task(cfg)
@@ -114,8 +118,11 @@ class Validator:
         t = self.trainer
         root = self.tmp / "ckpt"
         tag = "step-check"
+        t0 = time.perf_counter()
         t.engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=not self.task.save_frozen)
         self.task.on_save(t.engine.module, root / tag, True, False)
+        os.sync()  # a save is on disk only once flushed: the emergency-save budget needs the whole time
+        self.save_s = time.perf_counter() - t0
         saved = self._snapshot()["trainable"]
         t.train_step()  # move away from the saved weights, then come back
         t.engine.load_checkpoint(str(root), tag=tag, load_module_strict=self.task.save_frozen)
@@ -143,10 +150,33 @@ class Validator:
 
     def short_training_run(self) -> str:
         steps = 3 if self.quick else 10
-        losses = [float(self.trainer.train_step().detach()) for _ in range(steps)]
+        losses, times = [], []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            losses.append(float(self.trainer.train_step().detach()))
+            times.append(time.perf_counter() - t0)
         if not all(math.isfinite(x) for x in losses):
             raise UserError(f"non-finite loss in {steps} steps: {losses}")
+        self.step_s = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median after the first
         return f"{steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+
+    def preemption_timing(self) -> str:
+        """Can a SIGTERM be honoured in `preemption.grace_s`? The step time measured here, scaled to the
+        configured batch, and the measured save time, against the grace period."""
+        from trainer.engine.loop import grace_problems
+
+        micro, accum = self.configured
+        step_s = self.step_s / self.cfg.train.micro_batch_size * micro * accum  # one rank, configured micro batch
+        cfg = self.cfg.model_copy(deep=True)
+        cfg.train.grad_accum = accum
+        problems = grace_problems(cfg, step_s, self.save_s)
+        p = cfg.preemption
+        unit = "micro-batch" if accum > 1 and p.check_micro_batches else "step"
+        wait = step_s / accum if unit == "micro-batch" else step_s
+        if problems:
+            raise UserError(f"(estimated on this machine, 1 rank) {problems[0][1]}")
+        return (f"a stop waits for one {unit} (~{wait:.2f} s here) and an emergency save takes ~{self.save_s:.2f} s: within"
+                f" the {p.grace_s:.0f} s grace")
 
     # ----------------------------------------------------------------------------- driver
     def _snapshot(self) -> dict[str, dict[str, str]]:
