@@ -44,17 +44,21 @@ def test_fresh_machine_gets_the_newest_checkpoint_back_byte_for_byte(backend, tm
     assert not list((fresh / "run1" / "checkpoints").glob(".*"))  # no staging or download left over
 
 
-def test_a_damaged_checkpoint_is_skipped_for_the_next_older(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("where", ["file", "padding"])
+def test_a_damaged_checkpoint_is_skipped_for_the_next_older(tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str) -> None:
+    """One flipped byte in a stored part: inside a file (that file's CRC32C, checked as it is unpacked) or in
+    the tar's end padding, which no file covers (the part's CRC32C, checked over every byte streamed)."""
     storage = open_storage(f"file://{tmp_path / 'bucket'}")
     for step in (10, 20):
         CheckpointUploader(storage, "none", workers=2).upload(fake_checkpoint(tmp_path / "vm1" / "run1", step))
     part = tmp_path / "bucket" / "run1" / "step-00000020" / "part-000.tar"
     data = bytearray(part.read_bytes())
-    data[5000] ^= 0xFF  # one flipped bit in the stored archive
+    data[5000 if where == "file" else len(data) - 1] ^= 0xFF
     part.write_bytes(bytes(data))
     restored = restore_newest(storage, tmp_path / "vm2")
     assert restored is not None and restored.name == "step-00000010"
-    assert "skipping" in caplog.text and "part-000.tar does not match the manifest" in caplog.text
+    said = {"file": "does not match the manifest after unpacking", "padding": "part part-000.tar does not match the manifest"}
+    assert "skipping" in caplog.text and said[where] in caplog.text, caplog.text
     assert not (tmp_path / "vm2" / "run1" / "checkpoints" / "step-00000020").exists()
 
 

@@ -370,8 +370,9 @@ def test_storage_killed_during_the_drain_exit_by_the_deadline_naming_local_check
         assert proc.returncode == 75, (seen + out)[-4000:]
         assert elapsed < 8 + 2, elapsed  # the grace, plus process teardown
         local = [line for line in out.splitlines() if "still local" in line]
-        assert any("checkpoint step-00000004: upload interrupted, still local (" in line for line in local), out[-3000:]
         metas = sorted((tmp_path / "runs").glob("*/checkpoints/step-*/metadata.json"))
+        (emergency,) = [m.parent.name for m in metas if json.loads(m.read_text())["reason"] == "preemption"]
+        assert any(f"checkpoint {emergency}: upload interrupted, still local (" in line for line in local), out[-3000:]
         assert len(local) == len(metas) >= 2  # every committed checkpoint is accounted for, with its path
         assert all(str(m.parent) in "\n".join(local) for m in metas)
     finally:

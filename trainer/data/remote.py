@@ -9,6 +9,7 @@ from typing import Optional
 from trainer.data.shards import SHARD_SUFFIXES
 from trainer.errors import UserError
 from trainer.log import get_logger
+from trainer.progress import report
 
 log = get_logger("data")
 
@@ -43,7 +44,8 @@ def fetch_shards(url: str, max_files: Optional[int], cache_root: Optional[str] =
     dest = cache_dir_for(url, cache_root)
     dest.mkdir(parents=True, exist_ok=True)
     fetched = 0
-    for name in names:
+    for i, name in enumerate(names):
+        report(f"fetching data shards into {dest}: {i} of {len(names)} done")
         info = storage.stat(name)
         local = dest / name
         if info is not None and local.exists() and local.stat().st_size == info.size and crc32c_of_file(local) == info.crc32c:

@@ -13,6 +13,7 @@ from trainer.ranks import RankInfo
 from trainer.tasks.base import TaskHooks
 from trainer.errors import UserError
 from trainer.log import get_logger
+from trainer.progress import report
 from trainer.models.neox import dims_of, human_count, neox_config, parameter_counts
 
 log = get_logger("pretrain")
@@ -47,7 +48,8 @@ class PretrainTask(TaskHooks):
         files = find_shards(self.local_data_path(), self.cfg.data.max_files)
         check = self.cfg.data.check_token_ids and os.environ.get(SHARDS_CHECKED_ENV) != "1"
         tokens = windows = 0
-        for f in files:
+        for i, f in enumerate(files):
+            report(f"checking the token ids of {f.name} ({i + 1} of {len(files)} shards)")
             arr = open_shard(f)
             tokens += len(arr)
             windows += TokenShards.windows_in(len(arr), self.seq_len)

@@ -20,7 +20,8 @@ from trainer.checkpoint.layout import MB, UploadState, write_upload_state
 from trainer.checkpoint.remote import remote_checkpoints
 from trainer.checkpoint.store import CheckpointStore, fsync_dir
 from trainer.log import get_logger
-from trainer.storage import Storage, crc32c_of_file, describe_error
+from trainer.progress import gb, report
+from trainer.storage import Storage, b64_crc, describe_error
 
 log = get_logger("restore")
 
@@ -29,9 +30,21 @@ class RestoreFailed(Exception):
     """A remote checkpoint that cannot be used: missing part, checksum mismatch, unsafe archive."""
 
 
+RESTORE_STREAMS = 4  # parts downloaded and unpacked at once
+
+
 def restore(storage: Storage, prefix: str, manifest: dict, run_dir: Path,
-            progress: Optional[Callable[[int], None]] = None) -> Path:
-    """Download, verify and unpack one remote checkpoint into `<run_dir>/<run_id>/checkpoints/<tag>`."""
+            progress: Optional[Callable[[int], None]] = None, streams: int = RESTORE_STREAMS) -> Path:
+    """Download, verify and unpack one remote checkpoint into `<run_dir>/<run_id>/checkpoints/<tag>`.
+
+    Each part streams from the bucket straight into the unpacker (no temporary archive), `streams`
+    parts at a time; the CRC32C of every part and of every file is computed as the bytes go by and
+    checked against the manifest, and every file is fsynced before the folder is renamed into place.
+    Says how far it is through `trainer.progress` (ranks waiting for this one log it) and, every
+    15 s, in the log."""
+    import threading
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
     meta = manifest["checkpoint"]
     store = CheckpointStore(Path(run_dir) / str(manifest["run_id"]))
     final = store.path(str(meta.get("tag") or PurePosixPath(prefix).name))
@@ -40,28 +53,54 @@ def restore(storage: Storage, prefix: str, manifest: dict, run_dir: Path,
     staging = store.root / f".restore-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    parts = list(manifest["parts"])
     started, total = time.monotonic(), int(manifest.get("bytes") or 0)
-    log.info("downloading %s from %s (%.1f MB in %d part(s))", final.name, storage.display(prefix), total / MB,
-             len(manifest["parts"]))
+    log.info("downloading %s from %s (%.1f MB in %d part(s), %d at a time)", final.name, storage.display(prefix), total / MB,
+             len(parts), max(1, min(streams, len(parts))))
+    files = {f["path"]: f for f in manifest["files"]}
+    lock = threading.Lock()
+    tally = {"bytes": 0, "parts": 0, "said": started}
+
+    def one(part: dict) -> set[str]:
+        got = _fetch_part(storage, prefix, part, manifest.get("compression", "none"), files, staging)
+        n = sum(files[p]["size"] for p in got)
+        with lock:
+            tally["bytes"] += n
+            tally["parts"] += 1
+            line = f"restoring {final.name}: {gb(tally['bytes'])} of {gb(total)} ({tally['parts']} of {len(parts)} parts)"
+            report(line)
+            if time.monotonic() - tally["said"] >= 15:
+                tally["said"] = time.monotonic()
+                log.info("%s, %.0f MB/s", line, tally["bytes"] / MB / max(1e-9, tally["said"] - started))
+        if progress is not None:
+            progress(n)
+        return got
+
     try:
-        files = {f["path"]: f for f in manifest["files"]}
-        for part in manifest["parts"]:
-            _fetch_part(storage, prefix, part, manifest.get("compression", "none"), files, staging)
-            if progress is not None:
-                progress(sum(f["size"] for f in files.values() if f["part"] == part["name"]))
-        for rel, f in files.items():
-            path = staging / rel
-            if not path.is_file() or path.stat().st_size != f["size"] or crc32c_of_file(path) != f["crc32c"]:
-                raise RestoreFailed(f"{rel} does not match the manifest after unpacking")
+        pool = ThreadPoolExecutor(max_workers=max(1, min(streams, len(parts))), thread_name_prefix="restore-part")
+        try:
+            futures = [pool.submit(one, part) for part in parts]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    raise f.exception()  # type: ignore[misc]
+            seen = set().union(*(f.result() for f in futures)) if futures else set()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if seen != set(files):
+            raise RestoreFailed(f"the parts lack {sorted(set(files) - seen)[:5]} that the manifest lists")
         write_upload_state(staging, UploadState.UPLOADED, url=storage.display(prefix), bytes=manifest.get("bytes"),
-                    manifest_crc32c=manifest.get("manifest_crc32c"), restored=True)
+                           manifest_crc32c=manifest.get("manifest_crc32c"), restored=True)
+        for d, _, _ in os.walk(staging):
+            fsync_dir(Path(d))
         os.rename(staging, final)  # metadata.json is inside: committed whole, at once
         fsync_dir(store.root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     seconds = time.monotonic() - started
-    log.info("restored %s: %.1f MB in %.1f s (every file's CRC32C verified)", final, total / MB, seconds)
+    log.info("restored %s: %.1f MB in %.1f s = %.0f MB/s (every part's and file's CRC32C verified)", final, total / MB, seconds,
+             total / MB / max(seconds, 1e-9))
     return final
 
 
@@ -77,41 +116,75 @@ def restore_newest(storage: Storage, run_dir: Path, task: Optional[str] = None, 
     return None
 
 
-def _fetch_part(storage: Storage, prefix: str, part: dict, compression: str, files: dict[str, dict], dest: Path) -> None:
-    tmp = dest / f".{part['name']}.download"
-    try:
-        storage.download(f"{prefix}/{part['name']}", tmp)  # GCS: the client checks the CRC32C as it downloads
-        if tmp.stat().st_size != part["size"] or crc32c_of_file(tmp) != part["crc32c"]:
-            raise RestoreFailed(f"part {part['name']} does not match the manifest (size or CRC32C)")
-        _unpack(tmp, part["name"], compression, {p for p, f in files.items() if f["part"] == part["name"]}, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+class _Checksummed:
+    """A read-only stream that counts and CRC32Cs what is read through it."""
+
+    def __init__(self, raw: "object"):
+        import google_crc32c
+
+        self.raw, self.size, self.crc = raw, 0, google_crc32c.Checksum()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)  # type: ignore[attr-defined]
+        self.size += len(data)
+        self.crc.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(8 * MB):
+            pass
 
 
-def _unpack(archive: Path, label: str, compression: str, expected: set[str], dest: Path) -> None:
-    """Extract exactly the `expected` regular files; anything else in the archive is an error."""
-    with open(archive, "rb") as raw:
-        if compression == "zstd":
-            import zstandard
+def _fetch_part(storage: Storage, prefix: str, part: dict, compression: str, files: dict[str, dict], dest: Path) -> set[str]:
+    """Stream one part into `dest`: exactly its manifest files, each checked as written; then the part's own
+    size and CRC32C. Returns the files written."""
+    label = part["name"]
+    expected = {p for p, f in files.items() if f["part"] == label}
+    with storage.reader(f"{prefix}/{label}") as raw:
+        counted = _Checksummed(raw)
+        seen = _unpack(counted, label, compression, expected, files, dest)
+        counted.drain()  # the tar's end-of-archive padding: the part checksum covers every byte
+    if counted.size != part["size"] or b64_crc(counted.crc) != part["crc32c"]:
+        raise RestoreFailed(f"part {label} does not match the manifest (size {counted.size} crc32c {b64_crc(counted.crc)},"
+                            f" manifest {part['size']} {part['crc32c']})")
+    return seen
 
-            fileobj = zstandard.ZstdDecompressor().stream_reader(raw)
-            tar = tarfile.open(fileobj=fileobj, mode="r|")
-        else:
-            tar = tarfile.open(fileobj=raw, mode="r|gz" if compression == "gzip" else "r|")
-        seen = set()
-        with tar:
-            for member in tar:
-                name = member.name
-                pure = PurePosixPath(name)
-                if pure.is_absolute() or ".." in pure.parts or not member.isfile() or name not in expected or name in seen:
-                    raise RestoreFailed(f"unsafe or unexpected archive member {name!r} in {label}")
-                target = dest / pure
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(member)
-                assert src is not None
-                with open(target, "xb") as out:  # never follow or overwrite anything already there
-                    shutil.copyfileobj(src, out, 8 * MB)
-                seen.add(name)
+
+def _unpack(stream: "_Checksummed", label: str, compression: str, expected: set[str], files: dict[str, dict],
+            dest: Path) -> set[str]:
+    """Extract exactly the `expected` regular files, each with the size and CRC32C the manifest gives it;
+    anything else in the archive is an error."""
+    import google_crc32c
+
+    if compression == "zstd":
+        import zstandard
+
+        tar = tarfile.open(fileobj=zstandard.ZstdDecompressor().stream_reader(stream, closefd=False), mode="r|")
+    else:
+        tar = tarfile.open(fileobj=stream, mode="r|gz" if compression == "gzip" else "r|")  # type: ignore[call-overload]
+    seen: set[str] = set()
+    with tar:
+        for member in tar:
+            name = member.name
+            pure = PurePosixPath(name)
+            if pure.is_absolute() or ".." in pure.parts or not member.isfile() or name not in expected or name in seen:
+                raise RestoreFailed(f"unsafe or unexpected archive member {name!r} in {label}")
+            target = dest / pure
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            assert src is not None
+            crc, size = google_crc32c.Checksum(), 0
+            with open(target, "xb") as out:  # never follow or overwrite anything already there
+                while block := src.read(8 * MB):
+                    crc.update(block)
+                    out.write(block)
+                    size += len(block)
+                out.flush()
+                os.fsync(out.fileno())
+            want = files[name]
+            if size != want["size"] or b64_crc(crc) != want["crc32c"]:
+                raise RestoreFailed(f"{name} does not match the manifest after unpacking (size {size}, crc32c {b64_crc(crc)})")
+            seen.add(name)
     if seen != expected:
         raise RestoreFailed(f"part {label} lacks {sorted(expected - seen)[:5]}")
-
+    return seen
