@@ -122,6 +122,18 @@ def test_wrong_type_in_file(tiny_config: Path, via: str) -> None:
 
 
 @pytest.mark.parametrize("via", BOTH)
+@pytest.mark.parametrize("sets,field,says", [
+    (["model.num_heads=5"], "model.num_heads", "5 does not divide hidden_size 64"),
+    (["model.hidden_size=48"], "model.hidden_size", "head size 12, whose rotary part"),
+    (["model.num_layers=0"], "model.num_layers", "greater than or equal to 1"),
+])
+def test_model_sizes_that_cannot_be_built(tiny_config: Path, via: str, sets: list[str], field: str, says: str) -> None:
+    """Sizes over the preset are checked before anything starts: one line naming the field and what is wrong."""
+    args = [a for s in sets for a in ("--set", s)]
+    assert_user_error(invoke(via, tiny_config, *args), f"--set {sets[0]}", field, says)
+
+
+@pytest.mark.parametrize("via", BOTH)
 def test_wrong_type_via_set(tiny_config: Path, via: str) -> None:
     assert_user_error(invoke(via, tiny_config, "--set", "train.max_steps=many"), "--set train.max_steps=many",
                       "train.max_steps", "'many'")

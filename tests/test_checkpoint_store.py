@@ -354,3 +354,29 @@ def test_resume_auto_of_a_complete_run_is_nothing_to_do(tmp_path: Path) -> None:
     with pytest.raises(UserError) as exc2:
         ckpt.check_resumable("latest", 1, "pretrain", 300)
     assert exc2.value.exit_code == 2 and not isinstance(exc2.value, NothingToDo)
+
+
+def test_resume_refuses_other_model_sizes_and_accepts_metadata_from_before_sizes_were_recorded(tmp_path: Path) -> None:
+    """Sizes over a preset are part of the model a checkpoint holds: another size is refused, naming it; a
+    checkpoint whose metadata recorded only the preset (older versions) still resumes with that preset's sizes."""
+    from trainer.config.load import model_identity
+    from trainer.config.schema import RunConfig
+
+    d = make_ckpt(tmp_path, "run-a", 10)
+    meta = json.loads((d / METADATA).read_text())
+    three = model_identity(RunConfig.model_validate({"model": {"num_layers": 3}}))
+    (d / METADATA).write_text(json.dumps({**meta, "model": three, "world_size": 1, "task": "pretrain"}))
+    ckpt = resolve_resume(tmp_path, "latest")
+    ckpt.check_resumable("latest", 1, "pretrain", 100, three)
+    two = model_identity(RunConfig.model_validate({}))
+    with pytest.raises(UserError) as exc:
+        ckpt.check_resumable("latest", 1, "pretrain", 100, two)
+    assert "holds a different model than this config (num_layers 3 there, 2 here)" in str(exc.value)
+    assert resolve_resume(tmp_path, "auto", task="pretrain", model=two) is None  # auto never picks another model
+
+    old = {"preset": "neox-tiny", "vocab_size": None, "pad_vocab_to": 128, "seq_len": None, "attn_implementation": "sdpa",
+           "gradient_checkpointing": False}
+    (d / METADATA).write_text(json.dumps({**meta, "model": old, "world_size": 1, "task": "pretrain"}))
+    resolve_resume(tmp_path, "latest").check_resumable("latest", 1, "pretrain", 100, two)
+    with pytest.raises(UserError, match="num_layers 2 there, 3 here"):
+        resolve_resume(tmp_path, "latest").check_resumable("latest", 1, "pretrain", 100, three)

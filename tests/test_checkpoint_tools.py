@@ -234,7 +234,7 @@ def test_monitor_shows_the_run_live_and_after_it_ended(runs: Runs) -> None:
     r = cli(runs, "monitor", str(runs.root), "--once")  # the folder of runs: the one active last is shown (B)
     assert r.returncode == 0, r.stderr
     status = json.loads((runs.b / "status.json").read_text())
-    for expected in (runs.b.name, "finished", "step 24/24", f"{status['loss']:.4f}", "step-00000024", "3 uploaded", "done: 24 steps"):
+    for expected in (runs.b.name, "finished", "step 24/24", f"{status['loss']:.4f}", "step-00000024", "3 uploaded", "done: 24 steps", "goodput"):
         assert expected in r.stdout, expected
     r = cli(runs, "monitor", str(runs.a), "--once", "--logs-only", "-n", "4")
     assert r.returncode == 0, r.stderr

@@ -23,9 +23,10 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 
 def schema_leaves(model: type = RunConfig, prefix: str = "") -> set[str]:
-    """Dotted names of every leaf field of the schema."""
+    """Dotted names of every leaf field of the schema, as configs write them (`checkpoint.async`)."""
     out: set[str] = set()
-    for name, f in model.model_fields.items():
+    for field_name, f in model.model_fields.items():
+        name = f.alias or field_name
         ann = f.annotation
         if isinstance(ann, type) and hasattr(ann, "model_fields"):
             out |= schema_leaves(ann, f"{prefix}{name}.")

@@ -141,6 +141,19 @@ def test_sigterm_without_time_for_a_save_skips_it_and_says_so(tiny_config: Path,
     assert "not saving at step" in out and "newest committed checkpoint: step-00000010" in out, out
     metas = [json.loads(p.read_text()) for p in run_dir.glob("*/checkpoints/step-*/metadata.json")]
     assert sorted(m["step"] for m in metas) == [5, 10] and {m["reason"] for m in metas} == {"scheduled"}
+    stopped_at = int(out.split("stopped at step ")[1].split()[0])
+    assert stopped_at > 10
+
+    # The same command again: it resumes from step 10, and the steps after 10 are counted as done twice.
+    r = run_rank("--config", str(cfg), "--max-steps", str(stopped_at + 2), "--set", "preemption.grace_s=25")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (final,) = run_dir.glob(f"*/checkpoints/step-{stopped_at + 2:08d}")
+    good = json.loads((final / "metadata.json").read_text())["goodput"]
+    assert good["attempts"] == 2 and good["seconds"]["recomputed"] > 0 and good["seconds"]["productive"] > 0
+    assert 0 < good["goodput"] < 1 and abs(sum(good["seconds"].values()) - good["total_s"]) < 0.01
+    assert good["seconds"]["startup"] > 0 and good["seconds"]["exit"] > 0  # the first attempt's exit is in the total
+    shown = run_cli("checkpoints", "show", str(final))
+    assert shown.returncode == 0 and "goodput" in shown.stdout and "recomputed" in shown.stdout, shown.stdout + shown.stderr
 
 
 def test_sigkill_mid_save_leaves_the_previous_checkpoint_to_resume(tiny_config: Path, tmp_path: Path) -> None:
@@ -182,6 +195,7 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_to_resume(tiny_config: 
     run_root = victim.parent.parent
     assert [c.tag for c in CheckpointStore(run_root).committed()] == ["step-00000003"]
     assert resolve_resume(run_dir, "latest").tag == "step-00000003"
+    assert resolve_resume(run_dir, "latest").metadata["save"]["async"] is True  # the killed save was a background one too
     r = run_rank("--config", str(cfg), "--resume", "latest", "--max-steps", "4")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "removed partial checkpoint" in r.stdout + r.stderr and "at step 3" in r.stdout
@@ -234,3 +248,130 @@ def test_export_of_a_pretraining_checkpoint_loads_with_transformers(tiny_config:
         assert torch.equal(want.eval()(input_ids=ids).logits, got.eval()(input_ids=ids).logits)
     r = run_cli("export", str(ckpt), "--out", str(out))
     assert r.returncode == 2 and "not an empty folder" in r.stderr
+
+
+def _start(cfg: Path, *args: str):  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from trainer.launcher.command import free_port
+
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    return subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _sigterm_when(proc, needle: str) -> tuple[str, float]:  # type: ignore[no-untyped-def]
+    """Read the job's output until `needle`, SIGTERM it, return (all output, seconds from the signal to exit)."""
+    import signal
+    import time
+
+    seen, deadline = "", time.monotonic() + 300
+    while needle not in seen and time.monotonic() < deadline and proc.poll() is None:
+        seen += proc.stdout.readline()
+    assert needle in seen, seen[-3000:]
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    return seen + out, time.monotonic() - t0
+
+
+def test_sigterm_during_a_background_write_finishes_it_or_abandons_it(tiny_config: Path, tmp_path: Path) -> None:
+    """A stop while a checkpoint is still being written: with time enough, the write is finished and committed
+    (then the emergency save); with a grace too short for it, it is abandoned, never listed, and the job
+    still leaves within the grace (plus teardown)."""
+    from trainer.checkpoint.store import CheckpointStore
+
+    run_dir = tmp_path / "runs"
+    # ~1 GB of state (a 500k vocabulary) and 8-token sequences: the background write takes seconds here, a
+    # micro-batch ~0.1 s, so the stop is seen while the write is still going
+    # (ZeRO-1: gradients are reduced once per step, not after every micro-batch)
+    cfg = _cfg(tiny_config, model={"vocab_size": 500_000, "seq_len": 8}, checkpoint={"save_every": 3, "keep_last": 10},
+               train={"max_steps": 100000, "log_every": 1, "micro_batch_size": 1, "grad_accum": 4}, preemption={"grace_s": 25},
+               deepspeed={"template": "zero1"})
+    out, _ = _sigterm_when(_start(cfg), "step-00000003 (scheduled): state captured in")
+    assert "stop: the write of step-00000003 has " in out, out[-3000:]
+    (run_root,) = [p for p in run_dir.iterdir() if p.is_dir()]
+    ckpts = CheckpointStore(run_root).committed()
+    assert ckpts[0].tag == "step-00000003" and ckpts[0].metadata["save"]["async"] is True
+    stop_step = int(out.split("stopped at step ")[1].split()[0])
+    assert ckpts[-1].step == stop_step, out[-3000:]  # the state it stopped with is committed ...
+    assert stop_step == 3 or ckpts[-1].metadata["reason"] == "preemption"  # ... by the emergency save if it is newer
+    assert not [p for p in (run_root / "checkpoints").iterdir() if p.is_dir() and not (p / "metadata.json").exists()]
+
+    due = (stop_step // 3 + 1) * 3
+    proc = _start(cfg, "--set", "preemption.grace_s=1.5", "--set", "preemption.exit_reserve_s=0.5")
+    out, elapsed = _sigterm_when(proc, f"{tag(due)} (scheduled): state captured in")
+    assert proc.returncode == 75, out[-3000:]
+    assert f"abandoned the write of {tag(due)}" in out and "not saving at step" in out, out[-3000:]
+    assert elapsed < 1.5 + 2, elapsed  # the grace, and the teardown it leaves out
+    assert [c.tag for c in CheckpointStore(run_root).committed()] == [c.tag for c in ckpts]  # the partial is not listed
+    assert (run_root / "checkpoints" / tag(due)).is_dir()  # left for the next start to remove
+
+
+def tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+_STOP_MID_STEP = """
+import sys
+from trainer.config.load import load_config
+from trainer.engine.loop import Trainer
+from trainer.log import setup_logging
+from trainer.tasks import build_task
+
+setup_logging()
+cfg = load_config(sys.argv[1])
+trainer = Trainer(cfg, build_task(cfg), source=sys.argv[1])
+trainer.setup()
+batch = trainer.task.batch
+
+def stop_in_step_6(step, micro, device):
+    if (step, micro) == (5, 1):  # (0-based) step 5, its second of four micro-batches: stop between micro-batches
+        trainer.stop.request("test")
+    return batch(step, micro, device)
+
+trainer.task.batch = stop_in_step_6
+sys.exit(trainer.train())
+"""
+
+
+def test_a_stop_between_micro_batches_saves_the_last_complete_step_and_resumes_exactly(tiny_config: Path, tmp_path: Path) -> None:
+    """grad_accum 4 with dropout: a stop during step 6 saves the state after step 5 with the RNG of step 6's start;
+    the resumed run reproduces the uninterrupted one bit for bit (with the RNG of the stop instead, it would not)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from trainer.launcher.command import free_port
+
+    common = dict(model={"dropout": 0.1}, train={"max_steps": 8, "log_every": 1, "micro_batch_size": 2, "grad_accum": 4},
+                  optim={"decay_steps": 8}, checkpoint={"save_every": 100, "keep_last": 5})
+    ref = _cfg(tiny_config, run_dir=str(tmp_path / "ref"), **common)
+    r = run_rank("--config", str(ref))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (ref_final,) = (tmp_path / "ref").glob("*/checkpoints/step-00000008")
+
+    cfg = _cfg(tiny_config, run_dir=str(tmp_path / "runs"))
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    r = subprocess.run([sys.executable, "-c", _STOP_MID_STEP, str(cfg)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 75, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "stopped at step 5 (between micro-batches" in r.stdout, r.stdout[-3000:]
+    (saved,) = (tmp_path / "runs").glob("*/checkpoints/step-*/metadata.json")
+    meta = json.loads(saved.read_text())
+    assert meta["step"] == 5 and meta["reason"] == "preemption" and meta["data_position"]["samples_seen"] == 5 * 4 * 2
+
+    r = run_rank("--config", str(cfg))
+    assert r.returncode == 0 and "at step 5" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    (final,) = (tmp_path / "runs").glob("*/checkpoints/step-00000008")
+    a, b = json.loads((ref_final / "metadata.json").read_text()), json.loads((final / "metadata.json").read_text())
+    assert a["loss_history"] == b["loss_history"] and a["lr_history"] == b["lr_history"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    wa = get_fp32_state_dict_from_zero_checkpoint(str(ref_final.parent), tag=ref_final.name)
+    wb = get_fp32_state_dict_from_zero_checkpoint(str(final.parent), tag=final.name)
+    assert all(bool((wa[k] == wb[k]).all()) for k in wa)

@@ -72,7 +72,7 @@ def snapshot(run: Path, log_lines: int = 12) -> Snapshot:
     state, detail = _state(status)
     ckpts = [{"tag": c.tag, "step": c.step, "loss": c.loss, "committed_at": c.metadata.get("committed_at"),
               "reason": c.metadata.get("reason"), "task": c.metadata.get("task"), "world_size": c.metadata.get("world_size"),
-              "upload": read_upload_state(c.path)["state"]}
+              "upload": read_upload_state(c.path)["state"], "goodput": c.metadata.get("goodput")}
              for c in CheckpointStore(run).committed([])]
     return Snapshot(run, status, state, detail, ckpts, tail(run / LOG_FILE, log_lines))
 
@@ -146,6 +146,11 @@ def render(s: Snapshot, wrap_log: bool = False) -> Any:
         if st.get("mfu") is not None:
             speed += f", MFU {st['mfu']:.1%}"
         grid.add_row("speed", speed)
+    good = st.get("goodput") or (s.checkpoints[-1].get("goodput") if s.checkpoints else None)
+    if good:
+        from trainer.engine.goodput import describe
+
+        grid.add_row("goodput", describe(good).removeprefix("goodput "))
     if s.state == RUNNING and st.get("eta_s") is not None:
         age = time.time() - float(st.get("updated_at") or time.time())
         grid.add_row("ETA", _fmt_eta(max(0.0, float(st["eta_s"]) - age)))

@@ -47,8 +47,10 @@ class ModelConfig(Section):
         from trainer.models.neox import dimension_problems, dims_of
 
         problems = dimension_problems(dims_of(self))
-        if problems:  # one at a time: the first names the field to change
+        if problems:  # one at a time, naming the field the config set (heads and width are judged together)
             name, what = problems[0]
+            if name == "num_heads" and self.num_heads is None and self.hidden_size is not None:
+                name = "hidden_size"
             raise ValueError(f"model.{name} {what}")
         return self
 

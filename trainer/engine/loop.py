@@ -349,8 +349,8 @@ class Trainer:
         reserve = self.cfg.preemption.exit_reserve_s
         if self.ckpt.pending is not None:
             need = self.ckpt.in_flight_remaining_s()
-            log.info("stop: the write of %s has ~%.1f s to go; waiting for it until %.1f s before the deadline",
-                     self.ckpt.pending.tag, need, reserve)
+            log.info("stop: the write of %s has %s to go; waiting for it until %.1f s before the deadline",
+                     self.ckpt.pending.tag, f"~{need:.1f} s" if need < 1e8 else "an unknown time", reserve)
             self.ckpt.wait(self.stop_deadline - reserve)
         saved = self.ckpt.last_saved_step == s.step
         if not saved and self.ckpt.pending is None and self.ckpt.save_fits(s.step, self.stop_deadline):
@@ -457,13 +457,13 @@ class Trainer:
         self.goodput.flush()
         committed = self.store.committed()
         newest = committed[-1].tag if committed else "none"
-        log.info("%s: %d steps in %.1f s, loss %.4f -> %.4f (best %.4f at step %s), %s tokens/s",
-                 "stopped" if stopped else "done", steps, elapsed, first, s.last_loss or float("nan"),
-                 s.best_loss or float("nan"), s.best_step, f"{tps:,.0f}")
         if self.ckpt.blocked_s:
             log.info("saves blocked training %.1f s in all (%.1f s of it waiting for a previous write)", self.ckpt.blocked_s,
                      self.ckpt.stall_s)
         log.info("%s", describe(good))
+        log.info("%s: %d steps in %.1f s, loss %.4f -> %.4f (best %.4f at step %s), %s tokens/s",
+                 "stopped" if stopped else "done", steps, elapsed, first, s.last_loss or float("nan"),
+                 s.best_loss or float("nan"), s.best_step, f"{tps:,.0f}")
         log.info("checkpoints: %s (newest %s)", self.store.root, newest)
         if getattr(self.tracker, "run_id", None):
             log.info("MLflow: run %s in %s", self.tracker.run_id, redact(self.tracker.uri))
