@@ -261,7 +261,7 @@ def test_validate_passes_a_good_config_and_names_what_breaks(tiny_mm: Path, tmp_
     r = run_cli("validate", str(good), "--quick")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     names = ["configuration", "model initialization", "parameter freezing", "data pipeline", "forward pass", "training step",
-             "checkpoint save and load", "MLflow logging", "short training run"]
+             "checkpoint save and load", "MLflow logging", "short training run", "preemption timing"]
     for name in names:
         assert any(line.startswith("PASS") and name in line for line in r.stdout.splitlines()), (name, r.stdout)
     assert "10/10 checks passed" in r.stdout
@@ -273,7 +273,7 @@ def test_validate_passes_a_good_config_and_names_what_breaks(tiny_mm: Path, tmp_
     out = r.stdout.splitlines()
     fail = [line for line in out if line.startswith("FAIL")]
     assert len(fail) == 1 and "model initialization" in fail[0] and "lora.target_modules: ['qkv_fused']" in fail[0]
-    assert sum(line.startswith("SKIP") for line in out) == 7 and "first failure: model initialization" in r.stdout
+    assert sum(line.startswith("SKIP") for line in out) == 8 and "first failure: model initialization" in r.stdout
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
