@@ -36,6 +36,10 @@ def test_checkpoints_metadata_retention_and_mlflow(tiny_config: Path, tmp_path: 
     # Retention: the newest two, plus the best by loss (which on a falling curve is the newest).
     assert ckpts[-2:] == ["step-00000009", "step-00000012"] and best["tag"] in ckpts
     assert len(ckpts) <= 3
+    # the buffers of the background saves were reserved after step 1 by a dry run that leaves nothing behind
+    assert "of host memory for background saves" in r.stdout
+    assert {p.name for p in (run_root / "checkpoints").iterdir() if p.is_dir()} == set(ckpts)
+    assert metas["step-00000009"]["save"]["async"] is True and metas["step-00000012"]["save"]["async"] is False
     m = metas["step-00000012"]
     for key in ("step", "epoch", "tokens_seen", "loss", "best_loss", "loss_history", "lr_history", "data_position", "run_id",
                 "mlflow_run_id", "config_hash", "world_size", "zero_stage", "system", "committed_at"):

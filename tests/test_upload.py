@@ -5,6 +5,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -392,9 +393,17 @@ def test_a_restart_uploads_what_a_hard_stop_left_local(tiny_config: Path, tmp_pa
     (ckpt,) = (tmp_path / "runs").glob("*/checkpoints/step-00000004")
     (ckpt / "upload_state.json").write_text('{"state": "uploading"}')  # what a kill mid-upload leaves
     bucket = tmp_path / "bucket"
+    remote = bucket / ckpt.parent.parent.name / "step-00000004"
+    remote.mkdir(parents=True)
+    dead = remote / ".part-000.tar.k1ll3d.partial"  # the temporary file of the killed writer, on a file:// bucket
+    dead.write_bytes(b"x" * 1000)
+    os.utime(dead, (time.time() - 3600, time.time() - 3600))
+    live = remote / ".part-000.tar.l1v3.partial"  # touched just now: could be another writer's, left alone
+    live.write_bytes(b"y")
     r = run_rank("--config", str(tiny_config), "--resume", "latest", "--max-steps", "6", "--set", f"upload.url=file://{bucket}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step-00000004 was never uploaded completely: queued again" in r.stdout
     storage = open_storage(f"file://{bucket}")
     for tag in ("step-00000004", "step-00000006"):
         assert verify_remote(storage, f"{ckpt.parent.parent.name}/{tag}")[0], tag
+    assert not dead.exists() and live.exists()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Protocol
@@ -27,6 +29,7 @@ log = get_logger("storage")
 # with 32 MiB, 0.96-1.2 with 100 MiB).
 CHUNK_BYTES = int(os.environ.get("TRAINER_UPLOAD_CHUNK_MB", "100")) * 1024 * 1024
 READ_CHUNK_BYTES = 32 * 1024 * 1024  # one ranged GET of a streamed download (held once per stream)
+STALE_PARTIAL_S = 60.0  # a file:// temporary file untouched this long belongs to a killed write
 
 
 class ObjectExists(Exception):
@@ -154,6 +157,7 @@ class FileStorage:
         if dest.exists():
             raise ObjectExists(self.display(name))
         dest.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_partials(dest)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -165,6 +169,17 @@ class FileStorage:
             raise ObjectExists(self.display(name)) from None
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    @staticmethod
+    def _remove_stale_partials(dest: Path) -> None:
+        """Temporary files of earlier writes of `dest` that were killed (a hard stop mid-upload): a write in
+        progress touches its file every few milliseconds, one untouched for a minute is dead."""
+        for old in dest.parent.glob(f".{glob.escape(dest.name)}.*.partial"):
+            try:
+                if time.time() - old.stat().st_mtime > STALE_PARTIAL_S:
+                    old.unlink()
+            except FileNotFoundError:
+                pass
 
     def put_stream(self, name: str, stream: BinaryIO, size: int) -> ObjectInfo:
         import google_crc32c

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import collections
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +127,26 @@ class CheckpointManager:
         engine.checkpoint_engine = self.files
 
     # ---------------------------------------------------------------------------------- saving
+    def prepare(self, step: int) -> None:
+        """Reserve the host buffers of background saves now, if one lies ahead, so that the first save of
+        this process blocks no longer than the later ones (call after the first step: the optimizer state
+        exists then). Collective."""
+        every, last = self.cfg.checkpoint.save_every, self.cfg.train.max_steps
+        if not self.cfg.checkpoint.async_save or self.files is None or (step // every + 1) * every >= last:
+            return
+        t0 = time.monotonic()
+        scratch = tempfile.mkdtemp(prefix="trainer-sizing-")  # this rank's own: DeepSpeed creates folders in it
+        try:
+            with self.goodput.clock.phase_of("checkpoint"):
+                reserved = self.files.prepare(lambda: self.engine.save_checkpoint(
+                    scratch, tag="sizing", client_state={"trainer_step": step}, save_latest=False,
+                    exclude_frozen_parameters=not self.task.save_frozen))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if reserved:
+            log.info("reserving %s of host memory for background saves (sized in %.2f s; filled in the background)",
+                     gb(reserved), time.monotonic() - t0)
+
     def due(self, step: int) -> bool:
         return step % self.cfg.checkpoint.save_every == 0
 

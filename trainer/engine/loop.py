@@ -324,6 +324,8 @@ class Trainer:
             if stopped:
                 self._stop_here(window, lr, tokens_per_step, completed)
                 break
+            if s.step == start_step + 1:
+                self.ckpt.prepare(s.step)  # the host buffers of the first background save, filled in a thread
             save = last or self.ckpt.due(s.step)
             if save or s.step % cfg.train.log_every == 0:
                 self._log_window(window, lr, tokens_per_step)

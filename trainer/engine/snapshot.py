@@ -47,12 +47,35 @@ def write_file(path: Path | str, obj: Any, zipfile: bool = True) -> int:
     return os.path.getsize(path)
 
 
+HUGE_PAGE_MIN_BYTES = 2 << 20  # buffers at least this large are mapped with transparent huge pages
+
+
+def _host_tensor(dtype: Any, numel: int, pin: bool) -> Any:
+    """An uninitialised host tensor. Large ones are anonymous mappings advised to use huge pages:
+    their first touch faults 2 MB at a time instead of 4 kB (0.1 s per GiB here against 0.4-1.1 s)."""
+    import mmap
+
+    import torch
+
+    nbytes = torch.empty((), dtype=dtype).element_size() * numel
+    if pin or nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(numel, dtype=dtype, pin_memory=pin)
+    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        area.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        pass  # huge pages off on this host: ordinary pages
+    return torch.frombuffer(area, dtype=dtype, count=numel)  # the tensor keeps the mapping alive
+
+
 class HostBuffers:
     """Host memory for snapshots, reused from one save to the next (one checkpoint's worth at most).
 
     Reuse is what makes the copy fast: new pages cost a fault each on first touch (1.1 s per GiB
     here against 0.2 s for a copy into a buffer already touched), and pinned allocations on GPUs
-    are slower still. The price is host RAM the size of one rank's state, held from the first save on.
+    are slower still. `reserve` allocates and touches the buffers of a save before it comes, in a
+    thread, so that the first save of a process (after every restart) is as fast as the others.
+    The price is host RAM the size of one rank's state, held from then on.
     """
 
     def __init__(self, pin: bool):
@@ -60,21 +83,50 @@ class HostBuffers:
         self._free: dict[tuple[Any, int], list[Any]] = collections.defaultdict(list)
         self._lent: list[Any] = []
         self.bytes_held = 0
+        self._lock = threading.Lock()
+        self._reserving: Optional[threading.Thread] = None
 
     def take(self, dtype: Any, numel: int) -> Any:
-        import torch
-
+        self.wait_reserved()
         free = self._free[(dtype, numel)]
         if free:
             buf = free.pop()
         else:
-            buf = torch.empty(numel, dtype=dtype, pin_memory=self.pin)
+            buf = _host_tensor(dtype, numel, self.pin)
             self.bytes_held += buf.element_size() * numel
         self._lent.append(buf)
         return buf
 
+    def reserve(self, sizes: list[tuple[Any, int]]) -> None:
+        """Allocate and touch buffers of these (dtype, numel) beyond the free ones, in a background thread."""
+        have = collections.Counter({k: len(v) for k, v in self._free.items()})
+        todo = []
+        for key in sizes:
+            if have[key] > 0:
+                have[key] -= 1
+            else:
+                todo.append(key)
+
+        def run() -> None:
+            for dtype, numel in todo:
+                buf = _host_tensor(dtype, numel, self.pin)
+                buf.zero_()  # fault the pages in now, off the training thread
+                with self._lock:
+                    self._free[(dtype, numel)].append(buf)
+                    self.bytes_held += buf.element_size() * numel
+
+        if todo:
+            self._reserving = threading.Thread(target=run, name="snapshot-reserve", daemon=True)
+            self._reserving.start()
+
+    def wait_reserved(self) -> None:
+        if self._reserving is not None:
+            self._reserving.join()
+            self._reserving = None
+
     def missing_bytes(self, tensors: list[Any]) -> int:
         """Bytes these tensors would need beyond the free buffers."""
+        self.wait_reserved()
         have = collections.Counter({k: len(v) for k, v in self._free.items()})
         need = 0
         for t in tensors:
@@ -87,9 +139,10 @@ class HostBuffers:
 
     def give_back(self) -> None:
         """Every buffer lent since the last call is free again (its write is on disk)."""
-        for b in self._lent:
-            self._free[(b.dtype, b.numel())].append(b)
-        self._lent = []
+        with self._lock:
+            for b in self._lent:
+                self._free[(b.dtype, b.numel())].append(b)
+            self._lent = []
 
 
 def _tensors_in(obj: Any, out: list[Any], seen: set[int]) -> list[Any]:
@@ -236,6 +289,7 @@ class SnapshotCheckpointEngine:
         self.buffers = HostBuffers(pin)
         self.writer = BackgroundWriter(zipfile, on_job_done=lambda job: self.buffers.give_back())
         self.background = False  # set by the caller before each save_checkpoint
+        self.sizing: Optional[list[tuple[Any, int]]] = None  # a dry run: the (dtype, numel) of every tensor handed over
         self.job: Optional[WriteJob] = None
         self.direct_bytes = 0  # written directly during the current save
         self.fallbacks = 0  # files written directly because the host lacked memory for their snapshot
@@ -278,13 +332,15 @@ class SnapshotCheckpointEngine:
     def preserves_storage_sharing(self) -> bool:
         # torch.save of live views writes their whole flat buffers, so DeepSpeed clones them first; a
         # snapshot is a compact copy already
-        return not self.background
+        return not self.background and self.sizing is None
 
     # --- ours -------------------------------------------------------------------------------
     def add(self, path: Path, obj: Any) -> None:
         """One more file of the current save (RNG states, say): snapshotted or written as the mode says."""
         assert self.job is not None, "create() first"
-        if self.background:
+        if self.sizing is not None:
+            self.sizing += [(t.dtype, t.numel()) for t in _tensors_in(obj, [], set())]
+        elif self.background:
             tensors = _tensors_in(obj, [], set())
             need = self.buffers.missing_bytes(tensors)
             if need and not self._memory_for(need):
@@ -300,6 +356,25 @@ class SnapshotCheckpointEngine:
         else:
             self.direct_bytes += write_file(path, obj, self.zipfile)
 
+    def prepare(self, save: Callable[[], None]) -> int:
+        """Reserve the host buffers of a background save before the first one comes: `save` runs the
+        engine's save_checkpoint (collective) into a scratch folder as a dry run that records the
+        tensors it would hand over and writes none of them; the buffers are then allocated and touched in a thread.
+        Returns the bytes reserved (0 when the host lacks the memory: the first save allocates, or
+        falls back to a direct write)."""
+        self.sizing = []
+        try:
+            save()
+        finally:
+            sizes, self.sizing, self.job = self.sizing, None, None
+        import torch
+
+        need = sum(torch.empty((), dtype=d).element_size() * n for d, n in sizes)
+        if not need or not self._memory_for(need, quiet=True):
+            return 0
+        self.buffers.reserve(sizes)
+        return need
+
     def seal(self) -> WriteJob:
         """The current save has handed over all its files; returns its job (done at once if nothing was queued)."""
         assert self.job is not None
@@ -312,12 +387,12 @@ class SnapshotCheckpointEngine:
             job.done.set()
         return job
 
-    def _memory_for(self, need: int) -> bool:
+    def _memory_for(self, need: int, quiet: bool = False) -> bool:
         import psutil
 
         vm = psutil.virtual_memory()
         ok = vm.available - need >= MEMORY_RESERVE_FRACTION * vm.total
-        if not ok:
+        if not ok and not quiet:
             log.warning("not enough free host memory for a %.1f GB snapshot (%.1f GB available): writing this file"
                         " directly (training waits for it)", need / 1e9, vm.available / 1e9)
         return ok
