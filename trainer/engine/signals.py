@@ -20,10 +20,29 @@ class StopFlag:
         self.signals = 0
         self.first_at: Optional[float] = None
         self.signal_name: Optional[str] = None
+        self._arrived: Optional[float] = None  # when the first signal reached the process (see install)
 
     def install(self, signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> "StopFlag":
+        """Handle `signums` (main thread). Python runs a handler only between bytecodes of the main
+        thread, which can be seconds after the signal while it is inside one long call (a backward
+        pass, a large copy); the grace period starts at the signal, so a thread reading the
+        interpreter's wakeup fd (written by the C-level handler at once) notes the arrival time."""
         for s in signums:
             signal.signal(s, self._handler)
+        try:
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except (ValueError, OSError):  # not the main thread: the handler's own time is used
+            return self
+        watched = set(int(x) for x in signums)
+
+        def watch() -> None:
+            while data := os.read(r, 64):
+                if self._arrived is None and watched.intersection(data):
+                    self._arrived = time.monotonic()
+
+        threading.Thread(target=watch, name="signal-arrival", daemon=True).start()
         return self
 
     def _handler(self, signum: int, frame: object) -> None:
@@ -33,7 +52,8 @@ class StopFlag:
             os.kill(os.getpid(), signum)
             return
         if self.first_at is None:
-            self.first_at = time.monotonic()
+            now = time.monotonic()
+            self.first_at = min(now, self._arrived) if self._arrived is not None else now
             self.signal_name = signal.Signals(signum).name
         self._event.set()
 
