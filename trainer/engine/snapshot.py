@@ -57,7 +57,7 @@ def _host_tensor(dtype: Any, numel: int, pin: bool) -> Any:
 
     import torch
 
-    nbytes = torch.empty((), dtype=dtype).element_size() * numel
+    nbytes = dtype.itemsize * numel
     if pin or nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(numel, dtype=dtype, pin_memory=pin)
     area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -99,13 +99,7 @@ class HostBuffers:
 
     def reserve(self, sizes: list[tuple[Any, int]]) -> None:
         """Allocate and touch buffers of these (dtype, numel) beyond the free ones, in a background thread."""
-        have = collections.Counter({k: len(v) for k, v in self._free.items()})
-        todo = []
-        for key in sizes:
-            if have[key] > 0:
-                have[key] -= 1
-            else:
-                todo.append(key)
+        todo = self._unmatched(sizes)
 
         def run() -> None:
             for dtype, numel in todo:
@@ -127,15 +121,18 @@ class HostBuffers:
     def missing_bytes(self, tensors: list[Any]) -> int:
         """Bytes these tensors would need beyond the free buffers."""
         self.wait_reserved()
+        return sum(dtype.itemsize * numel for dtype, numel in self._unmatched([(t.dtype, t.numel()) for t in tensors]))
+
+    def _unmatched(self, sizes: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
+        """The (dtype, numel) of `sizes` that no free buffer covers."""
         have = collections.Counter({k: len(v) for k, v in self._free.items()})
-        need = 0
-        for t in tensors:
-            key = (t.dtype, t.numel())
+        out = []
+        for key in sizes:
             if have[key] > 0:
                 have[key] -= 1
             else:
-                need += t.element_size() * t.numel()
-        return need
+                out.append(key)
+        return out
 
     def give_back(self) -> None:
         """Every buffer lent since the last call is free again (its write is on disk)."""
@@ -367,9 +364,7 @@ class SnapshotCheckpointEngine:
             save()
         finally:
             sizes, self.sizing, self.job = self.sizing, None, None
-        import torch
-
-        need = sum(torch.empty((), dtype=d).element_size() * n for d, n in sizes)
+        need = sum(dtype.itemsize * numel for dtype, numel in sizes)
         if not need or not self._memory_for(need, quiet=True):
             return 0
         self.buffers.reserve(sizes)
