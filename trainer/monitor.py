@@ -134,11 +134,17 @@ def render(s: Snapshot, wrap_log: bool = False) -> Any:
     step, max_steps = st.get("step"), st.get("max_steps")
     if step is not None and max_steps:
         bar = Table.grid(padding=(0, 1))
-        bar.add_row(ProgressBar(total=float(max_steps), completed=float(step), width=40), f"step {step}/{max_steps}")
+        epoch = f", epoch {st['epoch']:.2f}" + (f" of {st['epochs']:g}" if st.get("epochs") else "") if st.get("epoch") is not None else ""
+        bar.add_row(ProgressBar(total=float(max_steps), completed=float(step), width=40), f"step {step}/{max_steps}{epoch}")
         grid.add_row("progress", bar)
     if st.get("loss") is not None:
         grid.add_row("loss", f"{st['loss']:.4f}" + (f" (best {st['best_loss']:.4f} at step {st.get('best_step')})"
                                                    if st.get("best_loss") is not None else ""))
+    if st.get("val_loss") is not None:
+        ppl = f", ppl {st['val_ppl']:.3f}" if st.get("val_ppl") is not None else ""
+        trend = (st.get("validation_metrics") or {}).get("trend")
+        grid.add_row("val loss", f"{st['val_loss']:.4f} at step {st.get('val_step')}{ppl} (best {st['best_val_loss']:.4f} at step"
+                                 f" {st.get('best_val_step')}{', ' + trend if trend else ''})")
     if st.get("lr") is not None:
         grid.add_row("learning rate", f"{st['lr']:.3e}")
     if st.get("tokens_per_s") is not None:

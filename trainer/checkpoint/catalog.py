@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from trainer.checkpoint.layout import MANIFEST, METADATA, TAG_PREFIX, read_upload_state, remote_prefix, tag_for
 from trainer.checkpoint.remote import read_manifests, verify_remote
-from trainer.checkpoint.store import CheckpointStore, best_by_loss, newest, read_metadata, recency, run_roots
+from trainer.checkpoint.store import CheckpointStore, best_checkpoint, newest, read_metadata, recency, run_roots
 from trainer.errors import UserError
 
 @dataclass
@@ -115,7 +115,7 @@ class Catalog:
         if tag == "latest":
             return newest(entries)
         if tag == "best":
-            return best_by_loss(entries)
+            return best_checkpoint(entries)
         if tag.isdigit():
             tag = tag_for(int(tag))
         same = [e for e in entries if e.tag == tag]
@@ -258,22 +258,34 @@ def verify(cat: Catalog, url_override: Optional[str] = None, timeout_s: float = 
 
 
 # ------------------------------------------------------------------------------------ metrics
-def loss_stats(meta: dict) -> dict:
-    """Current, best, mean, std and trend of the logged loss (the history every checkpoint carries)."""
-    values = [float(v) for _, v in meta.get("loss_history") or [] if v is not None and math.isfinite(float(v))]
-    out: dict[str, Any] = {"current": meta.get("loss"), "best": meta.get("best_loss"), "best_step": meta.get("best_step"),
-                           "points": len(values), "mean": None, "std": None, "trend": None, "trend_change": None}
-    if meta.get("best_step") is not None:
-        out["steps_since_best"] = int(meta["step"]) - int(meta["best_step"])
+def trend_of(values: list[float]) -> tuple[Optional[str], Optional[float]]:
+    """(improving | flat | worsening, relative change) of the mean of the last few points against the few before."""
+    if len(values) < 2:
+        return None, None
+    k = max(1, min(5, len(values) // 2))
+    before, last = statistics.fmean(values[-2 * k : -k]), statistics.fmean(values[-k:])
+    change = (last - before) / abs(before) if before else 0.0
+    return ("improving" if change < -0.005 else "worsening" if change > 0.005 else "flat"), change
+
+
+def loss_stats(meta: dict, which: str = "train") -> dict:
+    """Current, best, mean, std and trend of the logged training loss (`which="train"`) or of the validation
+    loss (`"val"`), from the history every checkpoint carries."""
+    hist, best, best_step = (("loss_history", "best_loss", "best_step") if which == "train"
+                             else ("val_history", "best_val_loss", "best_val_step"))
+    points = [p for p in meta.get(hist) or [] if p[1] is not None and math.isfinite(float(p[1]))]
+    values = [float(v) for _, v in points]
+    current = meta.get("loss") if which == "train" else (values[-1] if values else None)
+    out: dict[str, Any] = {"current": current, "best": meta.get(best), "best_step": meta.get(best_step),
+                           "points": len(values), "mean": None, "std": None}
+    if which == "val":
+        out["current_step"] = int(points[-1][0]) if points else None
+    if meta.get(best_step) is not None:
+        out["steps_since_best"] = int(meta["step"]) - int(meta[best_step])
     if values:
         out["mean"] = statistics.fmean(values)
         out["std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
-    if len(values) >= 2:
-        k = max(1, min(5, len(values) // 2))
-        before, last = statistics.fmean(values[-2 * k : -k]), statistics.fmean(values[-k:])
-        change = (last - before) / abs(before) if before else 0.0
-        out["trend_change"] = change
-        out["trend"] = "improving" if change < -0.005 else "worsening" if change > 0.005 else "flat"
+    out["trend"], out["trend_change"] = trend_of(values)
     return out
 
 

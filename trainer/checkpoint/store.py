@@ -79,7 +79,7 @@ class Checkpoint:
             return False
         return model is None or meta.get("model") is None or not architecture_difference(meta["model"], model)
 
-    def check_resumable(self, spec: str, world_size: int, task: str, max_steps: int, model: Optional[dict] = None) -> None:
+    def check_resumable(self, spec: str, world_size: int, task: str, max_steps: Optional[int], model: Optional[dict] = None) -> None:
         """`UserError` if this checkpoint cannot continue a job of that shape."""
         meta = self.metadata
         if model is not None and meta.get("model") is not None and (diff := architecture_difference(meta["model"], model)):
@@ -91,7 +91,7 @@ class Checkpoint:
             )
         if meta.get("task", task) != task:
             raise UserError(f"--resume {spec}: {self.path} is a {meta.get('task')!r} checkpoint, this run is {task!r}")
-        if self.step >= max_steps:
+        if max_steps is not None and self.step >= max_steps:
             if spec == "auto":
                 raise NothingToDo(f"run {self.run_id} is complete ({self.tag}, train.max_steps {max_steps}); raise"
                                   " --max-steps to train further, or pass --resume none for a new run")
@@ -164,14 +164,15 @@ class CheckpointStore:
         atomic_write(d / METADATA, json.dumps({"format": METADATA_FORMAT, **metadata}, indent=2, default=str) + "\n")
         return d
 
-    def retention(self, keep_last: int, keep_best: bool, deletable: Optional[Callable[[Path], bool]] = None) -> list[Path]:
-        """Delete committed checkpoints beyond the newest `keep_last` and the best by loss.
+    def retention(self, keep_last: int, keep_best: bool, deletable: Optional[Callable[[Path], bool]] = None,
+                  metric: Optional[str] = None) -> list[Path]:
+        """Delete committed checkpoints beyond the newest `keep_last` and the best by `metric` (see `best_checkpoint`).
 
         `deletable` vetoes deletions (with uploads on: only checkpoints verified in the bucket go).
         """
         ckpts = self.committed()
         keep = {c.path for c in ckpts[-keep_last:]}
-        best = best_by_loss(ckpts) if keep_best else None
+        best = best_checkpoint(ckpts, metric) if keep_best else None
         if best is not None:
             keep.add(best.path)
         deleted = []
@@ -179,7 +180,7 @@ class CheckpointStore:
             if c.path not in keep and (deletable is None or deletable(c.path)):
                 delete_checkpoint(c.path)
                 deleted.append(c.path)
-                log.info("cleaned up %s (keeping the newest %d and the best%s)", c.tag, keep_last,
+                log.info("cleaned up %s (keeping the newest %d and the best by %s%s)", c.tag, keep_last, best_metric_of(ckpts, metric),
                          "; it is uploaded and verified" if deletable is not None else "")
         return deleted
 
@@ -211,10 +212,34 @@ def newest(ckpts: list[T]) -> T:
     return max(ckpts, key=lambda c: recency(c.metadata))
 
 
-def best_by_loss(ckpts: list[T]) -> Optional[T]:
-    """The lowest finite loss (the newest step of equals), as retention keeps it; None if none has a loss."""
-    scored = [c for c in ckpts if c.loss is not None and math.isfinite(c.loss)]
-    return min(scored, key=lambda c: (c.loss, -c.step)) if scored else None
+METRICS = ("val_loss", "train_loss")
+
+
+def metric_value(meta: dict, metric: str) -> Optional[float]:
+    """A checkpoint's value of `metric`: `val_loss` as measured at its own step, `train_loss` its logged loss
+    (None when it has none, or a non-finite one)."""
+    v = meta.get("val_loss") if metric == "val_loss" else meta.get("loss")
+    try:
+        v = float(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+    return v if v is not None and math.isfinite(v) else None
+
+
+def best_metric_of(ckpts: list[T], metric: Optional[str] = None) -> str:
+    """`metric`, or the one the newest checkpoint was saved with (`best_metric` in its metadata; train_loss before)."""
+    if metric:
+        return metric
+    recorded = newest(ckpts).metadata.get("best_metric") if ckpts else None
+    return recorded if recorded in METRICS else "train_loss"
+
+
+def best_checkpoint(ckpts: list[T], metric: Optional[str] = None) -> Optional[T]:
+    """The checkpoint with the lowest finite `metric` (the newest step of equals), as retention keeps it and the
+    `best` reference names it; None if none has a value."""
+    name = best_metric_of(ckpts, metric)
+    scored = [(v, c) for c in ckpts if (v := metric_value(c.metadata, name)) is not None]
+    return min(scored, key=lambda t: (t[0], -t[1].step))[1] if scored else None
 
 
 def run_roots(path: Path) -> list[Path]:

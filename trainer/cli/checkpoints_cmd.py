@@ -59,10 +59,12 @@ def _num(v: Any, fmt: str = ".4f") -> str:
         return str(v)
 
 
-def _note(e: "Entry", best: Optional["Entry"]) -> str:
+def _note(e: "Entry", best: Optional["Entry"], metric: str = "train_loss") -> str:
     marks = []
     if best is e:
-        marks.append("★ best")
+        marks.append(f"★ best {metric}")
+    elif e.metadata.get("reason") == "best":
+        marks.append("saved as a new best")
     reason = e.metadata.get("reason")
     if reason == "preemption":
         marks.append("⚡ preemption save")
@@ -89,11 +91,11 @@ def _finish(cat: "Catalog") -> int:
 @app.command("list")
 def list_cmd(source: SourceArg = "runs", as_json: JsonOpt = False, verify: VerifyOpt = False, url: UrlOpt = None,
              timeout: TimeoutOpt = 30.0) -> int:
-    """Committed checkpoints, grouped by run (newest run first): step, loss, best, time, size, upload state."""
+    """Committed checkpoints, grouped by run (newest run first): step, epoch, loss, val loss, best, time, size, upload state."""
     from rich.table import Table
 
     from trainer.checkpoint.catalog import scan, verify as verify_all
-    from trainer.checkpoint.store import best_by_loss
+    from trainer.checkpoint.store import best_checkpoint, best_metric_of
 
     cat = scan(source, timeout)
     if verify:
@@ -101,26 +103,33 @@ def list_cmd(source: SourceArg = "runs", as_json: JsonOpt = False, verify: Verif
     if as_json:
         out = []
         for rid, entries in cat.runs():
-            best = best_by_loss(entries)
+            best, metric = best_checkpoint(entries), best_metric_of(entries)
             out += [{"run_id": rid, "tag": e.tag, "step": e.step, "epoch": e.metadata.get("epoch"), "loss": e.loss,
-                     "best": best is e, "reason": e.metadata.get("reason"), "committed_at": e.metadata.get("committed_at"),
+                     "val_loss": e.metadata.get("val_loss"), "best": best is e, "best_metric": metric, "reason": e.metadata.get("reason"), "committed_at": e.metadata.get("committed_at"),
                      "size_bytes": e.size, "upload": e.upload["state"], "upload_detail": e.upload["detail"],
                      "where": e.where} for e in entries]
         typer.echo(json.dumps(out, indent=1))
         return _finish(cat)
     console = _console()
     for rid, entries in cat.runs():
-        best = best_by_loss(entries)
+        best, metric = best_checkpoint(entries), best_metric_of(entries)
         task = entries[-1].metadata.get("task", "")
-        table = Table("tag", "step", "epoch", "loss", "time (UTC)", "size", "upload", "note",
+        table = Table("tag", "step", "epoch", "loss", "val loss", "time (UTC)", "size", "upload", "note",
                       title=f"run {rid} ({task}, {len(entries)} checkpoint{'s' if len(entries) != 1 else ''})",
                       title_justify="left")
         for e in entries:
-            table.add_row(e.tag, str(e.step), _num(e.metadata.get("epoch"), ".3f"), _num(e.loss), _when(e.metadata), _mb(e.size),
-                          _upload_text(e), _note(e, best))
+            table.add_row(e.tag, str(e.step), _num(e.metadata.get("epoch"), ".3f"), _num(e.loss), _num(e.metadata.get("val_loss")),
+                          _when(e.metadata), _mb(e.size), _upload_text(e), _note(e, best, metric))
         console.print(table)
     console.print(f"{len(cat.entries)} checkpoint(s) in {len(cat.runs())} run(s) under {cat.source}")
     return _finish(cat)
+
+
+def _trend(stats: dict, points: str = "logged points") -> str:
+    if not stats["trend"]:
+        return ""
+    arrow = {"improving": "↓", "worsening": "↑", "flat": "→"}[stats["trend"]]
+    return f"{arrow} {stats['trend']} ({stats['trend_change']:+.2%} over the last {points})"
 
 
 def _save_text(rec: object) -> str:
@@ -147,17 +156,16 @@ def show(ref: RefArg, runs: RunsOpt = "runs", as_json: JsonOpt = False, verify: 
     cat = Catalog(e.where, [e])
     if verify:
         verify_all(cat, url, timeout)
-    stats = loss_stats(e.metadata)
+    stats, vstats = loss_stats(e.metadata), loss_stats(e.metadata, "val")
+    metric = e.metadata.get("best_metric") or "train_loss"
     if as_json:
-        typer.echo(json.dumps({"where": e.where, "metadata": e.metadata, "loss_stats": stats, "lr": current_lr(e.metadata),
+        typer.echo(json.dumps({"where": e.where, "metadata": e.metadata, "loss_stats": stats, "val_stats": vstats,
+                               "best_metric": metric, "lr": current_lr(e.metadata),
                                "files": [{"path": p, "size": s} for p, s in e.files], "size_bytes": e.size,
                                "upload": e.upload}, indent=1, default=str))
         return _finish(cat)
     m, sysinfo = e.metadata, e.metadata.get("system") or {}
-    trend = ""
-    if stats["trend"]:
-        arrow = {"improving": "↓", "worsening": "↑", "flat": "→"}[stats["trend"]]
-        trend = f"{arrow} {stats['trend']} ({stats['trend_change']:+.2%} over the last logged points)"
+    picked = f" (the `best` reference: the lowest {metric} of its run)" if ref.rpartition("/")[2] == "best" else ""
     rows = [
         ("checkpoint", f"{e.tag} of run {e.run_id}"),
         ("where", e.where),
@@ -171,7 +179,16 @@ def show(ref: RefArg, runs: RunsOpt = "runs", as_json: JsonOpt = False, verify: 
         ("steps since best", str(stats.get("steps_since_best", ""))),
         ("mean loss", f"{_num(stats['mean'])} over {stats['points']} logged points" if stats["mean"] is not None else ""),
         ("loss std", _num(stats["std"])),
-        ("loss trend", trend),
+        ("loss trend", _trend(stats)),
+        ("val loss", (f"{_num(m.get('val_loss'))} (measured at this step)" if m.get("val_loss") is not None else
+                      f"not measured at this step; last {_num(vstats['current'])} at step {vstats['current_step']}"
+                      if vstats["current"] is not None else "")),
+        ("val perplexity", _num((m.get("validation_metrics") or {}).get("perplexity"), ".3f")
+         if m.get("val_loss") is not None else ""),
+        ("best val loss", f"{_num(vstats['best'])} at step {vstats['best_step']}" if vstats["best"] is not None else ""),
+        ("steps since best val", str(vstats.get("steps_since_best", ""))),
+        ("val trend", _trend(vstats, "evaluations")),
+        ("best metric", f"{metric}{picked}"),
         ("learning rate", _num(current_lr(m), ".3e")),
         ("lr history", f"{len(m.get('lr_history') or [])} points"),
         ("world size", str(m.get("world_size", ""))),
@@ -223,11 +240,16 @@ def compare(refs: Annotated[list[str], typer.Argument(help="Two or more checkpoi
         metrics.append((name, values, fmt))
 
     stats = [loss_stats(e.metadata) for e in entries]
+    vstats = [loss_stats(e.metadata, "val") for e in entries]
     row("step", [e.step for e in entries], "d")
     row("tokens seen", [e.metadata.get("tokens_seen") for e in entries], ",d")
     row("epoch", [e.metadata.get("epoch") for e in entries], ".3f")
     row("loss", [s["current"] for s in stats])
     row("best loss", [s["best"] for s in stats])
+    if any(v["points"] for v in vstats):
+        row("val loss", [e.metadata.get("val_loss") for e in entries])
+        row("best val loss", [v["best"] for v in vstats])
+        row("best val step", [v["best_step"] for v in vstats], "d")
     row("mean loss", [s["mean"] for s in stats])
     row("loss std", [s["std"] for s in stats])
     row("learning rate", [current_lr(e.metadata) for e in entries], ".3e")
@@ -273,13 +295,14 @@ def plot(refs: Annotated[list[str], typer.Argument(help="Checkpoints or runs (a 
          runs: RunsOpt = "runs",
          save: Annotated[Optional[Path], typer.Option("--save", help="PNG to write (default: next to the (first) run).")] = None,
          timeout: TimeoutOpt = 30.0) -> None:
-    """Loss and learning-rate curves, one line per run, written as a PNG (no display needed)."""
+    """Loss (training line, validation markers) and learning-rate curves, one colour per run, written as a PNG."""
     from trainer.checkpoint.catalog import resolve
     from trainer.tracking.plots import Curve, save_curves
 
     entries = [resolve(r, runs, timeout) for r in refs]
     labels = _labels(entries)
-    curves = [Curve(lab, e.metadata.get("loss_history") or [], e.metadata.get("lr_history") or []) for lab, e in zip(labels, entries)]
+    curves = [Curve(lab, e.metadata.get("loss_history") or [], e.metadata.get("lr_history") or [], e.metadata.get("val_history") or [])
+              for lab, e in zip(labels, entries)]
     if not any(c.loss for c in curves):
         raise UserError(f"{', '.join(refs)}: no logged loss to plot (the checkpoints carry no loss_history)")
     if save is None:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from trainer.cli.options import BatchSizeOpt, ConfigArg, HostfileOpt, LearningRateOpt, MaxStepsOpt, NumRanksOpt, SetOpt, overrides
+from trainer.cli.options import BatchSizeOpt, ConfigArg, HostfileOpt, LearningRateOpt, MaxStepsOpt, NumEpochsOpt, NumRanksOpt, SetOpt, overrides
 
 app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
 
@@ -16,6 +16,7 @@ def show(
     config: ConfigArg,
     sets: SetOpt = None,
     max_steps: MaxStepsOpt = None,
+    num_epochs: NumEpochsOpt = None,
     batch_size: BatchSizeOpt = None,
     learning_rate: LearningRateOpt = None,
     hostfile: HostfileOpt = None,
@@ -30,7 +31,7 @@ def show(
     from trainer.launcher.hostfile import parse_hostfile
     from trainer.tasks import build_task
 
-    cfg = load_config(config, overrides(sets, max_steps, batch_size, learning_rate))
+    cfg = load_config(config, overrides(sets, max_steps, batch_size, learning_rate, epochs=num_epochs))
     world = sum(parse_hostfile(hostfile).values()) if hostfile else (num_ranks or 1)
     ds = render_ds_config(cfg, world, build_task(cfg).model_hints().get("hidden_size"), str(config))
     resolved: dict = {"world_size": world, "config_hash": config_hash(cfg)}

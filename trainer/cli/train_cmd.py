@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from trainer.cli.options import (BatchSizeOpt, ConfigArg, HostfileOpt, LearningRateOpt, MaxStepsOpt, NumRanksOpt, ResumeOpt,
+from trainer.cli.options import (BatchSizeOpt, ConfigArg, HostfileOpt, LearningRateOpt, MaxStepsOpt, NumEpochsOpt, NumRanksOpt, ResumeOpt,
                                  SetOpt, overrides)
 from trainer.errors import UserError
 
@@ -26,6 +26,7 @@ def train(
     num_ranks: NumRanksOpt = None,
     sets: SetOpt = None,
     max_steps: MaxStepsOpt = None,
+    num_epochs: NumEpochsOpt = None,
     batch_size: BatchSizeOpt = None,
     learning_rate: LearningRateOpt = None,
     resume: ResumeOpt = None,
@@ -41,7 +42,7 @@ def train(
     from trainer.launcher.hostfile import parse_hostfile, render_hostfile
     from trainer.launcher.preflight import preflight
 
-    ov = overrides(sets, max_steps, batch_size, learning_rate, resume)
+    ov = overrides(sets, max_steps, batch_size, learning_rate, resume, num_epochs)
     cfg = load_config(config, ov)
     if hostfile is not None and num_ranks is not None:
         raise UserError("--hostfile and --num-ranks: give one (the hostfile's slots set the ranks)")

@@ -27,6 +27,7 @@ class Overrides:
 
     sets: list[str] = field(default_factory=list)
     max_steps: Optional[int] = None
+    epochs: Optional[float] = None
     batch_size: Optional[int] = None
     learning_rate: Optional[float] = None
     resume: Optional[str] = None
@@ -46,8 +47,16 @@ class Overrides:
             except yaml.YAMLError:
                 value = raw
             pairs.append((f"--set {item}", key, value))
+        if self.max_steps is not None and self.epochs is not None:
+            raise UserError("--max-steps and --num-epochs: give one")
+        # the run's length in steps or in epochs: a flag for one replaces the file's setting of the other
+        if self.max_steps is not None:
+            pairs.append((f"--max-steps {self.max_steps}", "train.epochs", None))
+        if self.epochs is not None:
+            pairs.append((f"--num-epochs {self.epochs:g}", "train.max_steps", None))
         for flag, key, value in (
             ("--max-steps", "train.max_steps", self.max_steps),
+            ("--num-epochs", "train.epochs", self.epochs),
             ("--batch-size", "train.micro_batch_size", self.batch_size),
             ("--learning-rate", "optim.lr", self.learning_rate),
             ("--resume", "checkpoint.resume", self.resume),
@@ -63,6 +72,8 @@ class Overrides:
             argv += ["--set", item]
         if self.max_steps is not None:
             argv += ["--max-steps", str(self.max_steps)]
+        if self.epochs is not None:
+            argv += ["--num-epochs", repr(self.epochs)]
         if self.batch_size is not None:
             argv += ["--batch-size", str(self.batch_size)]
         if self.learning_rate is not None:
@@ -250,6 +261,8 @@ def config_hash(cfg: RunConfig) -> str:
     data["checkpoint"].pop("resume", None)
     data["checkpoint"].pop("async", None)  # how saves are written, not what is trained
     data["train"].pop("max_steps", None)
+    data["train"].pop("epochs", None)
+    data.pop("eval", None)  # evaluation reads the model, it does not change what is trained
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -7,7 +7,7 @@ that all problems of a file are collected in one pass.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -64,11 +64,31 @@ class DataConfig(Section):
     """Use only the first N shard files in name order (None: all)."""
     check_token_ids: bool = True
     """Scan every shard at start for token ids outside the vocabulary (one pass over the data)."""
+    val_path: Optional[str] = None
+    """pretrain: held-out shards (a folder or gs://BUCKET/PREFIX, the format and checks of `path`) for evaluation."""
+    val_fraction: Optional[float] = Field(default=None, ge=0.001, le=0.5)
+    """pretrain, instead of `val_path`: hold out this share of the windows of `path` for evaluation. Of every block
+    of 1000 consecutive windows the first round(1000 x fraction) are validation windows, and training never
+    reads them (independent of the seed, the world size and the batch shape)."""
     train_file: str = "train.jsonl"
-    """task lora: the JSONL index in `path` (one sample per line; media paths relative to `path`)."""
+    """task lora: the JSONL index in `path` (one sample per line; media paths relative to `path`). Lines with
+    `"split": "val"` (or `validation`, `dev`) are validation samples and `"split": "test"` lines are left out:
+    neither is ever trained on."""
+    val_file: Optional[str] = None
+    """task lora: the JSONL index of the validation samples, relative to `path` (same line format, checked the
+    same way); None: `val.jsonl` in `path` when it exists."""
+    default_instruction: str = Field(default="Describe what you see and hear.", min_length=1)
+    """task lora: the prompt of lines without an `instruction` (lines without a `response` learn the contents of
+    their `text` file, which is then not an input)."""
     on_bad_sample: Literal["error", "skip"] = "error"
     """task lora: a bad JSONL line stops the run before it starts (`error`, every problem listed with its line
     number) or is left out and counted (`skip`)."""
+
+    @model_validator(mode="after")
+    def _one_val_source(self) -> "DataConfig":
+        if self.val_path is not None and self.val_fraction is not None:
+            raise ValueError("val_path and val_fraction: give one (held-out shards, or a share of data.path held out)")
+        return self
 
 
 class LoraSection(Section):
@@ -110,8 +130,12 @@ class OptimConfig(Section):
     """Final learning rate of the decay, as a fraction of `lr`."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup: cosine or linear down to `min_lr_ratio * lr`, or constant."""
-    warmup_steps: int = Field(default=10, ge=0)
-    """Linear warmup from 0 to `lr` over this many optimizer steps."""
+    warmup_steps: Optional[int] = Field(default=None, ge=0)
+    """Linear warmup from 0 to `lr` over this many optimizer steps; None: 10 (at most the schedule's length),
+    or `warmup_ratio` of it."""
+    warmup_ratio: Optional[float] = Field(default=None, ge=0, lt=1)
+    """Instead of `warmup_steps`: warm up over this share of the schedule (optim.decay_steps or the run's steps,
+    derived from train.epochs when given), rounded to whole steps."""
     decay_steps: Optional[int] = Field(default=None, ge=1)
     """Steps of the whole schedule (warmup included); None: train.max_steps. Fix it to extend a run without changing its LR curve."""
     weight_decay: float = Field(default=0.1, ge=0)
@@ -128,12 +152,18 @@ class OptimConfig(Section):
         for b in self.betas:
             if not 0.0 <= b < 1.0:
                 raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("warmup_steps and warmup_ratio: give one")
         return self
 
 
 class TrainConfig(Section):
-    max_steps: int = Field(default=100, ge=1)
-    """Optimizer steps to train for (the run ends at this step, also after a resume)."""
+    max_steps: Optional[int] = Field(default=None, ge=1)
+    """Optimizer steps to train for (the run ends at this step, also after a resume); None: 100, or what
+    `epochs` gives."""
+    epochs: Optional[float] = Field(default=None, gt=0, le=100000)
+    """Instead of `max_steps`: passes over the training data. The steps are derived at start as
+    ceil(epochs x training samples / global batch), printed, and stored in every checkpoint."""
     micro_batch_size: int = Field(default=4, ge=1)
     """Sequences per rank per forward pass."""
     grad_accum: int = Field(default=1, ge=1)
@@ -147,14 +177,56 @@ class TrainConfig(Section):
     seed: int = Field(default=1234, ge=0)
     """Seed of model init and of the data order; batches are a pure function of (seed, step, rank)."""
 
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainConfig":
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("max_steps and epochs: give one (the run's length in optimizer steps, or in passes over the data)")
+        return self
+
+
+Every = Union[int, Literal["epoch"]]
+
+
+class EvalConfig(Section):
+    """Held-out evaluation (runs when the task has validation data: data.val_path / val_fraction / val_file)."""
+
+    every: Every = Field(default=100)
+    """Evaluate every N optimizer steps, or `epoch` (at the step that completes each pass over the data);
+    the last step is always evaluated."""
+    batches: int = Field(default=20, ge=0)
+    """Evaluation batches (each micro_batch_size x world size samples) per evaluation: the same fixed subset of
+    the validation set every time, so that the points of the curve compare; 0: the whole validation set."""
+    at_start: bool = True
+    """Evaluate once before the first step of a fresh run (the step-0 point of the curve)."""
+    enabled: bool = True
+    """false: no evaluation even when validation data is configured."""
+
+    @model_validator(mode="after")
+    def _every(self) -> "EvalConfig":
+        if isinstance(self.every, int) and self.every < 1:
+            raise ValueError(f"every must be >= 1 or `epoch`, got {self.every}")
+        return self
+
 
 class CheckpointConfig(Section):
-    save_every: int = Field(default=100, ge=1)
-    """Save a checkpoint every N optimizer steps (and at the last step)."""
+    save_every: Every = Field(default=100)
+    """Save a checkpoint every N optimizer steps, or `epoch` (at the step that completes each pass over the
+    data); and at the last step."""
     keep_last: int = Field(default=3, ge=1)
-    """Keep the newest N committed checkpoints locally (the best by loss is kept as well)."""
+    """Keep the newest N committed checkpoints locally (the best by `best_metric` is kept as well)."""
     keep_best: bool = True
-    """Also keep the checkpoint with the lowest loss."""
+    """Also keep the best checkpoint by `best_metric`."""
+    best_metric: Optional[Literal["val_loss", "train_loss"]] = None
+    """What "best" means for retention, the `best` reference and `save_best`: `val_loss` (the held-out loss measured
+    at the checkpoint's step) or `train_loss` (the logged training loss); None: val_loss when the run evaluates."""
+    save_best: bool = False
+    """Also save a checkpoint at an evaluation step whose val_loss is the best so far (a step between saves)."""
+
+    @model_validator(mode="after")
+    def _every(self) -> "CheckpointConfig":
+        if isinstance(self.save_every, int) and self.save_every < 1:
+            raise ValueError(f"save_every must be >= 1 or `epoch`, got {self.save_every}")
+        return self
     async_save: bool = Field(default=True, alias="async")
     """Write scheduled checkpoints in the background: training waits only while the state is copied to host
     memory (kept for reuse: host RAM the size of one rank's state), then goes on while a thread writes and
@@ -221,6 +293,8 @@ class TrackingConfig(Section):
     """MLflow experiment name; defaults to the task name."""
     flush_every_s: float = Field(default=5.0, gt=0)
     """Background thread sends batched metrics at least this often."""
+    tensorboard: bool = False
+    """Also write every logged scalar (train, val, perf, goodput) as TensorBoard events to `<run>/tensorboard/`."""
     log_export: bool = False
     """At the end of a completed run, export the final checkpoint (`trainer export`) to
     `<run>/export/` and log it as the MLflow artifact `export/` (a full model: large)."""
@@ -250,6 +324,8 @@ class RunConfig(Section):
     """Optimizer and learning-rate schedule."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     """Loop settings."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Held-out evaluation."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpointing and resume."""
     upload: UploadConfig = Field(default_factory=UploadConfig)
@@ -267,10 +343,19 @@ class RunConfig(Section):
             raise ValueError("task: lora needs a `lora:` section (llm_path, phase1_checkpoint, ...)")
         if self.task != "lora" and self.lora is not None:
             raise ValueError(f"the `lora:` section is for task: lora, this config has task: {self.task}")
-        schedule_steps = self.optim.decay_steps or self.train.max_steps
-        if self.optim.warmup_steps > schedule_steps:
+        schedule_steps = self.optim.decay_steps or self.train.max_steps or (None if self.train.epochs else DEFAULT_MAX_STEPS)
+        if self.optim.warmup_steps is not None and schedule_steps is not None and self.optim.warmup_steps > schedule_steps:
             raise ValueError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) must not exceed the schedule length"
                 f" ({schedule_steps}, optim.decay_steps or train.max_steps)"
             )
+        if self.task == "pretrain" and self.data.val_file is not None:
+            raise ValueError("data.val_file is for task: lora; pretraining takes data.val_path or data.val_fraction")
+        if self.task == "lora" and (self.data.val_path is not None or self.data.val_fraction is not None):
+            raise ValueError("data.val_path and data.val_fraction are for task: pretrain; task: lora takes data.val_file"
+                             " (and lines with \"split\": \"val\")")
         return self
+
+
+DEFAULT_MAX_STEPS = 100
+DEFAULT_WARMUP_STEPS = 10

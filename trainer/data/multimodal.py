@@ -1,9 +1,12 @@
 """Multimodal instruction data: a JSONL index plus image, audio (WAV) and text files.
 
 One sample per line: `{"sample_id": ..., "instruction": ..., "response": ..., "image": "images/a.png",
-"audio": "audio/a.wav", "text": "text/a.txt"}`; media paths are relative to the data folder and
-each is optional (a sample may lack any of them). `scan_index` checks every line before training
-(JSON, fields, files that exist and decode) and reports problems as `FILE:LINE: what`.
+"audio": "audio/a.wav", "text": "text/a.txt", "split": "train"}`; media paths are relative to the data
+folder and each is optional (a sample may lack any of them). A line without `instruction` gets the
+default prompt; a line without `response` learns the contents of its `text` file (which is then not an
+input): the layout of Purr-Sight's `data/processed/*.jsonl`. `split` is `train` (or absent), `val` /
+`validation` / `dev` (validation, never trained on) or `test` (left out). `scan_index` checks every line
+before training (JSON, fields, files that exist and decode) and reports problems as `FILE:LINE: what`.
 """
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ from typing import Any, Optional
 
 from trainer.errors import UserError
 
-REQUIRED = ("sample_id", "instruction", "response")
 MEDIA = ("image", "audio", "text")
+SPLITS = {"train": "train", "val": "val", "validation": "val", "dev": "val", "test": "test"}
 SAMPLE_RATE = 16000
 
 
@@ -27,6 +30,7 @@ class Sample:
     instruction: str
     response: str
     media: dict[str, Path]
+    split: str = "train"  # train | val | test
 
 
 def read_wav(path: Path) -> Any:
@@ -71,12 +75,13 @@ def _problem(exc: Exception) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:160] or type(exc).__name__
 
 
-def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = MEDIA) -> tuple[list[Sample], list[str]]:
+def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = MEDIA, default_instruction: str = "",
+               field: str = "data.train_file") -> tuple[list[Sample], list[str]]:
     """Every good sample of the index, and one `FILE:LINE: problem` per bad line."""
     data_dir = Path(data_dir)
     index = data_dir / train_file
     if not index.is_file():
-        raise UserError(f"data.path {data_dir}: no {train_file} (the JSONL index of the samples)")
+        raise UserError(f"{field}: no {train_file} in data.path {data_dir} (the JSONL index of the samples)")
     samples: list[Sample] = []
     problems: list[str] = []
     with open(index, encoding="utf-8", errors="replace") as f:
@@ -92,13 +97,18 @@ def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = ME
             if not isinstance(rec, dict):
                 problems.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
                 continue
-            missing = [k for k in REQUIRED if not isinstance(rec.get(k), str) or not rec.get(k)]
-            if missing:
-                problems.append(f"{where}: missing field {missing[0]!r} (a non-empty string)")
+            bad = _field_problem(rec, default_instruction)
+            if bad:
+                problems.append(f"{where}: {bad}")
                 continue
+            split = SPLITS.get(str(rec.get("split", "train")).lower())
+            if split is None:
+                problems.append(f"{where}: split {rec.get('split')!r} is not one of {', '.join(SPLITS)}")
+                continue
+            response = rec.get("response")
+            kinds = modalities if response else tuple(dict.fromkeys(modalities + ("text",)))
             media: dict[str, Path] = {}
-            bad = None
-            for kind in modalities:
+            for kind in kinds:
                 rel = rec.get(kind)
                 if rel in (None, ""):
                     continue
@@ -118,8 +128,33 @@ def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = ME
             if bad:
                 problems.append(f"{where}: {bad}")
                 continue
-            samples.append(Sample(no, rec["sample_id"], rec["instruction"], rec["response"], media))
+            if not response:  # the text file is the target, not an input
+                try:
+                    response = media.pop("text").read_text(encoding="utf-8").strip()
+                except (OSError, UnicodeDecodeError) as exc:
+                    problems.append(f"{where}: unreadable text {rec.get('text')}: {_problem(exc)}")
+                    continue
+                if not response:
+                    problems.append(f"{where}: no response: the text file {rec.get('text')} is empty")
+                    continue
+            instruction = rec.get("instruction") or default_instruction
+            samples.append(Sample(no, rec["sample_id"], instruction, response, media, split))
     return samples, problems
+
+
+def _field_problem(rec: dict, default_instruction: str) -> Optional[str]:
+    """What is wrong with the fields of one JSONL record (None: nothing)."""
+    for key in ("sample_id", "instruction", "response"):
+        value = rec.get(key)
+        if value is None and key == "instruction" and default_instruction:
+            continue
+        if value is None and key == "response":
+            if rec.get("text") in (None, ""):
+                return "missing field 'response' (a non-empty string, or a `text` file whose contents are the response)"
+            continue
+        if not isinstance(value, str) or not value:
+            return f"missing field {key!r} (a non-empty string)"
+    return None
 
 
 class Featurizer:

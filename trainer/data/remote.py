@@ -23,7 +23,7 @@ def cache_dir_for(url: str, cache_root: Optional[str]) -> Path:
     return root / url.removeprefix("gs://").strip("/")
 
 
-def list_remote_shards(url: str, max_files: Optional[int]) -> list[str]:
+def list_remote_shards(url: str, max_files: Optional[int], field: str = "data.path") -> list[str]:
     """Shard object names under `url`, in name order; `UserError` if there are none or no bucket."""
     from trainer.storage import open_storage
 
@@ -31,16 +31,16 @@ def list_remote_shards(url: str, max_files: Optional[int]) -> list[str]:
     storage.check()
     names = sorted(n for n in storage.list("") if "/" not in n and n.endswith(SHARD_SUFFIXES))
     if not names:
-        raise UserError(f"data.path: no .npy or .npz shards directly under {url}")
+        raise UserError(f"{field}: no .npy or .npz shards directly under {url}")
     return names[:max_files] if max_files else names
 
 
-def fetch_shards(url: str, max_files: Optional[int], cache_root: Optional[str] = None) -> Path:
+def fetch_shards(url: str, max_files: Optional[int], cache_root: Optional[str] = None, field: str = "data.path") -> Path:
     """Download the shards not yet cached (size and CRC32C must match the bucket's); return the folder."""
     from trainer.storage import crc32c_of_file, open_storage
 
     storage = open_storage(url)
-    names = list_remote_shards(url, max_files)
+    names = list_remote_shards(url, max_files, field)
     dest = cache_dir_for(url, cache_root)
     dest.mkdir(parents=True, exist_ok=True)
     fetched = 0
@@ -54,7 +54,7 @@ def fetch_shards(url: str, max_files: Optional[int], cache_root: Optional[str] =
         storage.download(name, tmp)  # the client verifies the CRC32C of what it received
         if info is not None and info.crc32c and crc32c_of_file(tmp) != info.crc32c:
             tmp.unlink(missing_ok=True)
-            raise UserError(f"data.path: {storage.display(name)} changed while downloading (checksum mismatch); run again")
+            raise UserError(f"{field}: {storage.display(name)} changed while downloading (checksum mismatch); run again")
         os.replace(tmp, local)
         fetched += 1
     log.info("data: %d shard(s) from %s in %s (%d downloaded, %d cached)", len(names), url, dest, fetched, len(names) - fetched)

@@ -7,7 +7,7 @@ or a `.npz` file holding one array. Shards are read in name order; each contribu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -68,7 +68,7 @@ def check_token_ids(path: Path, arr: np.ndarray, vocab_size: int) -> None:
 class TokenShards:
     """Random access to fixed-length token windows across a list of shards."""
 
-    def __init__(self, files: list[Path], seq_len: int):
+    def __init__(self, files: list[Path], seq_len: int, field: str = "data.path"):
         self.files = list(files)
         self.seq_len = seq_len
         self.arrays = [open_shard(f) for f in self.files]
@@ -76,16 +76,16 @@ class TokenShards:
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.num_tokens = int(sum(len(a) for a in self.arrays))
         if self.offsets[-1] == 0:
-            raise self.too_small(self.files[0].parent, self.num_tokens, seq_len)
+            raise self.too_small(self.files[0].parent, self.num_tokens, seq_len, field)
 
     @staticmethod
     def windows_in(num_tokens: int, seq_len: int) -> int:
         return max(0, (num_tokens - 1) // seq_len)
 
     @staticmethod
-    def too_small(folder: Path, num_tokens: int, seq_len: int) -> UserError:
+    def too_small(folder: Path, num_tokens: int, seq_len: int, field: str = "data.path") -> UserError:
         return UserError(
-            f"data.path: the shards in {folder} hold {num_tokens} tokens, no shard has a full window of"
+            f"{field}: the shards in {folder} hold {num_tokens} tokens, no shard has a full window of"
             f" seq_len + 1 = {seq_len + 1} tokens"
         )
 
@@ -97,3 +97,50 @@ class TokenShards:
         shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
         start = (index - int(self.offsets[shard])) * self.seq_len
         return np.asarray(self.arrays[shard][start : start + self.seq_len + 1], dtype=np.int64)
+
+
+HOLDOUT_BLOCK = 1000  # data.val_fraction holds out the first round(1000 x fraction) windows of every 1000
+
+
+class WindowSplit:
+    """`data.val_fraction`: the windows of the training shards split into training and validation windows.
+
+    Of every block of `HOLDOUT_BLOCK` consecutive windows the first `k` are validation windows (k =
+    round(block x fraction), at least 1; the last, partial block gives at most k). A pure function of the
+    number of windows and the fraction: the same on every rank, at every world size and seed, and no window
+    is in both sets. Contiguous runs of windows keep most of a document on one side of the split.
+    """
+
+    def __init__(self, num_windows: int, fraction: float):
+        self.n = int(num_windows)
+        self.k = max(1, int(round(HOLDOUT_BLOCK * fraction)))
+        full, rest = divmod(self.n, HOLDOUT_BLOCK)
+        self.num_val = full * self.k + min(self.k, rest)
+        self.num_train = self.n - self.num_val
+
+    def train_window(self, j: int) -> int:
+        """The window (an index into all windows) of training sample `j`, 0 <= j < num_train."""
+        block, off = divmod(int(j), HOLDOUT_BLOCK - self.k)
+        return block * HOLDOUT_BLOCK + self.k + off
+
+    def val_window(self, i: int) -> int:
+        """The window of validation sample `i`, 0 <= i < num_val."""
+        block, off = divmod(int(i), self.k)
+        return block * HOLDOUT_BLOCK + off
+
+
+class WindowView:
+    """A subset of a `TokenShards`' windows, numbered 0..len-1 through `to_window` (identity: all of them)."""
+
+    def __init__(self, shards: TokenShards, length: Optional[int] = None, to_window: Optional[Callable[[int], int]] = None):
+        self.shards = shards
+        self.length = len(shards) if length is None else int(length)
+        self.to_window = to_window
+
+    def __len__(self) -> int:
+        return self.length
+
+    def window(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.length:
+            raise IndexError(f"sample {index} of {self.length}")
+        return self.shards.window(self.to_window(index) if self.to_window else index)

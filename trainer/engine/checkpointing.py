@@ -97,10 +97,10 @@ class SaveTimes:
 
 
 class CheckpointManager:
-    def __init__(self, cfg: Any, ranks: RankInfo, store: CheckpointStore, task: Any, goodput: Goodput,
+    def __init__(self, cfg: Any, plan: Any, ranks: RankInfo, store: CheckpointStore, task: Any, goodput: Goodput,
                  describe: Callable[[int, str], dict], side_files: Callable[[], dict[str, str]],
                  uploader: Any = None, on_commit: Optional[Callable[[str, dict], None]] = None):
-        self.cfg, self.ranks, self.store, self.task, self.goodput = cfg, ranks, store, task, goodput
+        self.cfg, self.plan, self.ranks, self.store, self.task, self.goodput = cfg, plan, ranks, store, task, goodput
         self.describe = describe  # (step, reason) -> the metadata of a checkpoint captured now
         self.side_files = side_files
         self.uploader = uploader
@@ -131,8 +131,7 @@ class CheckpointManager:
         """Reserve the host buffers of background saves now, if one lies ahead, so that the first save of
         this process blocks no longer than the later ones (call after the first step: the optimizer state
         exists then). Collective."""
-        every, last = self.cfg.checkpoint.save_every, self.cfg.train.max_steps
-        if not self.cfg.checkpoint.async_save or self.files is None or (step // every + 1) * every >= last:
+        if not self.cfg.checkpoint.async_save or self.files is None or self.plan.next_save(step) >= self.plan.max_steps:
             return
         t0 = time.monotonic()
         scratch = tempfile.mkdtemp(prefix="trainer-sizing-")  # this rank's own: DeepSpeed creates folders in it
@@ -148,7 +147,7 @@ class CheckpointManager:
                      gb(reserved), time.monotonic() - t0)
 
     def due(self, step: int) -> bool:
-        return step % self.cfg.checkpoint.save_every == 0
+        return self.plan.save_due(step)
 
     def write_state(self) -> float:
         """This rank's part of the loop's all-reduce: done, busy or failed (for the save in flight)."""
@@ -168,13 +167,14 @@ class CheckpointManager:
         self._commit(self.pending)
 
     def maybe_save(self, step: int, reason: str, rng: Optional[dict] = None) -> Optional[str]:
-        """Save at `step` (collective): `scheduled` when due, in the background if `checkpoint.async`;
-        `final` and `preemption` always, written directly and committed before returning. Returns the tag."""
+        """Save at `step` (collective): `scheduled` when due and `best` (a new best val_loss between scheduled
+        saves) in the background if `checkpoint.async`; `final` and `preemption` always, written directly and
+        committed before returning. Returns the tag."""
         if reason == "scheduled" and not self.due(step):
             return None
         if self.last_saved_step == step or (self.pending is not None and self.pending.step == step):
             return tag_for(step)  # this state is saved (or being saved) already
-        background = reason == "scheduled" and self.cfg.checkpoint.async_save
+        background = reason in ("scheduled", "best") and self.cfg.checkpoint.async_save
         with self.goodput.clock.phase_of("checkpoint"):
             if self.pending is not None:
                 t0 = time.monotonic()
@@ -318,7 +318,7 @@ class CheckpointManager:
                                                        load_module_strict=self.task.save_frozen)
             if load_path is None:
                 raise UserError(f"--resume: DeepSpeed found no loadable checkpoint in {ckpt_dir}")
-            reapply_schedule(self.engine.lr_scheduler, self.cfg.optim, self.cfg.train.max_steps)
+            reapply_schedule(self.engine.lr_scheduler, self.cfg.optim, self.plan)
             rng_file = ckpt_dir / rng_file_name(self.ranks.rank)
             if rng_file.exists():
                 restore_rng(torch.load(rng_file, weights_only=False))
@@ -329,7 +329,8 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------- retention
     def retention(self) -> None:
         c = self.cfg.checkpoint
-        self.store.retention(c.keep_last, c.keep_best, deletable=is_uploaded if self.uploader is not None else None)
+        self.store.retention(c.keep_last, c.keep_best, deletable=is_uploaded if self.uploader is not None else None,
+                             metric=self.plan.best_metric)
 
     # --------------------------------------------------------------------------------- uploads
     def drain(self, stopped: bool, deadline: Optional[float], stop: Any) -> None:

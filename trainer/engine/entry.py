@@ -20,6 +20,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override any field")
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--num-epochs", type=float, help="train.epochs")
     p.add_argument("--batch-size", type=int, help="train.micro_batch_size")
     p.add_argument("--learning-rate", type=float, help="optim.lr")
     p.add_argument("--resume", help="auto | latest | TAG | RUN_ID/TAG | PATH")
@@ -65,7 +66,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     trainer = None
     try:
-        overrides = Overrides(sets=args.sets, max_steps=args.max_steps, batch_size=args.batch_size,
+        overrides = Overrides(sets=args.sets, max_steps=args.max_steps, epochs=args.num_epochs, batch_size=args.batch_size,
                               learning_rate=args.learning_rate, resume=args.resume)
         cfg = load_config(args.config, overrides)
         from trainer.engine.loop import Trainer

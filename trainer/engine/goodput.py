@@ -8,6 +8,7 @@ Each process's time is split into phases by a `PhaseClock`:
     recomputed  training steps that were done twice: an earlier attempt ran them after its last
                 checkpoint, and the work was lost when it stopped
     checkpoint  training blocked by saves (the snapshot, a write that was not done in time, a direct write)
+    eval        held-out evaluation (the model is measured, not trained)
     exit        from the stop or the last step to leaving (upload drain, tracking, status)
 
 goodput = productive / total. The totals travel in every checkpoint's metadata (`goodput`), as of
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-PHASES = ("startup", "restore", "productive", "recomputed", "checkpoint", "exit")
+PHASES = ("startup", "restore", "productive", "recomputed", "checkpoint", "eval", "exit")
 LEDGER = "goodput.json"
 
 

@@ -1,8 +1,9 @@
 """The training loop around a DeepSpeed engine. It runs any `Task` and knows no model or dataset.
 
 Checkpoints (saving in the background, committing, loading, uploads and retention) are the
-`CheckpointManager`'s; where the wall time goes is the `Goodput` clock's. The loop steps, logs,
-and asks them.
+`CheckpointManager`'s; held-out loss is the `Evaluator`'s; where numbers go (console, MLflow,
+TensorBoard, status file, summary) is the `Reporter`'s; where the wall time goes is the `Goodput`
+clock's. The run's length and cadences come from its `Plan`. The loop steps and asks them.
 """
 from __future__ import annotations
 
@@ -16,24 +17,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from trainer.checkpoint.catalog import trend_of
 from trainer.checkpoint.layout import MANIFEST, remote_prefix, tag_for, utc_now
 from trainer.checkpoint.store import Checkpoint, CheckpointStore, is_committed, read_metadata, resolve_resume
 from trainer.config.deepspeed import render_ds_config, uses_ds_optimizer, zero_stage
-from trainer.config.load import config_hash, config_to_yaml, flatten, model_identity, public_config_dict
+from trainer.config.load import config_hash, config_to_yaml, model_identity, public_config_dict
+from trainer.config.plan import DataSizes, Plan, resolve_plan
 from trainer.config.schema import RunConfig
 from trainer.engine import dist
 from trainer.engine.checkpointing import CheckpointManager, capture_rng
-from trainer.engine.goodput import Goodput, PhaseClock, describe, process_started_monotonic
+from trainer.engine.evaluate import EvalResult, Evaluator
+from trainer.engine.goodput import Goodput, PhaseClock, process_started_monotonic
 from trainer.engine.metrics import accelerator_name, mfu, peak_flops, system_info
 from trainer.engine.optim import optimizer_factory, param_groups, scheduler_factory
+from trainer.engine.report import Reporter, curve_of
 from trainer.engine.signals import StopFlag, watch_launchers
 from trainer.errors import EXIT_OK, EXIT_PREEMPTED
 from trainer.tasks.base import Task
 from trainer.log import add_log_file, get_logger, redact
 from trainer.ranks import rank_info
-from trainer.tracking.mlflow_tracker import make_tracker
-from trainer.tracking.plots import Curve, save_curves
-from trainer.runstatus import FAILED, FINISHED, RUNNING, STOPPED, StatusWriter
 from trainer.storage import open_storage
 
 log = get_logger("engine")
@@ -53,6 +55,10 @@ class RunState:
     best_loss: Optional[float] = None
     best_step: Optional[int] = None
     last_loss: Optional[float] = None
+    val_history: list[list[float]] = field(default_factory=list)  # [step, val loss] of every evaluation
+    best_val_loss: Optional[float] = None
+    best_val_step: Optional[int] = None
+    last_ppl: Optional[float] = None
 
     def record(self, step: int, loss: float, lr: float) -> None:
         self.loss_history.append([step, loss])
@@ -60,6 +66,35 @@ class RunState:
         self.last_loss = loss
         if math.isfinite(loss) and (self.best_loss is None or loss < self.best_loss):
             self.best_loss, self.best_step = loss, step
+
+    def record_val(self, r: EvalResult) -> bool:
+        """Add an evaluation; True if its loss is the best so far."""
+        self.val_history.append([r.step, r.loss])
+        self.last_ppl = r.perplexity
+        better = math.isfinite(r.loss) and (self.best_val_loss is None or r.loss < self.best_val_loss)
+        if better:
+            self.best_val_loss, self.best_val_step = r.loss, r.step
+        return better
+
+    def val_at(self, step: int) -> Optional[float]:
+        """The validation loss measured at `step` (None if that step was not evaluated)."""
+        return self.val_history[-1][1] if self.val_history and self.val_history[-1][0] == step else None
+
+    def best(self, metric: str) -> tuple[Optional[float], Optional[int]]:
+        return (self.best_val_loss, self.best_val_step) if metric == "val_loss" else (self.best_loss, self.best_step)
+
+    def validation_metrics(self, step: int, metric: str) -> Optional[dict]:
+        """Where the held-out loss stands after `step` (None before the first evaluation)."""
+        if not self.val_history:
+            return None
+        trend, change = trend_of([float(v) for _, v in self.val_history])
+        last_step, last = self.val_history[-1]
+        return {"current_val_loss": last, "current_step": last_step,
+                "perplexity": self.last_ppl if last_step == step else None,
+                "best_val_loss": self.best_val_loss, "best_val_step": self.best_val_step,
+                "steps_since_best": step - self.best_val_step if self.best_val_step is not None else None,
+                "evaluations": len(self.val_history), "trend": trend,
+                "trend_change": round(change, 6) if change is not None else None, "best_metric": metric}
 
     @classmethod
     def from_metadata(cls, meta: dict) -> "RunState":
@@ -70,6 +105,10 @@ class RunState:
             best_loss=meta.get("best_loss"),
             best_step=meta.get("best_step"),
             last_loss=meta.get("loss"),
+            val_history=list(meta.get("val_history") or []),
+            best_val_loss=meta.get("best_val_loss"),
+            best_val_step=meta.get("best_val_step"),
+            last_ppl=(meta.get("validation_metrics") or {}).get("perplexity"),
         )
 
 
@@ -81,6 +120,11 @@ class LossWindow:
         self.count = 0
         self.steps = 0
         self.started = time.perf_counter()
+
+    def restart_clock(self) -> None:
+        """An empty window's time starts now (what came before it, an evaluation, is not step time)."""
+        if self.count == 0:
+            self.started = time.perf_counter()
 
     def add(self, loss: Any) -> None:
         self.total = self.total + loss.detach().float()
@@ -105,14 +149,15 @@ class Trainer:
         self.stop = StopFlag()
         self.clock = PhaseClock("startup", since=process_started_monotonic())
         self.goodput = Goodput(self.clock)
-        self.tracker: Any = None
         self.engine: Any = None
+        self.plan: Optional[Plan] = None
+        self.report: Optional[Reporter] = None
+        self.evaluator: Optional[Evaluator] = None
         self.uploader: Any = None
         self.ckpt: Optional[CheckpointManager] = None
         self.state = RunState()
         self.boundary_rng: Optional[dict] = None  # RNG at the start of the step in progress (for a stop between micro-batches)
         self.stop_deadline: Optional[float] = None  # monotonic time by which a stopped job must have left
-        self.status: Optional[StatusWriter] = None  # rank 0: <run>/status.json for `trainer monitor`
         self._grace_warned: set[str] = set()
 
     # ----------------------------------------------------------------------------------- setup
@@ -131,7 +176,7 @@ class Trainer:
                 ckpt, restored = Checkpoint(path, read_metadata(path)), remote_prefix(read_metadata(path))
         if ckpt is None:
             return {"run_id": self.cfg.run_id or new_run_id(), "resume": None, "metadata": None}
-        ckpt.check_resumable(str(self.cfg.checkpoint.resume), self.ranks.world_size, self.cfg.task, self.cfg.train.max_steps, model)
+        ckpt.check_resumable(str(self.cfg.checkpoint.resume), self.ranks.world_size, self.cfg.task, self.plan.max_steps, model)
         meta = dict(ckpt.metadata)
         newer = [c.tag for c in CheckpointStore(ckpt.path.parent.parent).committed() if c.step > ckpt.step]
         if newer:  # never overwrite the later checkpoints of that run: continue as a new run
@@ -166,7 +211,9 @@ class Trainer:
         self.ds_config = render_ds_config(cfg, r.world_size, self.task.model_hints().get("hidden_size"), self.source)
         self.stage = zero_stage(self.ds_config)
         dist.agree(self.task.prepare_data, dist.local_mains(r), "the first rank of each node preparing the data")
-        dist.on_main_then_share(self.task.preflight, r, "rank 0 checking the data")
+        sizes = dist.on_main_then_share(self.task.preflight, r, "rank 0 checking the data")
+        self.plan = resolve_plan(cfg, sizes or DataSizes(1), r.world_size)
+        self.report = Reporter(cfg, r, self.plan)
         if cfg.upload.url:
             dist.on_main_then_share(lambda: open_storage(cfg.upload.url).check(), r, "rank 0 checking upload.url")
         decision = dist.on_main_then_share(self._decide_run, r, "rank 0 choosing (and restoring) the checkpoint to resume")
@@ -184,14 +231,13 @@ class Trainer:
         if r.is_main:
             add_log_file(self.run_root / "train.log", r.rank)
             (self.run_root / "config.yaml").write_text(config_to_yaml(cfg))
-            self.status = StatusWriter(self.run_root, run_id=self.run_id, task=cfg.task, world_size=r.world_size,
-                                       max_steps=cfg.train.max_steps, log_every=cfg.train.log_every)
-            self.status.update(state=RUNNING, step=(meta or {}).get("step", 0))
+        self.report.open(self.run_root, self.run_id, (meta or {}).get("step", 0))
         source_root = Path(decision["resume"]).parent.parent if decision["resume"] else None
         self.goodput.begin(self.run_root, meta, source_root, attempt_id=uuid.uuid4().hex[:12], writer=r.is_main)
         self.config_hash = config_hash(cfg)
         log.info("run %s: %d rank(s), ZeRO stage %d, %s, config %s (hash %s)", self.run_id, r.world_size, self.stage,
                  cfg.train.precision, self.source, self.config_hash)
+        log.info(self.plan.describe())
 
         model = self._build_model(deepspeed)
         for line in self.task.describe_model(model):
@@ -202,7 +248,7 @@ class Trainer:
 
             node = NodeInfo(r.rank // r.local_world_size, max(1, r.world_size // r.local_world_size), r.local_world_size)
             self.uploader = make_uploader(cfg.upload, node)
-        self.ckpt = CheckpointManager(cfg, r, self.store, self.task, self.goodput, self._metadata, self._side_files,
+        self.ckpt = CheckpointManager(cfg, self.plan, r, self.store, self.task, self.goodput, self._metadata, self._side_files,
                                       uploader=self.uploader, on_commit=self._on_commit)
         self.ckpt.attach(self.engine)
         if decision["resume"]:
@@ -213,6 +259,10 @@ class Trainer:
                             Path(decision["resume"]).name, meta.get("config_hash"), self.config_hash)
             log.info("resumed from %s at step %d (run %s)", decision["resume"], self.state.step, self.run_id)
         self.task.setup_data(r, cfg.train.micro_batch_size, cfg.train.grad_accum)
+        if self.plan.evaluates:
+            self.evaluator = Evaluator(self.task, self.engine, r, cfg.train.micro_batch_size, cfg.eval.batches)
+            log.info("%s; %s, best checkpoint by %s", self.evaluator.describe(),
+                     "every epoch" if self.plan.eval_every == "epoch" else f"every {self.plan.eval_every} steps", self.plan.best_metric)
         self.mlflow_run_id = dist.on_main_then_share(lambda: self._start_tracking(meta), r, "rank 0 starting MLflow tracking")
         self.ckpt.requeue_unfinished_uploads()
         self.flops_per_token = self.task.flops_per_token(model)
@@ -220,13 +270,11 @@ class Trainer:
 
     def _start_tracking(self, meta: Optional[dict]) -> Optional[str]:
         """Rank 0: the MLflow run (continued on a resume), with params and the config. Returns its id."""
-        cfg, r = self.cfg, self.ranks
-        self.tracker = make_tracker(cfg.tracking, Path(cfg.run_dir), cfg.tracking.experiment or cfg.task, self.run_id,
-                                    (meta or {}).get("mlflow_run_id"))
-        self.tracker.log_params({**flatten(public_config_dict(cfg)), "world_size": r.world_size, "zero_stage": self.stage})
-        self.tracker.set_tags({"trainer.run_id": self.run_id, "trainer.config_hash": self.config_hash})
-        self.tracker.log_artifact(self.run_root / "config.yaml", "config")
-        return getattr(self.tracker, "run_id", None)
+        assert self.report is not None and self.plan is not None
+        return self.report.start_tracking(meta, {"world_size": self.ranks.world_size, "zero_stage": self.stage,
+                                                 "plan.max_steps": self.plan.max_steps, "plan.warmup_steps": self.plan.warmup_steps,
+                                                 "plan.steps_per_epoch": round(self.plan.steps_per_epoch, 4)},
+                                          {"trainer.run_id": self.run_id, "trainer.config_hash": self.config_hash})
 
     def initialize_engine(self, model: Any) -> None:
         """The DeepSpeed engine around `model` (trainable parameters only in the optimizer) at step 0."""
@@ -237,7 +285,7 @@ class Trainer:
         optimizer = None if uses_ds_optimizer(self.ds_config) else optimizer_factory(cfg.optim, fused=self._on_gpu())
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=optimizer,
-            lr_scheduler=scheduler_factory(cfg.optim, cfg.train.max_steps), config=self.ds_config,
+            lr_scheduler=scheduler_factory(cfg.optim, self.plan), config=self.ds_config,
         )
         self.state = RunState()
 
@@ -260,19 +308,27 @@ class Trainer:
     # ------------------------------------------------------------------------------ checkpoints
     def _metadata(self, step: int, reason: str) -> dict:
         """The metadata of a checkpoint whose state is captured now (committed once it is on disk)."""
-        s = self.state
+        s, plan = self.state, self.plan
+        assert plan is not None
         pos = self.task.data_position(step)
         return {
             "step": step,
             "tag": tag_for(step),
             "reason": reason,
-            "epoch": pos.get("epoch"),
+            "epoch": round(plan.epoch_of(step), 6),
             "tokens_seen": pos.get("tokens_seen"),
             "loss": s.last_loss,
             "best_loss": s.best_loss,
             "best_step": s.best_step,
+            "val_loss": s.val_at(step),
+            "best_val_loss": s.best_val_loss,
+            "best_val_step": s.best_val_step,
+            "best_metric": plan.best_metric,
+            "validation_metrics": s.validation_metrics(step, plan.best_metric),
             "loss_history": [list(p) for p in s.loss_history],  # copies: the loop appends while the files are written
             "lr_history": [list(p) for p in s.lr_history],
+            "val_history": [list(p) for p in s.val_history],
+            "plan": plan.as_dict(),
             "data_position": pos,
             "run_id": self.run_id,
             "task": self.cfg.task,
@@ -292,9 +348,8 @@ class Trainer:
 
     def _on_commit(self, tag: str, meta: dict) -> None:
         """Rank 0, after a commit: the curves to MLflow (on its thread), the status file, the ledger."""
-        if self.tracker is not None:
-            self.tracker.log_curves_later([self._curve()], f"run {self.run_id}")
-        self._status(last_checkpoint=tag)
+        assert self.report is not None
+        self.report.committed(tag, curve_of(self.run_id, self.state))
         self.goodput.flush()
 
     def _stop_deadline(self) -> float:
@@ -305,18 +360,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- loop
     def train(self) -> int:
-        cfg, s = self.cfg, self.state
-        assert self.ckpt is not None
+        cfg, s, plan = self.cfg, self.state, self.plan
+        assert self.ckpt is not None and plan is not None
         tokens_per_step = self.tokens_per_step()
         window = LossWindow()
         start_step, t_start = s.step, time.perf_counter()
-        log.info("training steps %d -> %d (%s tokens per step)", s.step, cfg.train.max_steps, f"{tokens_per_step:,}")
+        log.info("training steps %d -> %d (%s tokens per step)", s.step, plan.max_steps, f"{tokens_per_step:,}")
+        if self.evaluator is not None and s.step == 0 and cfg.eval.at_start and not s.val_history:
+            self._evaluate()
+            window.restart_clock()
         self.clock.switch("productive")
         stopped = False
-        while s.step < cfg.train.max_steps:
+        while s.step < plan.max_steps:
             lr = self.engine.get_lr()[0]
             completed = self.train_step(window, check_stop=True) is not None
-            last = s.step == cfg.train.max_steps
+            last = s.step == plan.max_steps
             # one small all-reduce per step: any rank's stop request, and every rank's background write
             stop_any, write_state = dist.all_reduce_max([float(self.stop.is_set()), self.ckpt.write_state()])
             self.ckpt.poll(write_state)
@@ -326,13 +384,17 @@ class Trainer:
                 break
             if s.step == start_step + 1:
                 self.ckpt.prepare(s.step)  # the host buffers of the first background save, filled in a thread
-            save = last or self.ckpt.due(s.step)
-            if save or s.step % cfg.train.log_every == 0:
+            save, evaluate = last or self.ckpt.due(s.step), plan.eval_due(s.step)
+            if save or evaluate or s.step % cfg.train.log_every == 0:
                 self._log_window(window, lr, tokens_per_step)
+            best = evaluate and self._evaluate()
             if save:
                 if last:
                     self.ckpt.wait()  # the write in flight first: checkpoints commit in step order
                 self.ckpt.maybe_save(s.step, "final" if last else "scheduled")
+            elif best and cfg.checkpoint.save_best:
+                self.ckpt.maybe_save(s.step, "best")
+            window.restart_clock()
         self.clock.switch("exit")
         self.ckpt.wait(self.stop_deadline)
         self.ckpt.drain(stopped, self.stop_deadline, self.stop)
@@ -341,10 +403,21 @@ class Trainer:
         self._finish(start_step, time.perf_counter() - t_start, tokens_per_step, stopped)
         return EXIT_PREEMPTED if stopped else EXIT_OK
 
+    def _evaluate(self) -> bool:
+        """A collective evaluation at the current step; True if its loss is the best so far."""
+        assert self.evaluator is not None and self.report is not None and self.plan is not None
+        s = self.state
+        with self.clock.phase_of("eval"):
+            result = self.evaluator.run(s.step)
+        improved = s.record_val(result)
+        self.report.val_point(result, improved, (s.best_val_loss, s.best_val_step),
+                              s.validation_metrics(s.step, self.plan.best_metric))
+        return improved and self.plan.best_metric == "val_loss"
+
     def _stop_here(self, window: LossWindow, lr: float, tokens_per_step: int, completed: bool) -> None:
         """All ranks agreed to stop at this step (or between its micro-batches: the state of the last complete
         step). Finish the write in flight if the deadline allows, then an emergency save if it fits."""
-        assert self.ckpt is not None
+        assert self.ckpt is not None and self.report is not None
         s = self.state
         self.clock.switch("exit")
         self.stop_deadline = self._stop_deadline()
@@ -362,7 +435,7 @@ class Trainer:
         where = "" if completed else " (between micro-batches: the state of the last complete step)"
         log.warning("stop requested (%s): stopped at step %d%s%s", self.stop.signal_name, s.step, where,
                     " after saving" if saved else "")
-        self._status(state="stopping", step=s.step, stop_signal=self.stop.signal_name, eta_s=None)
+        self.report.stopping(s.step, self.stop.signal_name)
 
     def tokens_per_step(self) -> int:
         """Tokens all ranks process together in one optimizer step."""
@@ -391,6 +464,7 @@ class Trainer:
         return losses[-1]
 
     def _log_window(self, window: LossWindow, lr: float, tokens_per_step: int) -> None:
+        assert self.report is not None
         loss, steps, elapsed = window.close()
         if steps == 0:
             return
@@ -399,21 +473,11 @@ class Trainer:
         step_time = elapsed / steps
         tps = tokens_per_step / step_time
         grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else None
-        util = mfu(tps / self.ranks.world_size, self.flops_per_token, self.peak)
-        good = self.goodput.record()
-        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "perf/step_time_s": step_time,
-                   "perf/tokens_per_s": tps, "perf/mfu": util, "goodput/ratio": good["goodput"],
-                   **{f"goodput/{k}_s": v for k, v in good["seconds"].items()}}
-        if self.tracker is not None:
-            self.tracker.log_metrics(metrics, s.step)
-        self._status(step=s.step, loss=loss, lr=lr, grad_norm=grad_norm, step_time_s=step_time, tokens_per_s=tps, mfu=util,
-                     best_loss=s.best_loss, best_step=s.best_step, eta_s=(self.cfg.train.max_steps - s.step) * step_time,
-                     goodput=good)
+        point = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                 "step_time_s": step_time, "tokens_per_s": tps,
+                 "mfu": mfu(tps / self.ranks.world_size, self.flops_per_token, self.peak)}
+        self.report.train_point(s.step, point, self.goodput.record(), (s.best_loss, s.best_step))
         self.goodput.flush()
-        log.info("step %d/%d loss %.4f lr %.3e grad_norm %s step %.3fs %s tok/s%s", s.step, self.cfg.train.max_steps, loss, lr,
-                 f"{grad_norm:.3f}" if grad_norm is not None else "n/a", step_time, f"{tps:,.0f}",
-                 f" mfu {util:.1%}" if util is not None else "")
         if s.step >= 2:  # the first step is a warm-up
             self._check_grace(step_time)
 
@@ -424,58 +488,22 @@ class Trainer:
                 self._grace_warned.add(kind)
                 log.warning(line)
 
-    def _curve(self) -> Curve:
-        """This run's loss and LR history so far (copies: a background thread may plot them)."""
-        s = self.state
-        return Curve(self.run_id[:8], [list(p) for p in s.loss_history], [list(p) for p in s.lr_history])
-
-    def _status(self, **fields: Any) -> None:
-        if self.status is not None:
-            self.status.update(**fields)
-
     def _finish(self, start_step: int, elapsed: float, tokens_per_step: int, stopped: bool) -> None:
-        s = self.state
-        assert self.ckpt is not None
+        assert self.ckpt is not None and self.report is not None
         if not self.ranks.is_main:
             return
-        steps = s.step - start_step
-        tps = steps * tokens_per_step / elapsed if elapsed > 0 else 0.0
-        first = s.loss_history[0][1] if s.loss_history else float("nan")
-        plot = None
-        if s.loss_history:
-            plot = save_curves([self._curve()], self.run_root / "curves.png", f"run {self.run_id}")
-            self.tracker.log_artifact(plot, "plots")
-        if stopped:
-            self.tracker.set_tags({"trainer.stopped_at_step": s.step, "trainer.stopped_by": self.stop.signal_name or "",
-                                   "trainer.emergency_checkpoint": tag_for(s.step) if self.ckpt.last_saved_step == s.step else "skipped"})
-        elif self.cfg.tracking.log_export and getattr(self.tracker, "run_id", None):
-            self._log_export()
-        good = self.goodput.record()
-        self.tracker.log_metrics({"goodput/ratio": good["goodput"], **{f"goodput/{k}_s": v for k, v in good["seconds"].items()}},
-                                 s.step)
-        self.tracker.finish("KILLED" if stopped else "FINISHED")
-        self._status(state=STOPPED if stopped else FINISHED, stop_signal=self.stop.signal_name if stopped else None, eta_s=None,
-                     goodput=good)
-        self.goodput.flush()
+        s = self.state
         committed = self.store.committed()
-        newest = committed[-1].tag if committed else "none"
-        if self.ckpt.blocked_s:
-            log.info("saves blocked training %.1f s in all (%.1f s of it waiting for a previous write)", self.ckpt.blocked_s,
-                     self.ckpt.stall_s)
-        log.info("%s", describe(good))
-        log.info("%s: %d steps in %.1f s, loss %.4f -> %.4f (best %.4f at step %s), %s tokens/s",
-                 "stopped" if stopped else "done", steps, elapsed, first, s.last_loss or float("nan"),
-                 s.best_loss or float("nan"), s.best_step, f"{tps:,.0f}")
-        log.info("checkpoints: %s (newest %s)", self.store.root, newest)
-        if getattr(self.tracker, "run_id", None):
-            log.info("MLflow: run %s in %s", self.tracker.run_id, redact(self.tracker.uri))
-        if plot:
-            log.info("curves: %s", plot)
+        self.report.finish(s, s.step - start_step, elapsed, tokens_per_step, stopped, self.stop, self.goodput.record(),
+                           self.ckpt.last_saved_step == s.step, self.ckpt, committed[-1].tag if committed else "none",
+                           self.store.root, self._log_export)
+        self.goodput.flush()
 
     def _log_export(self) -> None:
         """tracking.log_export: the final checkpoint exported (`trainer export`) and logged as the artifact `export/`."""
         from trainer.tasks import export_checkpoint
 
+        assert self.report is not None
         final, out = self.store.path(tag_for(self.state.step)), self.run_root / "export"
         if not is_committed(final):
             log.warning("tracking.log_export: no final checkpoint %s to export", final.name)
@@ -491,15 +519,14 @@ class Trainer:
             log.warning("tracking.log_export: exporting %s failed (%s: %s); `trainer export` can retry it", final.name,
                         type(exc).__name__, str(exc)[:300])
             return
-        self.tracker.log_artifacts(out, "export")
+        self.report.tracker.log_artifacts(out, "export")
         log.info("exported %s to %s (%s) in %.1f s and logged it to MLflow as export/", final.name, out, ", ".join(files),
                  time.perf_counter() - t0)
 
     def fail(self) -> None:
         """Mark the tracking run FAILED (called on an exception)."""
-        if self.tracker is not None:
-            self.tracker.finish("FAILED")
-        self._status(state=FAILED, eta_s=None)
+        if self.report is not None:
+            self.report.fail()
 
 
 def grace_problems(cfg: RunConfig, step_time: float, save_s: Optional[float]) -> list[tuple[str, str]]:

@@ -58,27 +58,28 @@ def optimizer_factory(cfg: OptimConfig, fused: bool) -> Callable[[Any], Any]:
     return make
 
 
-def schedule_for(cfg: OptimConfig, max_steps: int) -> LRSchedule:
-    return LRSchedule(cfg.warmup_steps, cfg.decay_steps or max_steps, cfg.schedule, cfg.min_lr_ratio)
+def schedule_for(cfg: OptimConfig, plan: Any) -> LRSchedule:
+    """The LR multiplier of `cfg` with the step counts the run's `Plan` resolved (warmup, decay length)."""
+    return LRSchedule(plan.warmup_steps, plan.decay_steps, cfg.schedule, cfg.min_lr_ratio)
 
 
-def scheduler_factory(cfg: OptimConfig, max_steps: int) -> Callable[[Any], Any]:
+def scheduler_factory(cfg: OptimConfig, plan: Any) -> Callable[[Any], Any]:
     def make(optimizer: Any) -> Any:
         import torch
 
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_for(cfg, max_steps))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_for(cfg, plan))
 
     return make
 
 
-def reapply_schedule(scheduler: Any, cfg: OptimConfig, max_steps: int) -> None:
+def reapply_schedule(scheduler: Any, cfg: OptimConfig, plan: Any) -> None:
     """After loading a checkpoint, make the configured schedule win over the saved one.
 
     `LambdaLR.load_state_dict` restores the schedule object's fields from the checkpoint; a resumed
     run that extends `max_steps` (or changes the decay) must follow its own config from here on.
     The step counter (`last_epoch`) stays as loaded.
     """
-    fresh = schedule_for(cfg, max_steps)
+    fresh = schedule_for(cfg, plan)
     for fn in scheduler.lr_lambdas:
         fn.__dict__.update(fresh.__dict__)
     for group, base_lr, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):

@@ -58,9 +58,14 @@ class Validator:
         cfg.train.micro_batch_size = min(cfg.train.micro_batch_size, 2)
         self.cfg, self.task = cfg, build_task(cfg)
         self.ds_config = render_ds_config(cfg, 1, self.task.model_hints().get("hidden_size"), str(self.config))
+        from trainer.config.plan import DataSizes, resolve_plan
+
         self.task.prepare_data()
-        self.task.preflight()
-        return f"task {cfg.task}, ZeRO stage {self.ds_config['zero_optimization']['stage']}, {cfg.train.precision}"
+        sizes = self.task.preflight() or DataSizes(1)
+        self.plan = resolve_plan(cfg, sizes, 1)
+        val = f", {sizes.val:,} validation samples" if sizes.val else ", no validation data"
+        return (f"task {cfg.task}, ZeRO stage {self.ds_config['zero_optimization']['stage']}, {cfg.train.precision},"
+                f" {sizes.train:,} training samples{val}")
 
     def model_initialization(self) -> str:
         from trainer.engine.loop import Trainer
@@ -68,6 +73,7 @@ class Validator:
         self._init_dist()
         self.trainer = Trainer(self.cfg, self.task, source=str(self.config))
         self.trainer.ds_config, self.trainer.stage = self.ds_config, self.ds_config["zero_optimization"]["stage"]
+        self.trainer.plan = self.plan
         import deepspeed
 
         self.model = self.trainer._build_model(deepspeed)
@@ -89,6 +95,9 @@ class Validator:
         self.task.setup_data(RankInfo(0, 1, 0, 1), self.cfg.train.micro_batch_size, 1)
         self.batch = self.task.batch(0, 0, "cpu")
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in list(self.batch.items())[:4])
+        if self.task.val_size():
+            self.task.val_batch([0], "cpu")
+            shapes += f"; a validation batch of the {self.task.val_size():,} samples too"
         return shapes
 
     def forward_pass(self) -> str:

@@ -6,6 +6,7 @@ from typing import Optional
 from trainer.checkpoint.store import Checkpoint, resolve_resume
 from trainer.config.deepspeed import render_ds_config
 from trainer.config.load import model_identity
+from trainer.config.plan import resolve_plan
 from trainer.config.schema import RunConfig
 from trainer.tasks import build_task
 
@@ -14,11 +15,12 @@ def preflight(cfg: RunConfig, world_size: int, source: str) -> Optional[Checkpoi
     """Raise `UserError` for anything that would fail after launch; return the checkpoint to resume."""
     task = build_task(cfg)
     render_ds_config(cfg, world_size, task.model_hints().get("hidden_size"), source)
-    task.preflight()
+    sizes = task.preflight()  # None: remote shards not downloaded yet; the ranks resolve the plan then
+    plan = resolve_plan(cfg, sizes, world_size) if sizes is not None else None
     model = model_identity(cfg)
     ckpt = resolve_resume(cfg.run_dir, cfg.checkpoint.resume, task=cfg.task, model=model)
     if ckpt is not None:
-        ckpt.check_resumable(str(cfg.checkpoint.resume), world_size, cfg.task, cfg.train.max_steps, model)
+        ckpt.check_resumable(str(cfg.checkpoint.resume), world_size, cfg.task, plan.max_steps if plan else None, model)
     if cfg.upload.url:
         from trainer.storage import open_storage
 

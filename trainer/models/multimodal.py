@@ -297,7 +297,8 @@ def _llm_modules() -> Any:
                 out.append(proj(feat, batch[f"has_{m}"]))
             return torch.cat(out, dim=1)
 
-        def forward(self, **batch: Any) -> Any:
+        def forward(self, reduction: str = "mean", **batch: Any) -> Any:
+            """Cross-entropy of the response tokens: their mean (`reduction="mean"`, the training loss) or sum."""
             ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
             embeds = self.llm.get_input_embeddings()(ids)
             soft = self.soft_tokens(batch).to(embeds.dtype)
@@ -305,7 +306,8 @@ def _llm_modules() -> Any:
             full_mask = torch.cat([torch.ones(soft.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
             logits = self.llm(inputs_embeds=inputs, attention_mask=full_mask, use_cache=False).logits
             logits = logits[:, soft.shape[1]:, :]  # text positions only
-            return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                                   reduction=reduction)
 
     return MultimodalLM
 

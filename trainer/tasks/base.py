@@ -10,6 +10,7 @@ class Task(Protocol):
     name: str
     partition_at_init: bool  # see TaskHooks, which gives every task these defaults
     save_frozen: bool
+    perplexity: bool
 
     def on_save(self, model: Any, ckpt_dir: Any, writer: bool, final: bool) -> dict[str, Any]: ...
 
@@ -20,8 +21,9 @@ class Task(Protocol):
     def prepare_data(self) -> None:
         """Once per node, before `preflight`: bring remote data local (e.g. download and verify shards)."""
 
-    def preflight(self) -> None:
-        """Check the task's inputs (data, paths) and raise `UserError` before any heavy work."""
+    def preflight(self) -> Any:
+        """Check the task's inputs (data, paths) and raise `UserError` before any heavy work. Returns the
+        `DataSizes` found (training and validation samples), or None where they are not known yet."""
 
     def model_hints(self) -> dict[str, int]:
         """Sizes the DeepSpeed config can use (e.g. `hidden_size` for bucket sizes)."""
@@ -44,6 +46,15 @@ class Task(Protocol):
     def loss(self, model: Any, batch: dict[str, Any]) -> Any:
         """Scalar training loss of `batch` (the mean over its target tokens)."""
 
+    def val_size(self) -> int:
+        """Validation samples (after `setup_data`; 0: the task has no validation data)."""
+
+    def val_batch(self, indices: list[int], device: Any) -> dict[str, Any]:
+        """The validation samples `indices` as one batch."""
+
+    def eval_loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+        """(summed loss over the target tokens of `batch`, their number): token-weighted means add up over ranks."""
+
     def tokens_per_micro_batch(self) -> int:
         """Tokens one rank processes per micro-batch (for tokens/s)."""
 
@@ -64,6 +75,8 @@ class TaskHooks:
     """Stage 3: build the model inside `deepspeed.zero.Init` (False: build whole, partition at initialize)."""
     save_frozen = True
     """False: checkpoints hold only trainable parameters (DeepSpeed's exclude_frozen_parameters)."""
+    perplexity = False
+    """Report exp(val loss) beside the validation loss (a language model's perplexity)."""
 
     def on_save(self, model: Any, ckpt_dir: Any, writer: bool, final: bool) -> dict[str, Any]:
         """Collective, after the engine's files are written: extra files (written where `writer`) and

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from trainer.config.plan import DataSizes
 from trainer.config.schema import RunConfig
 from trainer.data.multimodal import Featurizer, Sample, check_vocab, collate, first_problems, response_room, scan_index
 from trainer.data.sampler import ResumableSampler
@@ -38,6 +39,8 @@ class LoraTask(TaskHooks):
         self.cfg, self.lc = cfg, cfg.lora
         self.llm_path = Path(self.lc.llm_path)
         self.samples: list[Sample] = []
+        self.val_samples: list[Sample] = []
+        self.left_out = 0  # `"split": "test"` lines
         self.skipped: list[str] = []
         self.featurizer: Optional[Featurizer] = None
         self.sampler: Optional[ResumableSampler] = None
@@ -86,12 +89,41 @@ class LoraTask(TaskHooks):
             self.featurizer = Featurizer(self.architecture, self.modalities, tok, text, self.lc.max_length)
         return self.featurizer
 
-    def _scan(self) -> tuple[list[Sample], list[str]]:
+    @property
+    def index(self) -> Path:
+        return Path(self.cfg.data.path) / self.cfg.data.train_file
+
+    def val_index(self) -> Optional[Path]:
+        """The validation JSONL: data.val_file (must exist), else val.jsonl beside the train file if it is there."""
         d = self.cfg.data
-        samples, problems = scan_index(Path(d.path), d.train_file, self.modalities)
-        index = Path(d.path) / d.train_file
-        too_long = response_room(self._featurizer(), samples, index)
-        return [s for s in samples if s.line not in too_long], problems + list(too_long.values())
+        if d.val_file is not None:
+            return Path(d.path) / d.val_file
+        default = Path(d.path) / "val.jsonl"
+        return default if default.is_file() and default != self.index else None
+
+    def _scan(self) -> tuple[list[Sample], list[Sample], list[str]]:
+        """(training samples, validation samples, problems): the train file's `split` lines sorted, the val file's
+        lines all validation; lines whose prompt leaves no room for the response are problems."""
+        d = self.cfg.data
+        found, problems = scan_index(Path(d.path), d.train_file, self.modalities, d.default_instruction)
+        val_index = self.val_index()
+        if val_index is not None:
+            extra, more = scan_index(Path(d.path), d.val_file or "val.jsonl", self.modalities, d.default_instruction,
+                                     field="data.val_file")
+            found_val = [s for s in extra if s.split != "test"]
+            problems += more
+        else:
+            found_val = []
+        too_long = response_room(self._featurizer(), found, self.index)
+        val_long = response_room(self._featurizer(), found_val, val_index) if val_index is not None else {}
+        self.left_out = sum(1 for s in found if s.split == "test")
+        train = [s for s in found if s.split == "train" and s.line not in too_long]
+        val = [s for s in found if s.split == "val" and s.line not in too_long] + [s for s in found_val if s.line not in val_long]
+        return train, val, problems + list(too_long.values()) + list(val_long.values())
+
+    def _files(self) -> str:
+        v = self.val_index()
+        return f"{self.index}" + (f" and {v}" if v is not None else "")
 
     def prepare_data(self) -> None:
         return None
@@ -112,15 +144,15 @@ class LoraTask(TaskHooks):
                         if "text" in self.modalities else None):
             if problem:
                 raise UserError(problem)
-        samples, problems = self._scan()
-        index = Path(self.cfg.data.path) / self.cfg.data.train_file
+        samples, val, problems = self._scan()
         if problems and self.cfg.data.on_bad_sample == "error":
-            raise UserError(f"{len(problems)} bad line(s) in {index}: {first_problems(problems)}"
+            raise UserError(f"{len(problems)} bad line(s) in {self._files()}: {first_problems(problems)}"
                             " (fix them, or set data.on_bad_sample: skip)")
         if problems:
-            log.warning("%d bad line(s) in %s will be skipped: %s", len(problems), index, first_problems(problems, 3))
+            log.warning("%d bad line(s) in %s will be skipped: %s", len(problems), self._files(), first_problems(problems, 3))
         if not samples:
-            raise UserError(f"{index}: no usable samples")
+            raise UserError(f"{self.index}: no usable training samples")
+        return DataSizes(len(samples), len(val), str(self.val_index() or f"{self.index} (\"split\": \"val\" lines)"))
 
     def model_hints(self) -> dict[str, int]:
         return {"hidden_size": int(self.llm_config().get("hidden_size", 0))} if self.llm_path.joinpath("config.json").is_file() else {}
@@ -170,25 +202,34 @@ class LoraTask(TaskHooks):
 
     # -------------------------------------------------------------------------------- data
     def setup_data(self, ranks: RankInfo, micro_batch: int, grad_accum: int) -> None:
-        self.samples, self.skipped = self._scan()
+        self.samples, self.val_samples, self.skipped = self._scan()
         if not self.samples:
-            raise UserError(f"{Path(self.cfg.data.path) / self.cfg.data.train_file}: no usable samples")
+            raise UserError(f"{self.index}: no usable training samples")
         self.sampler = ResumableSampler(len(self.samples), self.cfg.train.seed, ranks.rank, ranks.world_size, micro_batch, grad_accum)
-        log.info("data: %d sample(s) in %s%s, modalities %s", len(self.samples), Path(self.cfg.data.path) / self.cfg.data.train_file,
-                 f" ({len(self.skipped)} bad line(s) skipped)" if self.skipped else "", ", ".join(self.modalities))
+        held = f"; validation: {len(self.val_samples)} sample(s)" if self.val_samples else "; no validation samples"
+        log.info("data: %d sample(s) in %s%s%s%s, modalities %s", len(self.samples), self.index,
+                 f" ({len(self.skipped)} bad line(s) skipped)" if self.skipped else "", held,
+                 f" ({self.left_out} \"split\": \"test\" line(s) left out)" if self.left_out else "", ", ".join(self.modalities))
+
+    def val_size(self) -> int:
+        return len(self.val_samples)
 
     def batch(self, step: int, micro: int, device: Any) -> dict[str, Any]:
         assert self.sampler is not None
-        items = [self._features(int(i)) for i in self.sampler.indices(step, micro)]
+        items = [self._features(self.samples, int(i)) for i in self.sampler.indices(step, micro)]
         return {k: v.to(device) for k, v in collate(items).items()}
 
-    def _features(self, i: int) -> dict[str, Any]:
+    def val_batch(self, indices: list[int], device: Any) -> dict[str, Any]:
+        items = [self._features(self.val_samples, int(i)) for i in indices]
+        return {k: v.to(device) for k, v in collate(items).items()}
+
+    def _features(self, samples: list[Sample], i: int) -> dict[str, Any]:
         """Sample `i`'s tensors. A file that broke after the start-up scan (deleted, truncated) stops the run
         with its line (`on_bad_sample: error`) or is replaced by the next good sample and counted (`skip`)."""
-        f, n = self._featurizer(), len(self.samples)
-        index = Path(self.cfg.data.path) / self.cfg.data.train_file
+        f, n = self._featurizer(), len(samples)
+        index = self.index if samples is self.samples else self.val_index() or self.index
         for k in range(n):
-            s = self.samples[(i + k) % n]
+            s = samples[(i + k) % n]
             try:
                 return f.features(s)
             except Exception as exc:
@@ -201,6 +242,10 @@ class LoraTask(TaskHooks):
 
     def loss(self, model: Any, batch: dict[str, Any]) -> Any:
         return model(**batch)
+
+    def eval_loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+        """Summed cross-entropy over the response tokens of `batch`, and their number."""
+        return model(**batch, reduction="sum"), int((batch["labels"][:, 1:] != -100).sum())
 
     def tokens_per_micro_batch(self) -> int:
         """Sequence positions per micro-batch: soft tokens plus max_length (every batch is padded to it)."""
@@ -217,7 +262,7 @@ class LoraTask(TaskHooks):
     def data_position(self, step: int) -> dict[str, Any]:
         assert self.sampler is not None
         return {"step": step, "samples_seen": self.sampler.samples_before(step), "epoch": round(self.sampler.epoch_of(step), 6),
-                "num_samples": self.sampler.n, "skipped_lines": len(self.skipped), "seed": self.cfg.train.seed}
+                "num_samples": self.sampler.n, "val_samples": len(self.val_samples), "skipped_lines": len(self.skipped), "seed": self.cfg.train.seed}
 
     # ------------------------------------------------------------------------ checkpoints
     def on_save(self, model: Any, ckpt_dir: Any, writer: bool, final: bool) -> dict[str, Any]:

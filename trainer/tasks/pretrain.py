@@ -5,10 +5,12 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from trainer.config.plan import DataSizes
 from trainer.config.schema import RunConfig
 from trainer.data.remote import cache_dir_for, fetch_shards, is_remote, list_remote_shards
 from trainer.data.sampler import ResumableSampler
-from trainer.data.shards import SHARDS_CHECKED_ENV, TokenShards, check_token_ids, find_shards, open_shard
+from trainer.data.shards import (SHARDS_CHECKED_ENV, TokenShards, WindowSplit, WindowView, check_token_ids, find_shards,
+                                 open_shard)
 from trainer.ranks import RankInfo
 from trainer.tasks.base import TaskHooks
 from trainer.errors import UserError
@@ -22,6 +24,7 @@ log = get_logger("pretrain")
 
 class PretrainTask(TaskHooks):
     name = "pretrain"
+    perplexity = True
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -29,23 +32,47 @@ class PretrainTask(TaskHooks):
         self.dims = dims_of(m)
         self.seq_len = self.dims["seq_len"]
         self.shards: Optional[TokenShards] = None
+        self.train_windows: Optional[WindowView] = None
+        self.val_windows: Optional[WindowView] = None
         self.sampler: Optional[ResumableSampler] = None
 
-    def local_data_path(self) -> Path:
+    def _sources(self) -> list[tuple[str, str]]:
+        """(config field, path or URL) of the shard folders this run reads."""
         d = self.cfg.data
-        return cache_dir_for(d.path, d.cache_dir) if is_remote(d.path) else Path(d.path)
+        return [("data.path", d.path)] + ([("data.val_path", d.val_path)] if d.val_path else [])
+
+    def local_data_path(self, path: Optional[str] = None) -> Path:
+        d = self.cfg.data
+        path = d.path if path is None else path
+        return cache_dir_for(path, d.cache_dir) if is_remote(path) else Path(path)
 
     def prepare_data(self) -> None:
         """Once per node: bring remote shards into the local cache."""
         d = self.cfg.data
-        if is_remote(d.path):
-            fetch_shards(d.path, d.max_files, d.cache_dir)
+        for field, path in self._sources():
+            if is_remote(path):
+                fetch_shards(path, d.max_files if field == "data.path" else None, d.cache_dir, field)
 
-    def preflight(self) -> None:
-        if is_remote(self.cfg.data.path) and not self.local_data_path().is_dir():
-            list_remote_shards(self.cfg.data.path, self.cfg.data.max_files)  # before launch: the bucket has shards
-            return  # the token-id scan runs after the download, in the ranks
-        files = find_shards(self.local_data_path(), self.cfg.data.max_files)
+    def preflight(self) -> Optional[DataSizes]:
+        """Shards found, readable, token ids in the vocabulary (scanned once); the number of training and
+        validation windows, or None while remote shards are not downloaded yet (the ranks check them then)."""
+        d = self.cfg.data
+        sizes = {}
+        for field, path in self._sources():
+            if is_remote(path) and not self.local_data_path(path).is_dir():
+                list_remote_shards(path, d.max_files if field == "data.path" else None, field)  # before launch: shards there
+                return None  # the token-id scan runs after the download, in the ranks
+            sizes[field] = self._check_shards(field, path)
+        train = sizes["data.path"]
+        if d.val_fraction is not None:
+            split = WindowSplit(train, d.val_fraction)
+            if split.num_train < 1:
+                raise UserError(f"data.val_fraction {d.val_fraction:g}: leaves no training window of the {train} in {d.path}")
+            return DataSizes(split.num_train, split.num_val, "data.val_fraction")
+        return DataSizes(train, sizes.get("data.val_path", 0), "data.val_path")
+
+    def _check_shards(self, field: str, path: str) -> int:
+        files = find_shards(self.local_data_path(path), self.cfg.data.max_files if field == "data.path" else None, field)
         check = self.cfg.data.check_token_ids and os.environ.get(SHARDS_CHECKED_ENV) != "1"
         tokens = windows = 0
         for i, f in enumerate(files):
@@ -56,7 +83,8 @@ class PretrainTask(TaskHooks):
             if check:
                 check_token_ids(f, arr, self.dims["vocab_size"])
         if windows == 0:
-            raise TokenShards.too_small(files[0].parent, tokens, self.seq_len)
+            raise TokenShards.too_small(files[0].parent, tokens, self.seq_len, field)
+        return windows
 
     def model_hints(self) -> dict[str, int]:
         return {"hidden_size": self.dims["hidden_size"]}
@@ -88,28 +116,57 @@ class PretrainTask(TaskHooks):
         ]
 
     def setup_data(self, ranks: RankInfo, micro_batch: int, grad_accum: int) -> None:
-        files = find_shards(self.local_data_path(), self.cfg.data.max_files)
+        d = self.cfg.data
+        files = find_shards(self.local_data_path(), d.max_files)
         self.shards = TokenShards(files, self.seq_len)
-        self.sampler = ResumableSampler(len(self.shards), self.cfg.train.seed, ranks.rank, ranks.world_size, micro_batch, grad_accum)
-        log.info(
-            "data: %d shard(s) in %s, %s tokens, %s windows of %d tokens",
-            len(files), self.cfg.data.path, f"{self.shards.num_tokens:,}", f"{len(self.shards):,}", self.seq_len,
-        )
+        held = ""
+        if d.val_fraction is not None:
+            split = WindowSplit(len(self.shards), d.val_fraction)
+            self.train_windows = WindowView(self.shards, split.num_train, split.train_window)
+            self.val_windows = WindowView(self.shards, split.num_val, split.val_window)
+            held = f", {split.num_val:,} of them held out for validation (data.val_fraction {d.val_fraction:g})"
+        else:
+            self.train_windows = WindowView(self.shards)
+            if d.val_path:
+                val_files = find_shards(self.local_data_path(d.val_path), None, "data.val_path")
+                self.val_windows = WindowView(TokenShards(val_files, self.seq_len, "data.val_path"))
+                held = f"; validation: {len(val_files)} shard(s) in {d.val_path}, {len(self.val_windows):,} windows"
+        self.sampler = ResumableSampler(len(self.train_windows), self.cfg.train.seed, ranks.rank, ranks.world_size, micro_batch,
+                                        grad_accum)
+        log.info("data: %d shard(s) in %s, %s tokens, %s windows of %d tokens%s", len(files), d.path,
+                 f"{self.shards.num_tokens:,}", f"{len(self.shards):,}", self.seq_len, held)
 
-    def batch(self, step: int, micro: int, device: Any) -> dict[str, Any]:
+    def val_size(self) -> int:
+        return len(self.val_windows) if self.val_windows is not None else 0
+
+    def _tokens(self, view: WindowView, indices: Any, device: Any) -> dict[str, Any]:
         import numpy as np
         import torch
 
-        assert self.shards is not None and self.sampler is not None, "setup_data() first"
-        rows = np.stack([self.shards.window(int(i)) for i in self.sampler.indices(step, micro)])
+        rows = np.stack([view.window(int(i)) for i in indices])
         tokens = torch.from_numpy(rows).to(device, non_blocking=True)
         return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
+    def batch(self, step: int, micro: int, device: Any) -> dict[str, Any]:
+        assert self.train_windows is not None and self.sampler is not None, "setup_data() first"
+        return self._tokens(self.train_windows, self.sampler.indices(step, micro), device)
+
+    def val_batch(self, indices: list[int], device: Any) -> dict[str, Any]:
+        assert self.val_windows is not None, "setup_data() first"
+        return self._tokens(self.val_windows, indices, device)
+
     def loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        return self._cross_entropy(model, batch, "mean")
+
+    def eval_loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+        return self._cross_entropy(model, batch, "sum"), int(batch["labels"].numel())
+
+    @staticmethod
+    def _cross_entropy(model: Any, batch: dict[str, Any], reduction: str) -> Any:
         import torch.nn.functional as F
 
         logits = model(input_ids=batch["input_ids"]).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction=reduction)
 
     def tokens_per_micro_batch(self) -> int:
         return self.cfg.train.micro_batch_size * self.seq_len
@@ -129,6 +186,7 @@ class PretrainTask(TaskHooks):
             "tokens_seen": self.sampler.samples_before(step) * self.seq_len,
             "epoch": round(self.sampler.epoch_of(step), 6),
             "num_windows": self.sampler.n,
+            "val_windows": self.val_size(),
             "seed": self.cfg.train.seed,
         }
 

@@ -20,10 +20,12 @@ class Curve:
     label: str
     loss: Sequence[Sequence[float]]
     lr: Sequence[Sequence[float]]
+    val: Sequence[Sequence[float]] = ()
 
 
 def curves_figure(curves: Sequence[Curve], title: str = "") -> Any:
-    """Two panels sharing the step axis: train loss (top) and learning rate (bottom), one line per curve."""
+    """Two panels sharing the step axis: loss (top: training as a line, validation as dashed markers of the
+    same colour) and learning rate (bottom), one colour per curve."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
@@ -31,12 +33,15 @@ def curves_figure(curves: Sequence[Curve], title: str = "") -> Any:
     for i, c in enumerate(curves):
         color = f"C{i % 10}"
         if c.loss:
-            ax_loss.plot([p[0] for p in c.loss], [p[1] for p in c.loss], color=color, label=c.label)
+            ax_loss.plot([p[0] for p in c.loss], [p[1] for p in c.loss], color=color, label=f"{c.label} train")
+        if c.val:
+            ax_loss.plot([p[0] for p in c.val], [p[1] for p in c.val], color=color, linestyle="--", marker="o", markersize=4,
+                         label=f"{c.label} val")
         if c.lr:
             ax_lr.plot([p[0] for p in c.lr], [p[1] for p in c.lr], color=color, label=c.label)
-    ax_loss.set_ylabel("train loss")
+    ax_loss.set_ylabel("loss")
     ax_loss.grid(alpha=0.3)
-    if any(c.loss for c in curves):
+    if any(c.loss or c.val for c in curves):
         ax_loss.legend(loc="upper right", fontsize="small")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")

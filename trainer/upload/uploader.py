@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from trainer.checkpoint.layout import (MANIFEST, MANIFEST_FORMAT, MB, METADATA, UPLOAD_STATE_FILE, UploadState, read_upload_state,
                                        remote_prefix, utc_now, write_upload_state)
 from trainer.checkpoint.remote import verify_remote
-from trainer.checkpoint.store import read_metadata
+from trainer.checkpoint.store import Checkpoint, best_checkpoint, read_metadata
 from trainer.log import get_logger
 from trainer.upload.archive import SUFFIX, Compression, PartResult, TarStream, compress_into, plan_parts
 from trainer.storage import Storage, describe_error, is_permanent
@@ -156,21 +156,21 @@ class CheckpointUploader:
                            rate_mb_s=round(rate, 2), parts=len(results), manifest_crc32c=manifest.get("manifest_crc32c"))
 
     def prune_remote(self, run_id: str, keep: int) -> list[str]:
-        """Remote retention: keep the run's newest `keep` complete checkpoints and the best by loss."""
+        """Remote retention: keep the run's newest `keep` complete checkpoints and the best by its best metric."""
         complete = []
         for name in self.storage.list(f"{run_id}/"):
             if name.endswith("/" + MANIFEST):
                 raw = self.storage.get_bytes(name)
                 if raw:
                     m = json.loads(raw)
-                    complete.append((int(m["step"]), m.get("checkpoint", {}).get("loss"), name.rsplit("/", 1)[0]))
-        complete.sort()
-        keepers = {p for _, _, p in complete[-keep:]}
-        scored = [c for c in complete if isinstance(c[1], (int, float)) and c[1] == c[1]]
-        if scored:
-            keepers.add(min(scored, key=lambda c: (c[1], -c[0]))[2])
+                    complete.append(Checkpoint(Path(name.rsplit("/", 1)[0]), {"step": int(m["step"]), **m.get("checkpoint", {})}))
+        complete.sort(key=lambda c: c.step)
+        keepers = {str(c.path) for c in complete[-keep:]}
+        best = best_checkpoint(complete)
+        if best is not None:
+            keepers.add(str(best.path))
         deleted = []
-        for _, _, prefix in complete:
+        for prefix in (str(c.path) for c in complete):
             if prefix not in keepers:
                 self.storage.delete(f"{prefix}/{MANIFEST}")  # invisible first, then the parts
                 for name in self.storage.list(prefix + "/"):
