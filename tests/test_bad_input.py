@@ -388,3 +388,54 @@ def test_dry_run_world_size_from_num_ranks(tiny_config: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "world size 2 on 1 host(s)" in r.stdout
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation data and the run's length
+
+
+@pytest.mark.parametrize("via", BOTH)
+def test_epochs_and_max_steps_both_in_the_file(tiny_config: Path, via: str, check_nothing_written: None) -> None:
+    path, line = with_value(tiny_config, "train", "epochs", "2")
+    assert_user_error(invoke(via, path), f"{path.name}:", "train", "max_steps and epochs: give one")
+
+
+def test_epochs_flag_replaces_max_steps_of_the_file(tiny_config: Path) -> None:
+    r = invoke("show", tiny_config, "--num-epochs", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    train = json.loads(r.stdout)["train"]
+    assert train["epochs"] == 2 and train["max_steps"] is None
+
+
+def test_both_length_flags_are_one_error(tiny_config: Path, check_nothing_written: None) -> None:
+    assert_user_error(invoke("train", tiny_config, "--max-steps", "5", "--num-epochs", "1"), "--max-steps and --num-epochs")
+
+
+def test_missing_val_path_is_named_before_launch(tiny_config: Path, tmp_path: Path, check_nothing_written: None) -> None:
+    missing = tmp_path / "no-such-val"
+    path, _ = with_value(tiny_config, "data", "val_fraction", "null")
+    path, _ = with_value(path, "data", "val_path", str(missing))
+    assert_user_error(invoke("train", path), "data.val_path", str(missing), "does not exist")
+
+
+def test_val_set_smaller_than_one_eval_batch(tiny_config: Path, tmp_path: Path, check_nothing_written: None) -> None:
+    val = tmp_path / "made-val"
+    val.mkdir()
+    np.save(val / "v.npy", np.arange(3 * 128 + 1, dtype=np.int32) % 500)  # 3 windows; micro batch 8 x 2 ranks = 16
+    path, _ = with_value(tiny_config, "data", "val_fraction", "null")
+    path, _ = with_value(path, "data", "val_path", str(val))
+    assert_user_error(invoke("train", path, ranks="2"), "data.val_path", "3 validation sample(s), fewer than one evaluation batch",
+                      "micro_batch_size 8 x 2 rank(s) = 16")
+
+
+def test_val_fraction_and_val_path_together(tiny_config: Path, tiny_shards: Path, check_nothing_written: None) -> None:
+    path, _ = with_value(tiny_config, "data", "val_path", str(tiny_shards))
+    assert_user_error(invoke("train", path), "data", "val_path and val_fraction: give one")
+
+
+def test_best_metric_val_loss_without_validation_data(tiny_config: Path, check_nothing_written: None) -> None:
+    path, _ = with_value(tiny_config, "data", "val_fraction", "null")
+    path, _ = with_value(path, "checkpoint", "best_metric", "val_loss")
+    assert_user_error(invoke("train", path), "checkpoint.best_metric val_loss: this run has no validation data")

@@ -17,14 +17,14 @@ from trainer.errors import UserError
 
 
 def make_ckpt(run_dir: Path, run_id: str, step: int, loss: Optional[float] = 1.0, committed_at: Optional[str] = None,
-              committed: bool = True) -> Path:
+              committed: bool = True, **extra: object) -> Path:
     """A fake checkpoint folder (a weights file, and metadata.json when committed)."""
     d = run_dir / run_id / "checkpoints" / tag_for(step)
     d.mkdir(parents=True)
     (d / "mp_rank_00_model_states.pt").write_bytes(b"weights")
     if committed:
         meta = {"step": step, "run_id": run_id, "loss": loss,
-                "committed_at": committed_at or f"2024-01-01T00:{step // 60 % 60:02d}:{step % 60:02d}+00:00"}
+                "committed_at": committed_at or f"2024-01-01T00:{step // 60 % 60:02d}:{step % 60:02d}+00:00", **extra}
         (d / METADATA).write_text(json.dumps(meta))
     return d
 
@@ -215,6 +215,28 @@ def test_retention_never_keeps_a_nan_loss_as_best(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "run1")
     store.retention(keep_last=1, keep_best=True)
     assert tags(store.committed()) == ["step-00000020", "step-00000040"]
+
+
+def test_retention_keeps_the_best_by_val_loss_measured_at_its_step(tmp_path: Path) -> None:
+    """best_metric val_loss: the lowest held-out loss wins although another has the lowest training loss; a checkpoint
+    saved between evaluations (val_loss None: not measured at its step) is never the best by val_loss."""
+    for step, loss, val in [(10, 5.0, 4.0), (20, 1.0, 3.5), (30, 4.0, 2.0), (40, 3.0, None), (50, 2.0, 3.0), (60, 2.5, 3.1)]:
+        make_ckpt(tmp_path, "run1", step, loss, val_loss=val, best_metric="val_loss")
+    store = CheckpointStore(tmp_path / "run1")
+    store.retention(keep_last=1, keep_best=True)  # the metric the checkpoints were saved with
+    assert tags(store.committed()) == ["step-00000030", "step-00000060"]
+    assert store_mod.best_checkpoint(store.committed(), "train_loss").tag == "step-00000060"
+
+
+def test_best_reference_follows_the_recorded_metric(tmp_path: Path) -> None:
+    from trainer.checkpoint.catalog import scan
+
+    for step, loss, val in [(10, 1.0, 4.0), (20, 2.0, 3.0)]:
+        make_ckpt(tmp_path, "run1", step, loss, val_loss=val, best_metric="val_loss")
+    assert scan(tmp_path).find("best").tag == "step-00000020"
+    make_ckpt(tmp_path, "run2", 10, 1.0)  # an older checkpoint without best_metric: by training loss
+    make_ckpt(tmp_path, "run2", 20, 2.0, val_loss=0.5)
+    assert scan(tmp_path).find("run2/best").tag == "step-00000010"
 
 
 def test_delete_checkpoint_removes_metadata_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ import yaml
 from conftest import REPO, run_cli
 from trainer.config.deepspeed import list_templates, render_ds_config, zero_stage
 from trainer.config.load import Overrides, config_hash, config_to_dict, flatten, load_config
+from trainer.config.plan import DataSizes, resolve_plan
 from trainer.config.schema import RunConfig
 from trainer.errors import UserError
 
@@ -57,7 +58,8 @@ def test_minimal_file_gets_every_default(tmp_path: Path) -> None:
     cfg = load_config(write_yaml(tmp_path / "min.yaml", {"task": "pretrain"}))
     assert cfg == RunConfig()
     assert cfg.optim.lr == 3e-4
-    assert cfg.optim.warmup_steps == 10
+    plan = resolve_plan(cfg, DataSizes(10_000), 1)  # the run's length and warmup are resolved against the data
+    assert (plan.max_steps, plan.warmup_steps, plan.evaluates, plan.best_metric) == (100, 10, False, "train_loss")
     assert cfg.train.micro_batch_size == 4
     assert cfg.train.grad_accum == 1
     assert cfg.train.precision == "fp32"
@@ -75,8 +77,9 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
 def test_partial_section_keeps_other_defaults(tmp_path: Path) -> None:
     cfg = load_config(write_yaml(tmp_path / "p.yaml", {"optim": {"lr": 0.01}, "train": {"grad_accum": 4}}))
     assert cfg.optim.lr == 0.01
-    assert cfg.optim.warmup_steps == 10 and cfg.optim.schedule == "cosine" and cfg.optim.betas == (0.9, 0.95)
-    assert cfg.train.grad_accum == 4 and cfg.train.micro_batch_size == 4 and cfg.train.max_steps == 100
+    assert cfg.optim.schedule == "cosine" and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.train.grad_accum == 4 and cfg.train.micro_batch_size == 4
+    assert resolve_plan(cfg, DataSizes(10_000), 1).max_steps == 100
 
 
 def test_file_values_are_read(tiny_config: Path, tiny_shards: Path) -> None:

@@ -270,3 +270,65 @@ def test_check_token_ids_on_a_memory_mapped_shard(tmp_path: Path) -> None:
 
 def test_check_token_ids_unsigned_dtype_smaller_than_vocab_passes(tmp_path: Path) -> None:
     check_token_ids(tmp_path / "u8.npy", np.full(100, 255, dtype=np.uint8), 512)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation windows, the evaluation subset, epoch cadences
+
+
+@pytest.mark.parametrize("windows, fraction", [(3124, 0.05), (1000, 0.001), (999, 0.5), (2500, 0.3), (40, 0.05)])
+def test_val_fraction_windows_are_never_training_windows(windows: int, fraction: float) -> None:
+    from trainer.data.shards import WindowSplit
+
+    split = WindowSplit(windows, fraction)
+    train = [split.train_window(j) for j in range(split.num_train)]
+    val = [split.val_window(i) for i in range(split.num_val)]
+    assert not set(train) & set(val)
+    assert sorted(train + val) == list(range(windows))  # every window on exactly one side
+    assert split.num_val == (windows // 1000) * round(1000 * fraction) + min(round(1000 * fraction), windows % 1000)
+
+
+def test_training_reads_no_validation_window(tiny_shards: Path) -> None:
+    """The sampler's indices over a whole epoch, mapped to windows, never touch a validation window."""
+    from trainer.data.shards import WindowSplit, WindowView
+
+    shards = TokenShards(find_shards(tiny_shards), 128)
+    split = WindowSplit(len(shards), 0.05)
+    view = WindowView(shards, split.num_train, split.train_window)
+    val = {split.val_window(i) for i in range(split.num_val)}
+    s = ResumableSampler(len(view), seed=3, rank=0, world_size=1, micro_batch=16, grad_accum=1)
+    seen = {split.train_window(int(i)) for step in range(-(-len(view) // 16)) for i in s.indices(step, 0)}
+    assert len(seen) == len(view) and not seen & val
+    assert (view.window(0) == shards.window(split.train_window(0))).all()
+
+
+def test_eval_subset_is_fixed_and_split_disjointly_over_ranks() -> None:
+    from trainer.engine.evaluate import eval_subset, rank_batches
+    from trainer.ranks import RankInfo
+
+    subset = eval_subset(100, 3, 4, 2)
+    assert len(subset) == 24 and (subset == eval_subset(100, 3, 4, 2)).all()
+    assert len(eval_subset(100, 0, 4, 2)) == 100 and len(eval_subset(10, 5, 4, 2)) == 10
+    whole = eval_subset(21, 0, 4, 2)
+    parts = [rank_batches(whole, 4, RankInfo(r, 2, r, 2)) for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 3  # the same number of forward passes on every rank
+    flat = [i for p in parts for b in p for i in b]
+    assert sorted(flat) == sorted(whole.tolist())  # disjoint, and all of it
+
+
+def test_epoch_cadence_is_the_step_that_completes_each_pass() -> None:
+    from trainer.config.plan import Cadence
+
+    c = Cadence("epoch", 64, 1000)  # 15.6 steps per epoch
+    assert [s for s in range(1, 80) if c.due(s)] == [16, 32, 47, 63, 79]
+    assert [c.next_after(s) for s in (0, 15, 16, 47)] == [16, 16, 32, 63]
+    assert [s for s in range(1, 13) if Cadence(4, 64, 1000).due(s)] == [4, 8, 12]
+
+
+def test_plan_derives_steps_and_warmup_from_epochs(tiny_config: Path) -> None:
+    from trainer.config.plan import DataSizes, resolve_plan
+
+    cfg = load_config(tiny_config, Overrides(sets=["optim.warmup_steps=null", "optim.warmup_ratio=0.1"], epochs=2))
+    plan = resolve_plan(cfg, DataSizes(1000, 50), 2)  # micro batch 8 x 2 ranks: 62.5 steps per epoch
+    assert (plan.max_steps, plan.warmup_steps, plan.global_batch) == (125, 12, 16)
+    assert plan.epoch_of(125) == pytest.approx(2.0) and plan.evaluates and plan.best_metric == "val_loss"

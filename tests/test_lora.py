@@ -357,3 +357,54 @@ def test_phase1_from_pretrained_encoder_folders(tmp_path: Path) -> None:
                         "--align-dim", "16", "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "image encoder" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------- validation data
+def test_val_jsonl_and_split_lines_are_validation_and_the_seed_layout_reads(tiny_mm: Path, tmp_path: Path) -> None:
+    """val.jsonl (the default val_file) and `"split": "val"` lines of train.jsonl are validation samples, never
+    training samples; `"split": "test"` lines are left out; Purr-Sight's layout (no instruction or response)
+    learns the text file's contents."""
+    import shutil
+
+    from trainer.config.load import load_config
+    from trainer.tasks.lora import LoraTask
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mm / "data", data)
+    lines = (data / "train.jsonl").read_text().splitlines()
+    test_line = dict(json.loads(lines[1]), sample_id="held_back", split="test")
+    (data / "train.jsonl").write_text("\n".join(lines + [json.dumps(test_line)]) + "\n")
+    task = LoraTask(load_config(lora_config(tiny_mm, tmp_path, data={"path": str(data)})))
+    sizes = task.preflight()
+    train, val, problems = task._scan()
+    assert not problems and (sizes.train, sizes.val) == (len(train), len(val)) == (22, 10)
+    val_ids = {s.sample_id for s in val}
+    in_val_file = {json.loads(x)["sample_id"] for x in (data / "val.jsonl").read_text().splitlines()}
+    split_lines = {json.loads(x)["sample_id"] for x in lines if json.loads(x).get("split") == "val"}
+    assert val_ids == in_val_file | split_lines and len(in_val_file) == len(split_lines) == 5
+    assert not val_ids & {s.sample_id for s in train} and "held_back" not in {s.sample_id for s in train + val}
+    seed = [s for s in train if "instruction" not in json.loads(lines[s.line - 1])]
+    assert seed, "the fixture has lines in the seed's layout"
+    for s in seed:
+        rec = json.loads(lines[s.line - 1])
+        assert s.response == (data / rec["text"]).read_text().strip() and "text" not in s.media
+        assert s.instruction == task.cfg.data.default_instruction
+
+
+def test_bad_val_lines_are_named_with_their_file_and_line_before_launch(tiny_mm: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mm / "data", data)
+    val = data / "val.jsonl"
+    good = val.read_text().splitlines()
+    val.write_text("\n".join(good[:2] + ['{"sample_id": "v1", "instruction": "hi", "response": "yo", "audio": "audio/gone.wav"}',
+                                         '{"sample_id": "v2", "split": "val"}'] + good[2:]) + "\n")
+    cfg = lora_config(tiny_mm, tmp_path, data={"path": str(data)})
+    r = run_cli("train", str(cfg), "--num-ranks", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: 2 bad line(s) in {data / 'train.jsonl'} and {val}")
+    assert f"{val}:3: audio file audio/gone.wav not found" in line
+    assert f"{val}:4: missing field 'response' (a non-empty string, or a `text` file" in line
+    assert not (tmp_path / "runs").exists()

@@ -39,15 +39,18 @@ def write_config(tiny_config: Path, run_dir: Path, **sections: dict) -> Path:
 @pytest.mark.launcher
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_rank_resume_is_exact(tiny_config: Path, tmp_path: Path, stage: int) -> None:
-    """8 uninterrupted steps == a resume from that run's step 4 to step 8: same losses and weights, bit for bit.
+    """8 uninterrupted steps == a resume from that run's step 4 to step 8: same losses, validation losses and
+    weights, bit for bit.
 
     The step-4 checkpoint is written in the background (checkpoint.async, the default) while steps 5-8
     train; dropout makes the resumed losses depend on the restored RNG states; with stage 2 each
-    step accumulates two micro-batches (the stop agreement between them runs too)."""
+    step accumulates two micro-batches (the stop agreement between them runs too). Every 2 steps both
+    ranks evaluate their halves of the held-out windows (data.val_fraction); under ZeRO-3 too."""
     accum = 2 if stage == 2 else 1
     cfg = write_config(tiny_config, tmp_path / "runs",
                        train={"max_steps": 8, "log_every": 1, "micro_batch_size": 4, "grad_accum": accum},
                        model={"dropout": 0.1}, optim={"decay_steps": 8, "warmup_steps": 2},
+                       eval={"every": 2, "batches": 3},
                        checkpoint={"save_every": 4, "keep_last": 5}, deepspeed={"template": f"zero{stage}"})
     r = run_cli("train", str(cfg), "--num-ranks", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -65,6 +68,10 @@ def test_two_rank_resume_is_exact(tiny_config: Path, tmp_path: Path, stage: int)
     ma, mb = metadata(full[-1]), metadata(branch)
     assert [s for s, _ in ma["loss_history"]] == list(range(1, 9))
     assert ma["loss_history"] == mb["loss_history"]  # bitwise: JSON floats round-trip exactly
+    assert [s for s, _ in ma["val_history"]] == [0, 2, 4, 6, 8]
+    assert ma["val_history"] == mb["val_history"]  # the evaluations after the resume too
+    assert ma["val_loss"] == ma["val_history"][-1][1] and ma["best_metric"] == "val_loss"
+    assert metadata(full[0])["val_loss"] == ma["val_history"][2][1]  # the step-4 checkpoint holds the state evaluated
     assert ma["lr_history"] == mb["lr_history"]
     assert ma["loss_history"][-1][1] < ma["loss_history"][0][1]
     assert mb["world_size"] == 2 and mb["zero_stage"] == stage
@@ -73,6 +80,45 @@ def test_two_rank_resume_is_exact(tiny_config: Path, tmp_path: Path, stage: int)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert wa[k].shape == wb[k].shape and bool((wa[k] == wb[k]).all()), k
+    if stage != 2:
+        return
+    # the same run without evaluation trains the same: losses and weights bit for bit
+    off = write_config(tiny_config, tmp_path / "off", **{k: v for k, v in yaml.safe_load(cfg.read_text()).items()
+                                                        if k in ("train", "model", "optim", "checkpoint", "deepspeed")},
+                       eval={"enabled": False})
+    r = run_cli("train", str(off), "--num-ranks", "2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (last_off,) = [p for p in committed(tmp_path / "off") if p.name == "step-00000008"]
+    assert metadata(last_off)["loss_history"] == ma["loss_history"] and not metadata(last_off)["val_history"]
+    wo = fp32_weights(last_off)
+    assert all(bool((wo[k] == wa[k]).all()) for k in wa)
+    # the val loss at step 4 == the exported model in plain transformers over the same validation windows
+    out = tmp_path / "export4"
+    r = run_cli("export", str(full[0]), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert abs(_plain_val_loss(out, tiny_config, batches=3, micro=4, world=2) - ma["val_history"][2][1]) < 1e-5
+
+
+def _plain_val_loss(model_dir: Path, config: Path, batches: int, micro: int, world: int) -> float:
+    """Token-weighted cross-entropy of an exported model over the evaluation subset, in one process."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPTNeoXForCausalLM
+
+    from trainer.data.shards import TokenShards, WindowSplit, find_shards
+    from trainer.engine.evaluate import eval_subset
+
+    data = yaml.safe_load(config.read_text())["data"]
+    shards = TokenShards(find_shards(Path(data["path"])), 128)
+    split = WindowSplit(len(shards), data["val_fraction"])
+    rows = np.stack([shards.window(split.val_window(int(i))) for i in eval_subset(split.num_val, batches, micro, world)])
+    model = GPTNeoXForCausalLM.from_pretrained(str(model_dir)).eval()
+    tokens = torch.from_numpy(rows)
+    with torch.no_grad():
+        logits = model(input_ids=tokens[:, :-1]).logits
+    return float(F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").double()
+                 / tokens[:, 1:].numel())
 
 
 @pytest.mark.launcher

@@ -4,7 +4,10 @@
   OUT/llm/                  a tiny Qwen2 model folder: config, random weights (safetensors), and a
                             byte-level BPE tokenizer trained here with `tokenizers` (chat template included)
   OUT/phase1.safetensors    a tiny Phase 1 checkpoint (CLIP vision, Whisper encoder, BERT + aligner)
-  OUT/data/                 train.jsonl + images/*.png, audio/*.wav, text/*.txt
+  OUT/data/                 train.jsonl, val.jsonl + images/*.png, audio/*.wav, text/*.txt
+                            (the last --val samples are validation: half in val.jsonl, half as train.jsonl
+                            lines with "split": "val"; every 4th training sample with a text file is written
+                            in Purr-Sight's layout: no instruction or response, the text file is the target)
 
 The data has something to learn: each response names the image's colour and the tone's pitch, so
 the loss of a short run falls. Some samples lack a modality on purpose.
@@ -86,15 +89,17 @@ def write_phase1(path: Path, text_vocab: int, seed: int, size: str) -> None:
     save_phase1(build_phase1(arch), path)
 
 
-def write_media(data: Path, samples: list[dict], seed: int) -> None:
+def write_media(data: Path, samples: list[dict], seed: int, val: int = 0) -> None:
     from PIL import Image, ImageDraw
 
     rng = random.Random(seed)
     for d in ("images", "audio", "text"):
         (data / d).mkdir(parents=True, exist_ok=True)
-    lines = []
-    for s in samples:
-        rec = {k: s[k] for k in ("sample_id", "instruction", "response")}
+    lines, val_lines = [], []
+    first_val = len(samples) - val
+    for n, s in enumerate(samples):
+        seed_layout = n < first_val and s["has"]["text"] and n % 4 == 0
+        rec = {"sample_id": s["sample_id"]} if seed_layout else {k: s[k] for k in ("sample_id", "instruction", "response")}
         if s["has"]["image"]:
             im = Image.new("RGB", (48, 40), (245, 245, 245))
             x, y = rng.randint(0, 16), rng.randint(0, 10)
@@ -116,8 +121,14 @@ def write_media(data: Path, samples: list[dict], seed: int) -> None:
         if s["has"]["text"]:
             rec["text"] = f"text/{s['sample_id']}.txt"
             (data / rec["text"]).write_text(f"Owner's note: {s['note']}.\n")
-        lines.append(json.dumps(rec))
+        if n >= first_val:
+            rec["split"] = "val"
+        elif seed_layout:
+            rec["split"] = "train"
+        (val_lines if n >= first_val and (n - first_val) % 2 == 0 else lines).append(json.dumps(rec))
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    if val_lines:
+        (data / "val.jsonl").write_text("\n".join(val_lines) + "\n")
 
 
 def main() -> int:
@@ -125,21 +136,26 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("data/tiny_mm"))
     p.add_argument("--samples", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val", type=int, default=10, help="validation samples (of --samples)")
     p.add_argument("--size", choices=["tiny", "qwen2.5-0.5b"], default="tiny",
                    help="tiny (tests) or Qwen2.5-0.5B's shape with random weights (benchmarks)")
     p.add_argument("--vocab", type=int, default=512, help="BPE vocabulary to train (tiny); the 0.5B shape pads to 151936")
     args = p.parse_args()
 
+    from trainer.config.schema import DataConfig
+
     rng = random.Random(args.seed)
     samples = sample_texts(rng, args.samples)
-    corpus = [s["instruction"] for s in samples] + [s["response"] for s in samples] + [f"Owner's note: {s['note']}." for s in samples]
+    corpus = ([s["instruction"] for s in samples] + [s["response"] for s in samples] + [f"Owner's note: {s['note']}." for s in samples]
+              + [DataConfig().default_instruction])
     llm = args.out / "llm"
     llm.mkdir(parents=True, exist_ok=True)
     n_tok = write_tokenizer(llm, corpus * 4, args.vocab)
     write_llm(llm, n_tok if args.size == "tiny" else 151936, args.seed, args.size)
     write_phase1(args.out / "phase1.safetensors", n_tok, args.seed, "tiny" if args.size == "tiny" else "full")
-    write_media(args.out / "data", samples, args.seed)
-    print(f"wrote {llm} (tokenizer {n_tok} tokens), {args.out / 'phase1.safetensors'}, {args.out / 'data'} ({len(samples)} samples)")
+    write_media(args.out / "data", samples, args.seed, args.val)
+    print(f"wrote {llm} (tokenizer {n_tok} tokens), {args.out / 'phase1.safetensors'}, {args.out / 'data'} ({len(samples)} samples,"
+          f" {args.val} of them validation)")
     return 0
 
 
