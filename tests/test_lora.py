@@ -32,6 +32,7 @@ def lora_config(tiny_mm: Path, where: Path, **sections: dict) -> Path:
     cfg["train"].update(log_every=2, max_steps=12)
     cfg["optim"].update(decay_steps=12, warmup_steps=2)
     cfg["checkpoint"].update(save_every=6, keep_last=5)
+    cfg.setdefault("eval", {}).update(every=6)
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     where.mkdir(parents=True, exist_ok=True)
@@ -79,6 +80,9 @@ def test_lora_learns_keeps_frozen_weights_resumes_exactly_and_exports(tiny_mm: P
     losses = [loss for _, loss in ma["loss_history"]]
     assert losses[-1] < losses[0] - 0.05, losses
     assert mb["loss_history"] == ma["loss_history"]  # exact, also the steps after the resume
+    assert [s for s, _ in ma["val_history"]] == [0, 6, 12] and mb["val_history"] == ma["val_history"]
+    assert ma["data_position"]["num_samples"] == 22 and ma["data_position"]["val_samples"] == 10
+    assert ma["val_history"][-1][1] < ma["val_history"][0][1]  # the held-out responses are learned too
     assert ma["frozen_sha256"] == mb["frozen_sha256"] and len(ma["frozen_sha256"]) == 64
 
     # only trainable state in the checkpoint: the module file is smaller than the frozen weights alone

@@ -379,3 +379,59 @@ def test_a_stop_between_micro_batches_saves_the_last_complete_step_and_resumes_e
     wa = get_fp32_state_dict_from_zero_checkpoint(str(ref_final.parent), tag=ref_final.name)
     wb = get_fp32_state_dict_from_zero_checkpoint(str(final.parent), tag=final.name)
     assert all(bool((wa[k] == wb[k]).all()) for k in wa)
+
+
+def test_epochs_evaluation_best_saves_and_tracking_across_a_stop(tiny_config: Path, tmp_path: Path) -> None:
+    """train.epochs 2 derives the run's steps from the data; a SIGTERM and the same command again end at that step.
+    Evaluations every 10 steps save a checkpoint when they improve (checkpoint.save_best), `epoch` saves come at the
+    step that completes each pass, and the validation loss reaches the console, MLflow, TensorBoard, status.json
+    and every checkpoint's metadata."""
+    run_dir = tmp_path / "runs"
+    cfg = _cfg(tiny_config, data={"max_files": 1}, train={"max_steps": None, "epochs": 2, "micro_batch_size": 32, "log_every": 5},
+               eval={"every": 10, "batches": 1}, checkpoint={"save_every": "epoch", "save_best": True, "keep_last": 1},
+               tracking={"enabled": True, "tensorboard": True}, optim={"warmup_steps": None, "warmup_ratio": 0.1})
+    plan_line = "plan: train.epochs 2 x 731 samples / global batch 32 (22.84 steps per epoch) = 46 steps; warmup 5 steps"
+    out, _ = _sigterm_when(_start(cfg), "step 15/46 epoch 0.66 loss")
+    assert plan_line in out, out[-3000:]
+    assert "checkpoint step-00000010 (best): state captured" in out
+    r = run_rank("--config", str(cfg))  # the same command: resumes, and stops at the same derived step
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert plan_line in r.stdout and "resumed from" in r.stdout
+    steps = [line for line in (out + r.stdout).splitlines() if "] step " in line and " loss " in line]
+    assert steps and all(" epoch " in line for line in steps)
+    assert "checkpoint step-00000023 (scheduled)" in r.stdout  # the step whose samples complete the first pass
+
+    (run_root,) = [p for p in run_dir.iterdir() if (p / "checkpoints").is_dir()]
+    final = json.loads((run_root / "checkpoints" / "step-00000046" / "metadata.json").read_text())
+    assert final["plan"]["max_steps"] == 46 and final["plan"]["epochs"] == 2 and final["epoch"] == round(46 * 32 / 731, 6)
+    evals = [s for s, _ in final["val_history"]]
+    assert evals[0] == 0 and evals[-1] == 46 and {10, 20, 30, 40} <= set(evals)
+    vm = final["validation_metrics"]
+    assert vm["current_val_loss"] == final["val_loss"] == final["val_history"][-1][1] and vm["best_metric"] == "val_loss"
+    assert vm["best_val_loss"] == min(v for _, v in final["val_history"]) and vm["trend"] in ("improving", "flat", "worsening")
+    kept = sorted(p.name for p in (run_root / "checkpoints").glob("step-*"))
+    best_tag = f"step-{final['best_val_step']:08d}"
+    assert best_tag in kept and kept[-1] == "step-00000046"  # retention: the newest and the best by val_loss
+
+    status = json.loads((run_root / "status.json").read_text())
+    assert status["val_loss"] == final["val_loss"] and status["val_step"] == 46 and status["epoch"] == round(46 * 32 / 731, 4)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    hist = client.get_metric_history(final["mlflow_run_id"], "val/loss")
+    assert sorted({m.step for m in hist}) == evals  # the stopped attempt's points and the resumed ones, one run
+    assert {m.step: m.value for m in hist}[46] == final["val_loss"]
+    assert client.get_metric_history(final["mlflow_run_id"], "val/ppl")
+    assert client.get_metric_history(final["mlflow_run_id"], "train/epoch")
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_root / "tensorboard"))
+    acc.Reload()
+    assert {"val/loss", "train/loss", "train/epoch"} <= set(acc.Tags()["scalars"])
+    assert {e.step for e in acc.Scalars("val/loss")} == set(evals)
+
+    r = run_cli("checkpoints", "show", "best", "--runs", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert f"{best_tag} of run" in r.stdout and "val_loss (the `best` reference: the lowest val_loss of its run)" in r.stdout
