@@ -240,7 +240,10 @@ def test_skip_mode_trains_on_the_good_lines_and_counts_the_bad(tiny_mm: Path, tm
     ok(r)
     assert "5 bad line(s) skipped" in r.stdout
     (ckpt,) = checkpoints(tmp_path / "runs")
-    assert meta(ckpt)["data_position"]["skipped_lines"] == 5 and meta(ckpt)["data_position"]["num_samples"] == 32
+    lines = [json.loads(x) for x in (tiny_mm / "data" / "train.jsonl").read_text().splitlines()]
+    trained = sum(1 for x in lines if x.get("split", "train") == "train")  # split-val lines are held out, not bad
+    assert trained < len(lines)
+    assert meta(ckpt)["data_position"]["skipped_lines"] == 5 and meta(ckpt)["data_position"]["num_samples"] == trained
 
 
 # ------------------------------------------------------------------------------ guard and validate
