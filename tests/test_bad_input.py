@@ -439,3 +439,11 @@ def test_best_metric_val_loss_without_validation_data(tiny_config: Path, check_n
     path, _ = with_value(tiny_config, "data", "val_fraction", "null")
     path, _ = with_value(path, "checkpoint", "best_metric", "val_loss")
     assert_user_error(invoke("train", path), "checkpoint.best_metric val_loss: this run has no validation data")
+
+
+@pytest.mark.parametrize("section,key,raw", [("eval", "every", "0"), ("eval", "every", "epochs"),
+                                             ("checkpoint", "save_every", "-5"), ("checkpoint", "save_every", "true")])
+def test_a_bad_cadence_is_one_line_naming_the_field(tiny_config: Path, section: str, key: str, raw: str,
+                                                    check_nothing_written: None) -> None:
+    path, line = with_value(tiny_config, section, key, raw)
+    assert_user_error(invoke("train", path), f"{path.name}:{line}: {section}.{key}: expected a number of steps >= 1, or `epoch`")

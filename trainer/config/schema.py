@@ -7,9 +7,9 @@ that all problems of a file are collected in one pass.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -184,7 +184,14 @@ class TrainConfig(Section):
         return self
 
 
-Every = Union[int, Literal["epoch"]]
+def _every(value: Any) -> Any:
+    """A cadence: one clear line for anything but a positive step count or `epoch` (not one per union member)."""
+    if value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError("expected a number of steps >= 1, or `epoch`")
+
+
+Every = Annotated[Union[int, Literal["epoch"]], BeforeValidator(_every)]
 
 
 class EvalConfig(Section):
@@ -201,12 +208,6 @@ class EvalConfig(Section):
     enabled: bool = True
     """false: no evaluation even when validation data is configured."""
 
-    @model_validator(mode="after")
-    def _every(self) -> "EvalConfig":
-        if isinstance(self.every, int) and self.every < 1:
-            raise ValueError(f"every must be >= 1 or `epoch`, got {self.every}")
-        return self
-
 
 class CheckpointConfig(Section):
     save_every: Every = Field(default=100)
@@ -221,12 +222,6 @@ class CheckpointConfig(Section):
     at the checkpoint's step) or `train_loss` (the logged training loss); None: val_loss when the run evaluates."""
     save_best: bool = False
     """Also save a checkpoint at an evaluation step whose val_loss is the best so far (a step between saves)."""
-
-    @model_validator(mode="after")
-    def _every(self) -> "CheckpointConfig":
-        if isinstance(self.save_every, int) and self.save_every < 1:
-            raise ValueError(f"save_every must be >= 1 or `epoch`, got {self.save_every}")
-        return self
     async_save: bool = Field(default=True, alias="async")
     """Write scheduled checkpoints in the background: training waits only while the state is copied to host
     memory (kept for reuse: host RAM the size of one rank's state), then goes on while a thread writes and
