@@ -84,10 +84,9 @@ def write_config(path: Path, args: argparse.Namespace, shards: Path, run_dir: Pa
 
 def run_attempt(config: Path, log_path: Path, trigger: Optional[str], delay: float, threads: int) -> Attempt:
     """One rank of launch/train.py; SIGTERM `delay` s after the first log line containing `trigger`."""
-    from trainer.launcher.command import free_port
+    from trainer.launcher.command import one_rank_env
 
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu",
+    env = {**os.environ, **one_rank_env(), "DS_ACCELERATOR": "cpu",
            "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions"))}
     a = Attempt(started=time.monotonic())

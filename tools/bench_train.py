@@ -46,19 +46,17 @@ def main() -> int:
     args = p.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
     import numpy as np
     import torch
 
     from trainer.config.schema import RunConfig
     from trainer.engine.loop import Trainer
-    from trainer.launcher.command import free_port
+    from trainer.launcher.command import become_one_rank
     from trainer.log import setup_logging
     from trainer.models.neox import resolve_dims
     from trainer.tasks import build_task
 
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    become_one_rank()
     gpu = torch.cuda.is_available()
     precision = args.precision or ("bf16" if gpu else "fp32")
     zero = args.zero if args.zero is not None else (1 if gpu else 2)

@@ -108,17 +108,17 @@ def bench_throughput(ckpt: Path, workers: int, tmp: Path) -> None:
 
 
 def bench_step_time(steps: int, tmp: Path, upload_mb: int) -> None:
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"})
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     import numpy as np
 
     from trainer.config.schema import RunConfig
     from trainer.engine.loop import Trainer
-    from trainer.launcher.command import free_port
+    from trainer.launcher.command import become_one_rank
     from trainer.tasks import build_task
     from trainer.storage import open_storage
     from trainer.upload.uploader import BackgroundUploader, CheckpointUploader
 
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    become_one_rank()
     data = tmp / "shards"
     data.mkdir()
     np.save(data / "shard_00000.npy", np.random.default_rng(0).integers(0, 512, 2_000_000, dtype=np.int32))

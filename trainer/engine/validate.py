@@ -202,11 +202,9 @@ class Validator:
 
     def _init_dist(self) -> None:
         from trainer.engine import dist
-        from trainer.launcher.command import free_port
+        from trainer.launcher.command import become_one_rank
 
-        for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-            os.environ.setdefault(k, v)
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        become_one_rank()
         dist.init_distributed()
 
     def run(self) -> bool:

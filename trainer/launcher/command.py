@@ -24,6 +24,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_rank_env() -> dict[str, str]:
+    """What the deepspeed launcher sets for the only rank of a one-process job on this host."""
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port())}
+
+
+def become_one_rank() -> None:
+    """Let this process start a one-rank engine in-process (keeps what a launcher already set)."""
+    for key, value in one_rank_env().items():
+        os.environ.setdefault(key, value)
+
+
 @dataclass
 class LaunchPlan:
     hostfile: Path
