@@ -31,9 +31,11 @@ def one_rank_env() -> dict[str, str]:
 
 
 def become_one_rank() -> None:
-    """Let this process start a one-rank engine in-process (keeps what a launcher already set)."""
-    for key, value in one_rank_env().items():
-        os.environ.setdefault(key, value)
+    """Let this process start a one-rank engine in-process. A process a launcher started keeps the launcher's
+    environment whole: filling single keys into it would mix two jobs' views (one local rank of several)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        for key, value in one_rank_env().items():
+            os.environ.setdefault(key, value)  # a MASTER_PORT of the user's own is kept
 
 
 @dataclass
