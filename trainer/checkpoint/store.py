@@ -79,15 +79,28 @@ class Checkpoint:
             return False
         return model is None or meta.get("model") is None or not architecture_difference(meta["model"], model)
 
-    def check_resumable(self, spec: str, world_size: int, task: str, max_steps: Optional[int], model: Optional[dict] = None) -> None:
-        """`UserError` if this checkpoint cannot continue a job of that shape."""
+    def check_resumable(self, spec: str, world_size: int, task: str, max_steps: Optional[int], model: Optional[dict] = None,
+                        stage: Optional[int] = None) -> None:
+        """`UserError` if this checkpoint cannot continue a job of that shape (`stage`: the job's ZeRO stage).
+
+        Another world size is fine for ZeRO-1/2 on both sides (the checkpoint is converted to DeepSpeed's
+        universal format); ZeRO-0 and ZeRO-3 checkpoints resume on the world size that saved them."""
+        from trainer.checkpoint.universal import ELASTIC_STAGES, ds_version
+
         meta = self.metadata
         if model is not None and meta.get("model") is not None and (diff := architecture_difference(meta["model"], model)):
             raise UserError(f"--resume {spec}: {self.path} holds a different model than this config ({diff})")
-        if int(meta.get("world_size", world_size)) != world_size:
+        saved_world = int(meta.get("world_size", world_size))
+        saved_stage = meta.get("zero_stage")
+        if saved_world != world_size and not (saved_stage in ELASTIC_STAGES and stage in (None, *ELASTIC_STAGES)):
+            now = f" with ZeRO stage {stage}" if stage is not None and stage != saved_stage else ""
+            why = (f"DeepSpeed {ds_version()}'s universal load of ZeRO-3 states does not continue the run (its losses drift"
+                   " from the uninterrupted run's)" if 3 in (saved_stage, stage) else
+                   "they are converted to DeepSpeed's universal format")
             raise UserError(
-                f"--resume {spec}: {self.path} was saved by {meta['world_size']} ranks, this job has {world_size};"
-                " DeepSpeed ZeRO checkpoints resume on the same world size"
+                f"--resume {spec}: {self.path} was saved by {saved_world} ranks with ZeRO stage {saved_stage}, this job has"
+                f" {world_size}{now}; only ZeRO-1/2 checkpoints resume on another world size ({why}): run on"
+                f" {saved_world} rank(s), or train with deepspeed.template zero1 or zero2 to resume on any world size"
             )
         if meta.get("task", task) != task:
             raise UserError(f"--resume {spec}: {self.path} is a {meta.get('task')!r} checkpoint, this run is {task!r}")

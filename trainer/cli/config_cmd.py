@@ -26,6 +26,7 @@ def show(
     """Print the resolved config (defaults filled, overrides applied) and the rendered DeepSpeed JSON."""
     import yaml
 
+    from trainer.config.batch import resolve_batch
     from trainer.config.deepspeed import render_ds_config
     from trainer.config.load import config_hash, config_to_dict, load_config
     from trainer.launcher.hostfile import parse_hostfile
@@ -33,6 +34,7 @@ def show(
 
     cfg = load_config(config, overrides(sets, max_steps, batch_size, learning_rate, epochs=num_epochs))
     world = sum(parse_hostfile(hostfile).values()) if hostfile else (num_ranks or 1)
+    cfg = resolve_batch(cfg, world, str(config))
     ds = render_ds_config(cfg, world, build_task(cfg).model_hints().get("hidden_size"), str(config))
     resolved: dict = {"world_size": world, "config_hash": config_hash(cfg)}
     if cfg.task == "pretrain":

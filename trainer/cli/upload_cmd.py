@@ -61,7 +61,9 @@ def _rows(run_dir: Path) -> list[tuple[Path, object, dict]]:
 
 
 def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    from trainer.checkpoint.universal import is_derived
+
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not is_derived(str(p.relative_to(path))))
 
 
 @app.command("list")

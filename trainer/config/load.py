@@ -262,6 +262,7 @@ def config_hash(cfg: RunConfig) -> str:
     data["checkpoint"].pop("async", None)  # how saves are written, not what is trained
     data["train"].pop("max_steps", None)
     data["train"].pop("epochs", None)
+    data["train"].pop("grad_accum", None)  # derived from the global batch on each world size (config/batch.py)
     data.pop("eval", None)  # evaluation reads the model, it does not change what is trained
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -306,22 +306,29 @@ class CheckpointManager:
         return max(known) if any(known) else None
 
     # --------------------------------------------------------------------------------- loading
-    def load(self, ckpt_dir: Path, meta: dict) -> None:
-        """Model, optimizer, LR scheduler (re-fitted to this config's schedule) and this rank's RNG."""
+    def load(self, ckpt_dir: Path, meta: dict, universal: Optional[Path] = None) -> None:
+        """Model, optimizer, LR scheduler (re-fitted to this config's schedule) and this rank's RNG.
+
+        `universal`: the checkpoint's universal conversion, for an engine on another world size (built with
+        `checkpoint.load_universal`); the weights and Adam moments come from it, sliced for this rank."""
         import torch
 
         from trainer.engine.optim import reapply_schedule
 
         self.task.check_resume(meta)
+        source = universal or ckpt_dir
         with self.goodput.clock.phase_of("restore"):
-            load_path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
+            load_path, _ = self.engine.load_checkpoint(str(source.parent), tag=source.name,
                                                        load_module_strict=self.task.save_frozen)
             if load_path is None:
-                raise UserError(f"--resume: DeepSpeed found no loadable checkpoint in {ckpt_dir}")
+                raise UserError(f"--resume: DeepSpeed found no loadable checkpoint in {source}")
             reapply_schedule(self.engine.lr_scheduler, self.cfg.optim, self.plan)
             rng_file = ckpt_dir / rng_file_name(self.ranks.rank)
             if rng_file.exists():
                 restore_rng(torch.load(rng_file, weights_only=False))
+            elif universal is not None:  # a rank the saving job did not have
+                log.info("no RNG state for rank %d in %s (saved on %s ranks): this rank starts a fresh RNG stream",
+                         self.ranks.rank, ckpt_dir.name, meta.get("world_size"))
             else:
                 log.warning("no RNG state for rank %d in %s; continuing with fresh RNG", self.ranks.rank, ckpt_dir)
         self.last_saved_step = int(meta["step"])

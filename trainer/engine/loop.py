@@ -20,6 +20,8 @@ from typing import Any, Optional
 from trainer.checkpoint.catalog import trend_of
 from trainer.checkpoint.layout import MANIFEST, remote_prefix, tag_for, utc_now
 from trainer.checkpoint.store import Checkpoint, CheckpointStore, is_committed, read_metadata, resolve_resume
+from trainer.checkpoint.universal import UNIVERSAL_DIR
+from trainer.config.batch import resolve_batch
 from trainer.config.deepspeed import render_ds_config, uses_ds_optimizer, zero_stage
 from trainer.config.load import config_hash, config_to_yaml, model_identity, public_config_dict
 from trainer.config.plan import DataSizes, Plan, resolve_plan
@@ -35,6 +37,7 @@ from trainer.engine.signals import StopFlag, watch_launchers
 from trainer.errors import EXIT_OK, EXIT_PREEMPTED
 from trainer.tasks.base import Task
 from trainer.log import add_log_file, get_logger, redact
+from trainer.progress import gb
 from trainer.ranks import rank_info
 from trainer.storage import open_storage
 
@@ -158,6 +161,7 @@ class Trainer:
         self.state = RunState()
         self.boundary_rng: Optional[dict] = None  # RNG at the start of the step in progress (for a stop between micro-batches)
         self.stop_deadline: Optional[float] = None  # monotonic time by which a stopped job must have left
+        self.resumed_from_world_size: Optional[int] = None  # the resumed checkpoint's world size, when it differs
         self._grace_warned: set[str] = set()
 
     # ----------------------------------------------------------------------------------- setup
@@ -176,7 +180,6 @@ class Trainer:
                 ckpt, restored = Checkpoint(path, read_metadata(path)), remote_prefix(read_metadata(path))
         if ckpt is None:
             return {"run_id": self.cfg.run_id or new_run_id(), "resume": None, "metadata": None}
-        ckpt.check_resumable(str(self.cfg.checkpoint.resume), self.ranks.world_size, self.cfg.task, self.plan.max_steps, model)
         meta = dict(ckpt.metadata)
         newer = [c.tag for c in CheckpointStore(ckpt.path.parent.parent).committed() if c.step > ckpt.step]
         if newer:  # never overwrite the later checkpoints of that run: continue as a new run
@@ -200,6 +203,27 @@ class Trainer:
 
         dist.agree(fetch, dist.local_mains(self.ranks), f"each node restoring {Path(str(decision.get('resume'))).name}")
 
+    def _convert_for_this_world(self, decision: dict) -> Path:
+        """The resumed checkpoint in DeepSpeed's universal format (converted once on each node that lacks it; a
+        conversion already beside it is reused). Said in one line: what was resumed, from how many ranks onto how many."""
+        from trainer.checkpoint.universal import ensure_universal
+
+        src, r = Path(decision["resume"]), self.ranks
+        done: dict = {}
+
+        def convert() -> None:
+            with self.clock.phase_of("restore"):
+                done["conversion"] = ensure_universal(src)
+
+        dist.agree(convert, dist.local_mains(r), f"each node converting {src.name} to the universal format")
+        conv = done.get("conversion")
+        if r.is_main and conv is not None:
+            how = (f"converted to universal in {conv.seconds:.1f} s" if conv.seconds is not None
+                   else "reusing its universal conversion")
+            log.info("resuming %s saved on %d ranks onto %d: %s (%s)", src.name, self.resumed_from_world_size, r.world_size,
+                     how, gb(conv.bytes))
+        return src / UNIVERSAL_DIR
+
     def setup(self) -> None:
         import deepspeed
 
@@ -208,17 +232,28 @@ class Trainer:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         dist.init_distributed()
         cfg, r = self.cfg, self.ranks
-        self.ds_config = render_ds_config(cfg, r.world_size, self.task.model_hints().get("hidden_size"), self.source)
-        self.stage = zero_stage(self.ds_config)
+        render_ds_config(resolve_batch(cfg, r.world_size, self.source), r.world_size, self.task.model_hints().get("hidden_size"),
+                         self.source)  # bad input before any work
         dist.agree(self.task.prepare_data, dist.local_mains(r), "the first rank of each node preparing the data")
         sizes = dist.on_main_then_share(self.task.preflight, r, "rank 0 checking the data")
-        self.plan = resolve_plan(cfg, sizes or DataSizes(1), r.world_size)
-        self.report = Reporter(cfg, r, self.plan)
         if cfg.upload.url:
             dist.on_main_then_share(lambda: open_storage(cfg.upload.url).check(), r, "rank 0 checking upload.url")
         decision = dist.on_main_then_share(self._decide_run, r, "rank 0 choosing (and restoring) the checkpoint to resume")
+        meta = decision["metadata"]
+        # the global batch on this world size (a checkpoint saved on another one keeps its own), then what follows from it
+        self.cfg = cfg = resolve_batch(cfg, r.world_size, self.source, meta)
+        self.ds_config = render_ds_config(cfg, r.world_size, self.task.model_hints().get("hidden_size"), self.source)
+        self.stage = zero_stage(self.ds_config)
+        self.plan = resolve_plan(cfg, sizes or DataSizes(1), r.world_size)
+        self.report = Reporter(cfg, r, self.plan)
         if decision["resume"]:
+            resume = Checkpoint(Path(decision["resume"]), meta)
+            dist.on_main_then_share(lambda: resume.check_resumable(str(cfg.checkpoint.resume), r.world_size, cfg.task,
+                                                                   self.plan.max_steps, model_identity(cfg), self.stage),
+                                    r, "rank 0 checking the checkpoint to resume")
             self._restore_on_this_node(decision)
+            if int(meta.get("world_size", r.world_size)) != r.world_size:
+                self.resumed_from_world_size = int(meta["world_size"])
         self.run_id = decision["run_id"]
         self.branched_from = decision.get("branched_from")
         self.run_root = Path(cfg.run_dir) / self.run_id
@@ -227,7 +262,7 @@ class Trainer:
             self.store.remove_partials()  # this run's only: another job may be saving in its own run folder
             self.run_root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        meta = decision["metadata"]
+        universal = self._convert_for_this_world(decision) if self.resumed_from_world_size else None
         if r.is_main:
             add_log_file(self.run_root / "train.log", r.rank)
             (self.run_root / "config.yaml").write_text(config_to_yaml(cfg))
@@ -252,7 +287,7 @@ class Trainer:
                                       uploader=self.uploader, on_commit=self._on_commit)
         self.ckpt.attach(self.engine)
         if decision["resume"]:
-            self.ckpt.load(Path(decision["resume"]), meta)
+            self.ckpt.load(Path(decision["resume"]), meta, universal)
             self.state = RunState.from_metadata(meta)
             if meta.get("config_hash") != self.config_hash:
                 log.warning("resuming %s saved with config hash %s; this config hashes to %s (training settings changed)",
@@ -283,9 +318,12 @@ class Trainer:
         cfg = self.cfg
         groups = param_groups(model.named_parameters(), cfg.optim.weight_decay)
         optimizer = None if uses_ds_optimizer(self.ds_config) else optimizer_factory(cfg.optim, fused=self._on_gpu())
+        config = self.ds_config
+        if self.resumed_from_world_size:  # the resume reads the checkpoint's universal conversion
+            config = {**config, "checkpoint": {**config.get("checkpoint", {}), "load_universal": True}}
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=optimizer,
-            lr_scheduler=scheduler_factory(cfg.optim, self.plan), config=self.ds_config,
+            lr_scheduler=scheduler_factory(cfg.optim, self.plan), config=config,
         )
         self.state = RunState()
 
@@ -338,6 +376,9 @@ class Trainer:
             "config_hash": self.config_hash,
             "branched_from": self.branched_from,
             "world_size": self.ranks.world_size,
+            "resumed_from_world_size": self.resumed_from_world_size,
+            "global_batch_size": self.cfg.train.global_batch_size,
+            "grad_accum": self.cfg.train.grad_accum,
             "zero_stage": self.stage,
             "captured_at": utc_now(),
             "system": system_info(self.cfg.train.precision, self.ranks.world_size, self.stage),

@@ -45,15 +45,17 @@ class Validator:
 
     # ------------------------------------------------------------------------------ checks
     def configuration(self) -> str:
+        from trainer.config.batch import resolve_batch
         from trainer.config.deepspeed import render_ds_config
         from trainer.config.load import load_config
         from trainer.tasks import build_task
 
-        cfg = load_config(self.config, self.overrides)
+        cfg = resolve_batch(load_config(self.config, self.overrides), 1, str(self.config))
         cfg.run_dir = self.tmp / "runs"
         cfg.checkpoint.resume = "none"
         cfg.upload.url = None
         self.configured = (cfg.train.micro_batch_size, cfg.train.grad_accum)  # the checks run smaller; timing scales back
+        cfg.train.global_batch_size = None
         cfg.train.grad_accum = 1
         cfg.train.micro_batch_size = min(cfg.train.micro_batch_size, 2)
         self.cfg, self.task = cfg, build_task(cfg)

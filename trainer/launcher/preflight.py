@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Optional
 
 from trainer.checkpoint.store import Checkpoint, resolve_resume
-from trainer.config.deepspeed import render_ds_config
+from trainer.config.batch import resolve_batch
+from trainer.config.deepspeed import render_ds_config, zero_stage
 from trainer.config.load import model_identity
 from trainer.config.plan import resolve_plan
 from trainer.config.schema import RunConfig
@@ -14,13 +15,16 @@ from trainer.tasks import build_task
 def preflight(cfg: RunConfig, world_size: int, source: str) -> Optional[Checkpoint]:
     """Raise `UserError` for anything that would fail after launch; return the checkpoint to resume."""
     task = build_task(cfg)
-    render_ds_config(cfg, world_size, task.model_hints().get("hidden_size"), source)
+    hidden = task.model_hints().get("hidden_size")
+    render_ds_config(resolve_batch(cfg, world_size, source), world_size, hidden, source)
     sizes = task.preflight()  # None: remote shards not downloaded yet; the ranks resolve the plan then
-    plan = resolve_plan(cfg, sizes, world_size) if sizes is not None else None
     model = model_identity(cfg)
     ckpt = resolve_resume(cfg.run_dir, cfg.checkpoint.resume, task=cfg.task, model=model)
+    cfg = resolve_batch(cfg, world_size, source, ckpt.metadata if ckpt else None)  # a resumed run keeps its global batch
+    stage = zero_stage(render_ds_config(cfg, world_size, hidden, source))
+    plan = resolve_plan(cfg, sizes, world_size) if sizes is not None else None
     if ckpt is not None:
-        ckpt.check_resumable(str(cfg.checkpoint.resume), world_size, cfg.task, plan.max_steps if plan else None, model)
+        ckpt.check_resumable(str(cfg.checkpoint.resume), world_size, cfg.task, plan.max_steps if plan else None, model, stage)
     if cfg.upload.url:
         from trainer.storage import open_storage
 

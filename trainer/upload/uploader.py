@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
+from trainer.checkpoint.universal import is_derived
 from trainer.checkpoint.layout import (MANIFEST, MANIFEST_FORMAT, MB, METADATA, UPLOAD_STATE_FILE, UploadState, read_upload_state,
                                        remote_prefix, utc_now, write_upload_state)
 from trainer.checkpoint.remote import verify_remote
@@ -67,7 +68,7 @@ def local_files(ckpt_dir: Path, node: NodeInfo) -> list[tuple[str, int]]:
     out = []
     for p in sorted(Path(ckpt_dir).rglob("*")):
         rel = str(p.relative_to(ckpt_dir))
-        if p.is_file() and p.name != UPLOAD_STATE_FILE and not p.name.startswith(".") and node.owns(rel):
+        if p.is_file() and p.name != UPLOAD_STATE_FILE and not p.name.startswith(".") and not is_derived(rel) and node.owns(rel):
             out.append((rel, p.stat().st_size))
     return out
 
