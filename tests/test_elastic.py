@@ -1,0 +1,192 @@
+"""Elastic resume: a run continues on another number of ranks with the same global batch, samples and losses.
+
+The launcher tests chain three real runs per ZeRO stage: A trains 30 steps on 2 ranks; B resumes A's
+step 4 on 1 rank (converted to DeepSpeed's universal format) and trains to 30; C resumes B's step 8 on
+2 ranks. B must continue A, and C must continue B: the first step after a resume within 1e-5 (same
+weights, same samples), the next 20 within 1e-3 (the reduction order differs)."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from test_train_launcher import committed, metadata, write_config
+
+GLOBAL = 8  # micro batch 4: grad_accum 2 on one rank, 1 on two
+
+
+def _losses(ckpt: Path) -> dict[int, float]:
+    return {int(s): float(v) for s, v in metadata(ckpt)["loss_history"]}
+
+
+def _lrs(ckpt: Path) -> dict[int, float]:
+    return {int(s): float(v) for s, v in metadata(ckpt)["lr_history"]}
+
+
+def _continues(resumed: Path, reference: Path, after: int, steps: int = 21) -> None:
+    """`resumed` (resumed at step `after`) has `reference`'s losses: the first step within 1e-5, the rest within 1e-3."""
+    a, b = _losses(reference), _losses(resumed)
+    span = range(after + 1, after + 1 + steps)
+    assert all(s in a and s in b for s in span), (sorted(a), sorted(b))
+    assert abs(a[after + 1] - b[after + 1]) < 1e-5, (a[after + 1], b[after + 1])
+    worst = max(abs(a[s] - b[s]) for s in span)
+    assert worst < 1e-3, {s: (a[s], b[s]) for s in span}
+    assert all(b[s] == a[s] for s in range(1, after + 1))  # the history before the resume is carried over
+    assert {s: v for s, v in _lrs(resumed).items() if s in span} == {s: v for s, v in _lrs(reference).items() if s in span}
+
+
+def _run(cfg: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
+    r = run_cli("train", str(cfg), "--num-ranks", str(ranks), *extra)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r
+
+
+def _ckpt(run_dir: Path, tag: str, world: int) -> Path:
+    (c,) = [p for p in committed(run_dir) if p.name == tag and metadata(p)["world_size"] == world]
+    return c
+
+
+@pytest.mark.launcher
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_on_fewer_and_more_ranks_continues_the_run(tiny_config: Path, tmp_path: Path, stage: int) -> None:
+    from trainer.checkpoint.universal import RECORD, ensure_universal
+
+    runs = tmp_path / "runs"
+    cfg = write_config(tiny_config, runs, train={"max_steps": 30, "log_every": 1, "micro_batch_size": 4,
+                                                "global_batch_size": GLOBAL},
+                       optim={"decay_steps": 30, "warmup_steps": 2}, eval={"enabled": False},
+                       checkpoint={"save_every": 4, "keep_last": 10}, deepspeed={"template": f"zero{stage}"})
+    doc = yaml.safe_load(cfg.read_text())
+    doc["train"].pop("grad_accum", None)  # derived from the global batch on each world size
+    cfg.write_text(yaml.safe_dump(doc))
+    _run(cfg, 2)
+    a4, a30 = _ckpt(runs, "step-00000004", 2), _ckpt(runs, "step-00000030", 2)
+
+    r = _run(cfg, 1, "--resume", str(a4))  # 2 ranks -> 1
+    assert "resuming step-00000004 saved on 2 ranks onto 1: converted to universal in" in r.stdout, r.stdout[-3000:]
+    b8, b30 = _ckpt(runs, "step-00000008", 1), _ckpt(runs, "step-00000030", 1)
+    _continues(b30, a30, after=4)
+    mb = metadata(b30)
+    assert (mb["world_size"], mb["resumed_from_world_size"], mb["grad_accum"], mb["global_batch_size"]) == (1, 2, 2, GLOBAL)
+    assert metadata(a30)["grad_accum"] == 1
+    assert mb["data_position"]["samples_seen"] == metadata(a30)["data_position"]["samples_seen"] == 30 * GLOBAL
+    # the conversion sits inside its source, whole, and is reused rather than redone
+    assert (a4 / "universal" / RECORD).is_file() and not list(a4.parent.glob(".universal-*"))
+    assert ensure_universal(a4).seconds is None
+
+    r = _run(cfg, 2, "--resume", str(b8))  # 1 rank -> 2
+    assert "resuming step-00000008 saved on 1 ranks onto 2: converted to universal in" in r.stdout, r.stdout[-3000:]
+    c30 = [p for p in committed(runs) if p.name == "step-00000030" and metadata(p).get("branched_from") == str(b8)]
+    assert len(c30) == 1
+    _continues(c30[0], b30, after=8)
+    assert metadata(c30[0])["resumed_from_world_size"] == 1 and metadata(c30[0])["grad_accum"] == 1
+
+
+def test_the_samples_of_a_step_do_not_depend_on_the_world_size() -> None:
+    """For W in {1, 2, 4} at a fixed global batch, the union of the ranks' samples at step k is the same set,
+    grouped into the same micro-batches (one rank's micro m holds what rank m held on more ranks)."""
+    from trainer.data.sampler import ResumableSampler
+
+    micro, n = 2, 1000
+    for step in (0, 1, 7, 62, 63, 200):  # 63 crosses the end of the first epoch (1000 / 16 = 62.5 steps)
+        groups: dict[int, list] = {}
+        for world in (1, 2, 4):
+            accum = 16 // (micro * world)
+            samplers = [ResumableSampler(n, 5, rank, world, micro, accum) for rank in range(world)]
+            groups[world] = sorted(tuple(sorted(s.indices(step, m).tolist())) for s in samplers for m in range(accum))
+        assert groups[1] == groups[2] == groups[4]
+        assert len({i for g in groups[1] for i in g}) == 16
+
+
+def test_global_batch_size_derives_grad_accum_and_a_resume_keeps_its_batch(tiny_config: Path) -> None:
+    from trainer.config.batch import resolve_batch
+    from trainer.config.load import Overrides, config_hash, load_config
+    from trainer.errors import UserError
+
+    plain = yaml.safe_load(tiny_config.read_text())
+    plain["train"].pop("grad_accum", None)
+    path = tiny_config.parent / "derived.yaml"
+    path.write_text(yaml.safe_dump({**plain, "train": {**plain["train"], "global_batch_size": 32, "micro_batch_size": 4}}))
+    cfg = load_config(path)
+    assert [resolve_batch(cfg, w).train.grad_accum for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    assert config_hash(resolve_batch(cfg, 1)) == config_hash(resolve_batch(cfg, 8))  # the same training on any world size
+    with pytest.raises(UserError) as e:
+        resolve_batch(cfg, 3, "derived.yaml")
+    assert "train.global_batch_size 32" in str(e.value) and "= 12" in str(e.value) and "1, 2, 4, 8" in str(e.value)
+
+    # an explicit grad_accum that contradicts the global batch on this world size is an error
+    both = load_config(path, Overrides(sets=["train.grad_accum=2"]))
+    assert resolve_batch(both, 4).train.grad_accum == 2
+    with pytest.raises(UserError, match="leave train.grad_accum out"):
+        resolve_batch(both, 2)
+
+    # no global_batch_size: the checkpoint's global batch is kept on another world size
+    free = load_config(tiny_config, Overrides(sets=["train.micro_batch_size=4", "train.grad_accum=1"]))
+    saved = {"tag": "step-00000100", "step": 100, "world_size": 4, "plan": {"global_batch": 16}}
+    assert resolve_batch(free, 1, resume=saved).train.grad_accum == 4
+    assert resolve_batch(free, 4, resume=saved).train.grad_accum == 1
+    assert resolve_batch(free, 2).train.grad_accum == 1  # a fresh run takes grad_accum as configured
+    with pytest.raises(UserError, match=r"the global batch 16 of step-00000100 \(4 ranks\) .* = 12"):
+        resolve_batch(free, 3, resume=saved)
+
+
+def _fake(run_dir: Path, world: int, stage: int, global_batch: int) -> Path:
+    from trainer.checkpoint.store import CheckpointStore
+
+    store = CheckpointStore(run_dir / "run-a")
+    d = store.path("step-00000004")
+    d.mkdir(parents=True)
+    store.commit(d.name, {"step": 4, "tag": d.name, "run_id": "run-a", "loss": 5.0, "world_size": world, "zero_stage": stage,
+                          "task": "pretrain", "plan": {"global_batch": global_batch}}, {})
+    return d
+
+
+@pytest.mark.parametrize("case", ["zero3", "batch"])
+def test_a_resume_that_cannot_continue_on_this_world_size_is_one_line(tiny_config: Path, tmp_path: Path, case: str) -> None:
+    """Refused before anything launches, with the numbers (the checkpoint is left as it was)."""
+    from test_bad_input import assert_user_error, snapshot
+
+    runs = Path(yaml.safe_load(tiny_config.read_text())["run_dir"])
+    if case == "zero3":
+        ckpt = _fake(runs, 2, 3, 16)
+        extra = ["--set", "deepspeed.template=zero3"]
+        ranks, needles = "1", ["saved by 2 ranks with ZeRO stage 3", "zero1 or zero2", "run on 2 rank(s)"]
+    else:
+        ckpt = _fake(runs, 2, 2, 16)
+        extra, ranks = [], "3"
+        needles = ["the global batch 16 of step-00000004 (2 ranks)", "x world size 3 = 24", "world sizes that keep it: 1, 2"]
+    before = snapshot(runs)
+    r = run_cli("train", str(tiny_config), "--num-ranks", ranks, "--resume", str(ckpt), "--dry-run", *extra)
+    assert_user_error(r, *needles)
+    assert snapshot(runs) == before
+
+
+def test_an_impossible_global_batch_is_one_line(tiny_config: Path) -> None:
+    from test_bad_input import assert_user_error
+
+    cfg = yaml.safe_load(tiny_config.read_text())
+    cfg["train"].pop("grad_accum", None)
+    cfg["train"].update(global_batch_size=12, micro_batch_size=8)
+    bad = tiny_config.parent / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    assert_user_error(run_cli("train", str(bad), "--num-ranks", "1", "--dry-run"), "bad.yaml: train.global_batch_size 12",
+                      "train.micro_batch_size 8 x world size 1 = 8")
+
+
+def test_a_conversion_is_never_uploaded_listed_or_counted(tmp_path: Path) -> None:
+    """`universal/` is derived from the checkpoint: not in its upload, its file list or its size."""
+    from conftest import fake_checkpoint
+    from trainer.checkpoint.catalog import scan
+    from trainer.upload.uploader import NodeInfo, local_files
+
+    ckpt = fake_checkpoint(tmp_path / "run-x", 4, world=2, size=1000)
+    before = local_files(ckpt, NodeInfo(0, 1, 2))
+    (ckpt / "universal" / "zero" / "w").mkdir(parents=True)
+    (ckpt / "universal" / "zero" / "w" / "fp32.pt").write_bytes(b"x" * 5000)
+    (ckpt / "universal" / "conversion.json").write_text("{}")
+    assert local_files(ckpt, NodeInfo(0, 1, 2)) == before
+    (entry,) = scan(tmp_path / "run-x").entries
+    assert not any(name.startswith("universal") for name, _ in entry.files)
