@@ -65,6 +65,15 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shards(tmp_path_factory.mktemp("data") / "shards")
 
 
+@pytest.fixture(scope="session")
+def tiny_mm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny multimodal fixtures (Qwen2 folder, Phase 1 checkpoint, JSONL with images, audio, text), made offline."""
+    out = tmp_path_factory.mktemp("tiny_mm")
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_multimodal.py"), "--out", str(out), "--samples", "32"],
+                   check=True, capture_output=True, cwd=REPO)
+    return out
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path, tiny_shards: Path) -> Path:
     """A copy of configs/pretrain_tiny.yaml pointing at the test shards and a temporary run_dir."""

@@ -190,3 +190,25 @@ def test_a_conversion_is_never_uploaded_listed_or_counted(tmp_path: Path) -> Non
     assert local_files(ckpt, NodeInfo(0, 1, 2)) == before
     (entry,) = scan(tmp_path / "run-x").entries
     assert not any(name.startswith("universal") for name, _ in entry.files)
+
+
+@pytest.mark.launcher
+def test_lora_resumes_on_one_rank_from_two(tiny_mm: Path, tmp_path: Path) -> None:
+    """Phase 2 LoRA at ZeRO-2: checkpoints hold only the trainable parameters (LoRA, projectors); the
+    universal conversion carries them and their Adam moments, the frozen weights come from Phase 1 and
+    the base LLM as on any resume (hash-checked)."""
+    from test_lora import lora_config
+
+    cfg = lora_config(tiny_mm, tmp_path / "lora", train={"max_steps": 27, "log_every": 1, "micro_batch_size": 2,
+                                                         "global_batch_size": 4},
+                      optim={"decay_steps": 27, "warmup_steps": 2}, eval={"enabled": False},
+                      checkpoint={"save_every": 6, "keep_last": 10}, deepspeed={"template": "zero2"})
+    runs = tmp_path / "lora" / "runs"
+    _run(cfg, 2)
+    a6, a27 = _ckpt(runs, "step-00000006", 2), _ckpt(runs, "step-00000027", 2)
+    r = _run(cfg, 1, "--resume", str(a6))
+    assert "resuming step-00000006 saved on 2 ranks onto 1: converted to universal in" in r.stdout, r.stdout[-3000:]
+    assert "frozen weights unchanged (sha256" in r.stdout
+    b27 = _ckpt(runs, "step-00000027", 1)
+    _continues(b27, a27, after=6)
+    assert metadata(b27)["grad_accum"] == 2 and metadata(b27)["resumed_from_world_size"] == 2

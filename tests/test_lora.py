@@ -15,14 +15,6 @@ from conftest import REPO, run_cli
 LORA_TINY = REPO / "configs" / "lora_tiny.yaml"
 
 
-@pytest.fixture(scope="session")
-def tiny_mm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_mm")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_multimodal.py"), "--out", str(out), "--samples", "32"],
-                   check=True, capture_output=True, cwd=REPO)
-    return out
-
-
 def lora_config(tiny_mm: Path, where: Path, **sections: dict) -> Path:
     cfg = yaml.safe_load(LORA_TINY.read_text())
     cfg["run_dir"] = str(where / "runs")

@@ -139,9 +139,11 @@ def test_deepspeed_command_from_readme(tiny_config: Path, tmp_path: Path) -> Non
     # A worker-side user error reaches the caller as exit code 2 with one line, no traceback.
     single = tmp_path / "hostfile1"
     single.write_text("localhost slots=1\n")
+    # (another world size is fine for ZeRO-1/2: ZeRO-3 is refused)
     r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(single), "--no_ssh_check",
                         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "launch/train.py", "--config", str(cfg),
-                        "--resume", "latest", "--max-steps", "6"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                        "--resume", "latest", "--max-steps", "6", "--set", "deepspeed.template=zero3"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 2
     errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "saved by 2 ranks" in errors[0], r.stdout[-2000:] + r.stderr[-2000:]
@@ -250,7 +252,9 @@ def test_sigterm_to_the_deepspeed_runner_started_by_hand(tiny_config: Path, tmp_
 @pytest.mark.launcher
 def test_two_simulated_nodes_upload_one_complete_checkpoint(tiny_config: Path, tmp_path: Path) -> None:
     """Two "nodes" on 127.0.0.1 (two launchers, --no_ssh --node_rank 0/1), separate run dirs, no shared
-    filesystem: each node uploads the files its rank wrote; node 0 writes the manifest after node 1 reported."""
+    filesystem: each node uploads the files its rank wrote; node 0 writes the manifest after node 1 reported.
+    Then one node of one rank on a fresh machine continues the run from the bucket: restored, converted to
+    the universal format for its world size, trained on, uploaded (without the conversion)."""
     import os
 
     from trainer.launcher.command import free_port
@@ -260,7 +264,7 @@ def test_two_simulated_nodes_upload_one_complete_checkpoint(tiny_config: Path, t
     bucket = tmp_path / "bucket"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    common = dict(train={"max_steps": 4, "log_every": 2}, checkpoint={"save_every": 4}, upload={"url": f"file://{bucket}"})
+    common = dict(train={"max_steps": 4, "log_every": 1}, checkpoint={"save_every": 4}, upload={"url": f"file://{bucket}"})
     cfg_a = write_config(tiny_config, tmp_path / "node_a", **common)
     cfg_b = write_config(tiny_config, tmp_path / "node_b", **common)
     port = str(free_port())
@@ -282,3 +286,18 @@ def test_two_simulated_nodes_upload_one_complete_checkpoint(tiny_config: Path, t
     assert {"rng_state_rank00000.pt", "rng_state_rank00001.pt", "mp_rank_00_model_states.pt", "metadata.json"} <= paths
     assert any(p.startswith("zero_pp_rank_1_") for p in paths) and any(p.startswith("zero_pp_rank_0_") for p in paths)
     assert any(p["name"].startswith("node01-part-") for p in manifest["parts"])
+
+    cfg_c = write_config(tiny_config, tmp_path / "fresh", **common)
+    r = run_cli("train", str(cfg_c), "--num-ranks", "1", "--max-steps", "8")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "no local checkpoint: looking for the newest complete one" in r.stdout
+    assert "resuming step-00000004 saved on 2 ranks onto 1: converted to universal in" in r.stdout, r.stdout[-3000:]
+    c4, c8 = committed(tmp_path / "fresh")
+    assert (c4 / "universal" / "conversion.json").is_file() and c8.name == "step-00000008"
+    m8 = metadata(c8)
+    assert m8["run_id"] == a.parent.parent.name and m8["resumed_from_world_size"] == 2 and m8["grad_accum"] == 2
+    losses = dict((int(s), v) for s, v in m8["loss_history"])
+    assert losses[4] == metadata(a)["loss"] and abs(losses[5] - losses[4]) < 0.1 < losses[1] - losses[4]  # continued, not restarted
+    ok, why, manifest = verify_remote(storage, f"{c8.parent.parent.name}/{c8.name}")
+    assert ok, why
+    assert not any(f["path"].startswith("universal") for f in manifest["files"])
