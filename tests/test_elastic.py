@@ -38,6 +38,41 @@ def _continues(resumed: Path, reference: Path, after: int, steps: int = 21) -> N
     assert {s: v for s, v in _lrs(resumed).items() if s in span} == {s: v for s, v in _lrs(reference).items() if s in span}
 
 
+def _same(x: object, y: object) -> bool:
+    import torch
+
+    if torch.is_tensor(x):
+        return torch.is_tensor(y) and x.dtype == y.dtype and x.shape == y.shape and bool((x == y).all())
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)):
+        return isinstance(y, (list, tuple)) and len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y))
+    if hasattr(x, "__dict__") and not isinstance(x, type):  # DeepSpeed's LossScaler has no __eq__
+        return type(x) is type(y) and _same(vars(x), vars(y))
+    return x == y
+
+
+def _same_as_deepspeed(ckpt: Path, tmp: Path) -> None:
+    """The one-pass conversion a resume made holds the files DeepSpeed's ds_to_universal writes, tensor for tensor."""
+    import sys
+
+    import torch
+
+    from conftest import REPO
+
+    inputs = tmp / "ds_in"
+    inputs.mkdir()
+    for f in ckpt.glob("*_states.pt"):
+        (inputs / f.name).symlink_to(f)
+    subprocess.run([sys.executable, "-m", "trainer.checkpoint.universal", str(inputs), str(tmp / "ds_out"), "--workers", "1",
+                    "--converter", "deepspeed"], check=True, capture_output=True, cwd=REPO)
+    ours, theirs = ckpt / "universal", tmp / "ds_out"
+    names = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*.pt"))
+    assert names == sorted(str(p.relative_to(ours)) for p in ours.rglob("*.pt")) and len(names) > 10
+    for name in names:
+        assert _same(torch.load(ours / name, weights_only=False), torch.load(theirs / name, weights_only=False)), name
+
+
 def _run(cfg: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
     r = run_cli("train", str(cfg), "--num-ranks", str(ranks), *extra)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -76,6 +111,7 @@ def test_resume_on_fewer_and_more_ranks_continues_the_run(tiny_config: Path, tmp
     # the conversion sits inside its source, whole, and is reused rather than redone
     assert (a4 / "universal" / RECORD).is_file() and not list(a4.parent.glob(".universal-*"))
     assert ensure_universal(a4).seconds is None
+    _same_as_deepspeed(a4, tmp_path)
 
     r = _run(cfg, 2, "--resume", str(b8))  # 1 rank -> 2
     assert "resuming step-00000008 saved on 1 ranks onto 2: converted to universal in" in r.stdout, r.stdout[-3000:]
@@ -212,3 +248,4 @@ def test_lora_resumes_on_one_rank_from_two(tiny_mm: Path, tmp_path: Path) -> Non
     b27 = _ckpt(runs, "step-00000027", 1)
     _continues(b27, a27, after=6)
     assert metadata(b27)["grad_accum"] == 2 and metadata(b27)["resumed_from_world_size"] == 2
+    _same_as_deepspeed(a6, tmp_path)  # only the trainable parameters, as DeepSpeed's converter writes them

@@ -301,3 +301,15 @@ def test_two_simulated_nodes_upload_one_complete_checkpoint(tiny_config: Path, t
     ok, why, manifest = verify_remote(storage, f"{c8.parent.parent.name}/{c8.name}")
     assert ok, why
     assert not any(f["path"].startswith("universal") for f in manifest["files"])
+
+    # Node A's machine came back alone: its step 4 holds only rank 0's files; rank 1's come from the bucket
+    import shutil
+
+    shutil.copytree(bucket, tmp_path / "bucket2")  # (node A's new uploads must not collide with the fresh node's)
+    cfg_a1 = write_config(tiny_config, tmp_path / "node_a", **{**common, "upload": {"url": f"file://{tmp_path / 'bucket2'}"}})
+    r = run_cli("train", str(cfg_a1), "--num-ranks", "1", "--max-steps", "8")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "fetching 2 file(s) of step-00000004 that this node lacks" in r.stdout, r.stdout[-3000:]
+    assert (a / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file() and (a / "universal" / "conversion.json").is_file()
+    (a8,) = [p for p in committed(tmp_path / "node_a") if p.name == "step-00000008"]
+    assert metadata(a8)["loss_history"] == m8["loss_history"]  # the same state on the same world size: the same run

@@ -104,6 +104,35 @@ def restore(storage: Storage, prefix: str, manifest: dict, run_dir: Path,
     return final
 
 
+def fill_missing(storage: Storage, prefix: str, manifest: dict, ckpt_dir: Path) -> list[str]:
+    """Download into the local checkpoint `ckpt_dir` the files its manifest lists that are not there (a node of a
+    run without a shared filesystem holds only its own ranks' files), each verified like a restore. Only the
+    parts holding them are fetched; the files are moved in when all are verified. Returns their names."""
+    ckpt_dir = Path(ckpt_dir)
+    files = {f["path"]: f for f in manifest["files"]}
+    missing = sorted(p for p in files if not (ckpt_dir / p).is_file())
+    if not missing:
+        return []
+    parts = [part for part in manifest["parts"] if any(files[p]["part"] == part["name"] for p in missing)]
+    staging = ckpt_dir.parent / f".fill-{ckpt_dir.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    started = time.monotonic()
+    log.info("fetching %d file(s) of %s that this node lacks from %s (%d part(s))", len(missing), ckpt_dir.name,
+             storage.display(prefix), len(parts))
+    try:
+        for part in parts:
+            _fetch_part(storage, prefix, part, manifest.get("compression", "none"), files, staging)
+        for name in missing:
+            (ckpt_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staging / name, ckpt_dir / name)
+        fsync_dir(ckpt_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("fetched %s into %s in %.1f s (CRC32C verified)", ", ".join(missing), ckpt_dir.name, time.monotonic() - started)
+    return missing
+
+
 def restore_newest(storage: Storage, run_dir: Path, task: Optional[str] = None, model: Optional[dict] = None) -> Optional[Path]:
     """The newest remote checkpoint that restores and verifies, as a local folder; None if there is none."""
     for prefix, manifest in remote_checkpoints(storage, task, model):
