@@ -107,6 +107,7 @@ def test_resume_on_fewer_and_more_ranks_continues_the_run(tiny_config: Path, tmp
     mb = metadata(b30)
     assert (mb["world_size"], mb["resumed_from_world_size"], mb["grad_accum"], mb["global_batch_size"]) == (1, 2, 2, GLOBAL)
     assert metadata(a30)["grad_accum"] == 1
+    assert mb["config_hash"] == metadata(a30)["config_hash"] and "training settings changed" not in r.stdout  # the same config
     assert mb["data_position"]["samples_seen"] == metadata(a30)["data_position"]["samples_seen"] == 30 * GLOBAL
     # the conversion sits inside its source, whole, and is reused rather than redone
     assert (a4 / "universal" / RECORD).is_file() and not list(a4.parent.glob(".universal-*"))
@@ -139,7 +140,7 @@ def test_the_samples_of_a_step_do_not_depend_on_the_world_size() -> None:
 
 def test_global_batch_size_derives_grad_accum_and_a_resume_keeps_its_batch(tiny_config: Path) -> None:
     from trainer.config.batch import resolve_batch
-    from trainer.config.load import Overrides, config_hash, load_config
+    from trainer.config.load import Overrides, load_config
     from trainer.errors import UserError
 
     plain = yaml.safe_load(tiny_config.read_text())
@@ -148,7 +149,6 @@ def test_global_batch_size_derives_grad_accum_and_a_resume_keeps_its_batch(tiny_
     path.write_text(yaml.safe_dump({**plain, "train": {**plain["train"], "global_batch_size": 32, "micro_batch_size": 4}}))
     cfg = load_config(path)
     assert [resolve_batch(cfg, w).train.grad_accum for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
-    assert config_hash(resolve_batch(cfg, 1)) == config_hash(resolve_batch(cfg, 8))  # the same training on any world size
     with pytest.raises(UserError) as e:
         resolve_batch(cfg, 3, "derived.yaml")
     assert "train.global_batch_size 32" in str(e.value) and "= 12" in str(e.value) and "1, 2, 4, 8" in str(e.value)

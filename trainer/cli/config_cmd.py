@@ -34,9 +34,10 @@ def show(
 
     cfg = load_config(config, overrides(sets, max_steps, batch_size, learning_rate, epochs=num_epochs))
     world = sum(parse_hostfile(hostfile).values()) if hostfile else (num_ranks or 1)
+    written_hash = config_hash(cfg)
     cfg = resolve_batch(cfg, world, str(config))
     ds = render_ds_config(cfg, world, build_task(cfg).model_hints().get("hidden_size"), str(config))
-    resolved: dict = {"world_size": world, "config_hash": config_hash(cfg)}
+    resolved: dict = {"world_size": world, "config_hash": written_hash}
     if cfg.task == "pretrain":
         from trainer.models.neox import dims_of
 

@@ -251,7 +251,9 @@ def config_hash(cfg: RunConfig) -> str:
     """Stable short hash of the settings that define the training trajectory.
 
     Excludes what may legitimately change between a run and its resume (where to resume from, how
-    long to train, where outputs and uploads go, tracking).
+    long to train, where outputs and uploads go, tracking). Hash the config as written, before the
+    batch is resolved for a world size (`config.batch.resolve_batch`): a run resumed on another
+    world size keeps its hash.
     """
     data = config_to_dict(cfg)
     data.pop("run_dir", None)
@@ -262,7 +264,6 @@ def config_hash(cfg: RunConfig) -> str:
     data["checkpoint"].pop("async", None)  # how saves are written, not what is trained
     data["train"].pop("max_steps", None)
     data["train"].pop("epochs", None)
-    data["train"].pop("grad_accum", None)  # derived from the global batch on each world size (config/batch.py)
     data.pop("eval", None)  # evaluation reads the model, it does not change what is trained
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -145,7 +145,8 @@ class LossWindow:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, task: Task, source: str = "config"):
-        self.cfg = cfg
+        self.cfg = cfg  # resolved for this world size in setup (grad_accum, global_batch_size)
+        self.written_cfg = cfg
         self.task = task
         self.source = source
         self.ranks = rank_info()
@@ -282,7 +283,7 @@ class Trainer:
         self.report.open(self.run_root, self.run_id, (meta or {}).get("step", 0))
         source_root = Path(decision["resume"]).parent.parent if decision["resume"] else None
         self.goodput.begin(self.run_root, meta, source_root, attempt_id=uuid.uuid4().hex[:12], writer=r.is_main)
-        self.config_hash = config_hash(cfg)
+        self.config_hash = config_hash(self.written_cfg)  # as written: the same on any world size
         log.info("run %s: %d rank(s), ZeRO stage %d, %s, config %s (hash %s)", self.run_id, r.world_size, self.stage,
                  cfg.train.precision, self.source, self.config_hash)
         log.info(self.plan.describe())
