@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.checkpoint.universal import is_derived
 from trainer.checkpoint.layout import MANIFEST, METADATA, TAG_PREFIX, read_upload_state, remote_prefix, tag_for
 from trainer.checkpoint.remote import read_manifests, verify_remote
 from trainer.checkpoint.store import CheckpointStore, best_checkpoint, newest, read_metadata, recency, run_roots
+from trainer.checkpoint.universal import is_derived
 from trainer.errors import UserError
 
 @dataclass

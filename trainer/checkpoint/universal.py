@@ -202,11 +202,19 @@ def _convert_one_pass(src: Path, out: Path, workers: int) -> None:
     loads each rank's states three times; at neox-410m that made it 8x the time of reading and writing the
     bytes once. What it writes is the format `checkpoint.load_universal` reads, and the tests check the two
     converters' files are equal tensor for tensor."""
-    import torch
     from concurrent.futures import ThreadPoolExecutor
 
-    from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, CAT_DIM, OPTIMIZER_STATE_DICT, PARAM, PARAM_GROUPS,
-                                                PARAM_SHAPES, PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)
+    import torch
+    from deepspeed.checkpoint.constants import (
+        BASE_OPTIMIZER_STATE,
+        CAT_DIM,
+        OPTIMIZER_STATE_DICT,
+        PARAM,
+        PARAM_GROUPS,
+        PARAM_SHAPES,
+        PARAM_SLICE_MAPPINGS,
+        SINGLE_PARTITION_OF_FP32_GROUPS,
+    )
 
     files = sorted((int(m.group(1)), p) for p in src.iterdir() if (m := _PLAIN_OPTIM.match(p.name)))
     assert [r for r, _ in files] == list(range(len(files))), f"data-parallel ranks {[r for r, _ in files]} in {src}"

@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from trainer.checkpoint.universal import is_derived
 from trainer.checkpoint.layout import (MANIFEST, MANIFEST_FORMAT, MB, METADATA, UPLOAD_STATE_FILE, UploadState, read_upload_state,
                                        remote_prefix, utc_now, write_upload_state)
 from trainer.checkpoint.remote import verify_remote
 from trainer.checkpoint.store import Checkpoint, best_checkpoint, read_metadata
+from trainer.checkpoint.universal import is_derived
 from trainer.log import get_logger
 from trainer.upload.archive import SUFFIX, Compression, PartResult, TarStream, compress_into, plan_parts
 from trainer.storage import Storage, describe_error, is_permanent
