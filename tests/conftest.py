@@ -108,8 +108,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
         emu.stop()
 
 
-def fake_checkpoint(run_root: Path, step: int, world: int = 1, size: int = 300_000, loss: float = 1.0) -> Path:
-    """A committed checkpoint folder with DeepSpeed-like file names and random bytes."""
+def fake_checkpoint(run_root: Path, step: int, world: int = 1, size: int = 300_000, loss: float = 1.0, **meta: object) -> Path:
+    """A committed checkpoint folder with DeepSpeed-like file names and random bytes (`meta`: more metadata)."""
     store = CheckpointStore(run_root)
     d = store.path(f"step-{step:08d}")
     d.mkdir(parents=True)
@@ -118,7 +118,7 @@ def fake_checkpoint(run_root: Path, step: int, world: int = 1, size: int = 300_0
         (d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(size // 2))
         (d / f"rng_state_rank{r:05d}.pt").write_bytes(os.urandom(100))
     store.commit(d.name, {"step": step, "tag": d.name, "run_id": run_root.name, "loss": loss, "world_size": world,
-                          "zero_stage": 2, "config_hash": "abc"}, {"config.yaml": "task: pretrain\n"})
+                          "zero_stage": 2, "config_hash": "abc", **meta}, {"config.yaml": "task: pretrain\n"})
     return d
 
 

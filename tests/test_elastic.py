@@ -64,8 +64,8 @@ def _same_as_deepspeed(ckpt: Path, tmp: Path) -> None:
     inputs.mkdir()
     for f in ckpt.glob("*_states.pt"):
         (inputs / f.name).symlink_to(f)
-    subprocess.run([sys.executable, "-m", "trainer.checkpoint.universal", str(inputs), str(tmp / "ds_out"), "--workers", "1",
-                    "--converter", "deepspeed"], check=True, capture_output=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "trainer.checkpoint.universal", str(inputs), str(tmp / "ds_out"), "--workers", "1"],
+                   check=True, capture_output=True, cwd=REPO)
     ours, theirs = ckpt / "universal", tmp / "ds_out"
     names = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*.pt"))
     assert names == sorted(str(p.relative_to(ours)) for p in ours.rglob("*.pt")) and len(names) > 10
@@ -169,31 +169,26 @@ def test_global_batch_size_derives_grad_accum_and_a_resume_keeps_its_batch(tiny_
         resolve_batch(free, 3, resume=saved)
 
 
-def _fake(run_dir: Path, world: int, stage: int, global_batch: int) -> Path:
-    from trainer.checkpoint.store import CheckpointStore
-
-    store = CheckpointStore(run_dir / "run-a")
-    d = store.path("step-00000004")
-    d.mkdir(parents=True)
-    store.commit(d.name, {"step": 4, "tag": d.name, "run_id": "run-a", "loss": 5.0, "world_size": world, "zero_stage": stage,
-                          "task": "pretrain", "plan": {"global_batch": global_batch}}, {})
-    return d
-
-
-@pytest.mark.parametrize("case", ["zero3", "batch"])
+@pytest.mark.parametrize("case", ["zero3", "batch", "states"])
 def test_a_resume_that_cannot_continue_on_this_world_size_is_one_line(tiny_config: Path, tmp_path: Path, case: str) -> None:
     """Refused before anything launches, with the numbers (the checkpoint is left as it was)."""
     from test_bad_input import assert_user_error, snapshot
 
+    from conftest import fake_checkpoint
+
     runs = Path(yaml.safe_load(tiny_config.read_text())["run_dir"])
+    ckpt = fake_checkpoint(runs / "run-a", 4, world=2, size=1000, zero_stage=3 if case == "zero3" else 2, task="pretrain",
+                           plan={"global_batch": 16})
     if case == "zero3":
-        ckpt = _fake(runs, 2, 3, 16)
         extra = ["--set", "deepspeed.template=zero3"]
         ranks, needles = "1", ["saved by 2 ranks with ZeRO stage 3", "zero1 or zero2", "run on 2 rank(s)"]
-    else:
-        ckpt = _fake(runs, 2, 2, 16)
+    elif case == "batch":
         extra, ranks = [], "3"
         needles = ["the global batch 16 of step-00000004 (2 ranks)", "x world size 3 = 24", "world sizes that keep it: 1, 2"]
+    else:  # one node's files of a run saved across nodes without a shared filesystem, and no bucket to fetch the rest
+        (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+        extra, ranks = [], "1"
+        needles = ["lacks rank 1's optimizer states", "no upload.url to fetch it from", "resume on 2 rank(s)"]
     before = snapshot(runs)
     r = run_cli("train", str(tiny_config), "--num-ranks", ranks, "--resume", str(ckpt), "--dry-run", *extra)
     assert_user_error(r, *needles)

@@ -27,16 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from tools.bench_checkpoint import drop_caches  # noqa: E402
 CHUNK = 8 * 1024 * 1024
-
-
-def drop_caches() -> bool:
-    subprocess.run(["sync"], check=True)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def make_checkpoint(args: argparse.Namespace, work: Path) -> Path:
@@ -101,7 +93,7 @@ def written_bytes(folder: Path) -> int:
 
 def deepspeed_converter(ckpt: Path, workers: int) -> tuple[float, int]:
     """DeepSpeed's ds_to_universal on the same inputs (the fallback path), as a child process; fsync included."""
-    from trainer.checkpoint.universal import _sync_tree
+    from trainer.checkpoint.store import fsync_tree
 
     staging = ckpt.parent / ".bench-ds"
     shutil.rmtree(staging, ignore_errors=True)
@@ -110,8 +102,8 @@ def deepspeed_converter(ckpt: Path, workers: int) -> tuple[float, int]:
         (staging / "in" / f.name).symlink_to(f.resolve())
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "trainer.checkpoint.universal", str(staging / "in"), str(staging / "out"),
-                    "--workers", str(workers), "--converter", "deepspeed"], check=True, capture_output=True)
-    _sync_tree(staging / "out")
+                    "--workers", str(workers)], check=True, capture_output=True)
+    fsync_tree(staging / "out", files=True)
     took = time.perf_counter() - t0
     n = written_bytes(staging / "out")
     shutil.rmtree(staging)

@@ -51,6 +51,20 @@ def fsync_dir(path: Path) -> None:
         os.close(dir_fd)
 
 
+def fsync_tree(folder: Path, files: bool = False) -> None:
+    """fsync every folder from `folder` down (new entries durable), and with `files` every file too (for files
+    written without their own fsync), before the tree is renamed into place or committed."""
+    for d, _, names in os.walk(folder):
+        if files:
+            for name in names:
+                fd = os.open(os.path.join(d, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(Path(d))
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from trainer.checkpoint.store import atomic_write, fsync_dir
+from trainer.checkpoint.store import atomic_write, fsync_dir, fsync_tree
 from trainer.errors import UserError
 from trainer.log import get_logger
 from trainer.progress import gb
@@ -83,6 +83,13 @@ def missing_states(ckpt_dir: Path, world_size: int) -> list[str]:
     return out
 
 
+def missing_states_error(ckpt_dir: Path, world_size: int, missing: list[str], url: Optional[str]) -> UserError:
+    """The one line for a checkpoint that lacks states the conversion needs (and that no bucket can supply)."""
+    where = f"{url} does not hold it" if url else "no upload.url to fetch it from"
+    return UserError(f"--resume: {ckpt_dir} lacks {', '.join(missing)} (saved by {world_size} ranks across nodes without a"
+                     f" shared filesystem?) and {where}: resume on {world_size} rank(s), or from the bucket")
+
+
 def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -94,8 +101,6 @@ def ensure_universal(ckpt_dir: Path, workers: Optional[int] = None) -> Conversio
     if done is not None:
         return Conversion(done, None, int(json.loads((done / RECORD).read_text()).get("bytes") or _size(done)))
     sources = sorted(p for p in ckpt_dir.iterdir() if p.is_file() and p.name.endswith(("_model_states.pt", "_optim_states.pt")))
-    if not any(p.name.endswith("_optim_states.pt") for p in sources):
-        raise UserError(f"{ckpt_dir}: no ZeRO optimizer states (*_optim_states.pt) to convert for another world size")
     # The converter walks its input folder recursively: it reads a folder of links to DeepSpeed's files
     # only, never a conversion (or another node's staging folder) inside the checkpoint.
     staging = ckpt_dir.parent / f"{STAGING_PREFIX}{ckpt_dir.name}-{uuid.uuid4().hex[:8]}"
@@ -112,15 +117,14 @@ def ensure_universal(ckpt_dir: Path, workers: Optional[int] = None) -> Conversio
         if plain:
             _convert_one_pass(inputs, out, workers)
         else:  # DeepSpeed's converter forks workers: in a child process, never in a rank holding threads
-            cmd = [sys.executable, "-m", "trainer.checkpoint.universal", str(inputs), str(out), "--workers", str(workers),
-                   "--converter", "deepspeed"]
+            cmd = [sys.executable, "-m", "trainer.checkpoint.universal", str(inputs), str(out), "--workers", str(workers)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if proc.returncode != 0:
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
                 raise RuntimeError(f"converting {ckpt_dir} to universal failed (exit {proc.returncode}):\n{tail}")
         seconds = time.monotonic() - started
         size = _size(out)
-        _sync_tree(out)
+        fsync_tree(out, files=True)
         atomic_write(out / RECORD, json.dumps({
             "source": ckpt_dir.name, "seconds": round(seconds, 3), "bytes": size, "deepspeed": ds_version(),
         }, indent=2) + "\n")
@@ -136,18 +140,6 @@ def ensure_universal(ckpt_dir: Path, workers: Optional[int] = None) -> Conversio
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _sync_tree(folder: Path) -> None:
-    """fsync every file and folder of a finished conversion before it is renamed into place."""
-    for d, _, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(d, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(d))
-
-
 def ds_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -155,15 +147,6 @@ def ds_version() -> str:
         return version("deepspeed")
     except PackageNotFoundError:  # pragma: no cover - deepspeed is a dependency
         return "(not installed)"
-
-
-def _convert(src: Path, out: Path, workers: int) -> str:
-    """Write the universal format of the ZeRO checkpoint files in `src` into `out`; returns which converter ran."""
-    if _plain_data_parallel(src):
-        _convert_one_pass(src, out, workers)
-        return "one-pass"
-    _convert_with_deepspeed(src, out, workers)
-    return "ds_to_universal"
 
 
 def _convert_with_deepspeed(src: Path, out: Path, workers: int) -> None:
@@ -266,17 +249,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m trainer.checkpoint.universal",
-                                description="Convert a DeepSpeed ZeRO-1/2 checkpoint folder to the universal format.")
+                                description="DeepSpeed's ds_to_universal on a folder of ZeRO checkpoint files (the child"
+                                " process `ensure_universal` runs for layouts the one pass does not read).")
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--converter", choices=("auto", "deepspeed"), default="auto",
-                   help="auto: one pass for plain data-parallel ZeRO-1/2 checkpoints, DeepSpeed's ds_to_universal otherwise")
     a = p.parse_args(argv)
-    if a.converter == "deepspeed":
-        _convert_with_deepspeed(Path(a.src), Path(a.out), a.workers)
-    else:
-        print(f"converter: {_convert(Path(a.src), Path(a.out), a.workers)}")
+    _convert_with_deepspeed(Path(a.src), Path(a.out), a.workers)
     return 0
 
 

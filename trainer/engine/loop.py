@@ -34,7 +34,7 @@ from trainer.engine.metrics import accelerator_name, mfu, peak_flops, system_inf
 from trainer.engine.optim import optimizer_factory, param_groups, scheduler_factory
 from trainer.engine.report import Reporter, curve_of
 from trainer.engine.signals import StopFlag, watch_launchers
-from trainer.errors import EXIT_OK, EXIT_PREEMPTED, UserError
+from trainer.errors import EXIT_OK, EXIT_PREEMPTED
 from trainer.tasks.base import Task
 from trainer.log import add_log_file, get_logger, redact
 from trainer.progress import gb
@@ -207,7 +207,7 @@ class Trainer:
     def _convert_for_this_world(self, decision: dict) -> Path:
         """The resumed checkpoint in DeepSpeed's universal format (converted once on each node that lacks it; a
         conversion already beside it is reused). Said in one line: what was resumed, from how many ranks onto how many."""
-        from trainer.checkpoint.universal import ensure_universal, missing_states
+        from trainer.checkpoint.universal import ensure_universal, missing_states, missing_states_error
         from trainer.upload.restore import fill_missing
 
         src, r, url = Path(decision["resume"]), self.ranks, self.cfg.upload.url
@@ -224,9 +224,7 @@ class Trainer:
                         fill_missing(storage, prefix, json.loads(raw), src)
                         missing = missing_states(src, saved_world)
                 if missing:
-                    raise UserError(f"--resume: {src} lacks {', '.join(missing)} (saved by {saved_world} ranks across nodes"
-                                    " without a shared filesystem?) and " + (f"{redact(url)} does not hold it" if url else
-                                    "no upload.url to fetch it from") + f": resume on {saved_world} rank(s), or from the bucket")
+                    raise missing_states_error(src, saved_world, missing, redact(url) if url else None)
                 done["conversion"] = ensure_universal(src)
 
         dist.agree(convert, dist.local_mains(r), f"each node converting {src.name} to the universal format")

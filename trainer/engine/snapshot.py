@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from trainer.checkpoint.store import fsync_tree
 from trainer.log import get_logger
 
 log = get_logger("checkpoint")
@@ -248,7 +249,7 @@ class BackgroundWriter:
             if path is self._SEAL:
                 if job.error is None:
                     try:
-                        _fsync_tree(job.folder)
+                        fsync_tree(job.folder)  # (the files themselves were fsynced)
                     except OSError as exc:
                         job.error = exc
                 job.finished = time.monotonic()
@@ -267,14 +268,6 @@ class BackgroundWriter:
             finally:
                 job.write_s += time.monotonic() - t0
                 del obj
-
-
-def _fsync_tree(folder: Path) -> None:
-    """fsync every folder from `folder` down (new entries durable; the files themselves were fsynced)."""
-    from trainer.checkpoint.store import fsync_dir
-
-    for d, _, _ in os.walk(folder):
-        fsync_dir(Path(d))
 
 
 class SnapshotCheckpointEngine:
@@ -377,7 +370,7 @@ class SnapshotCheckpointEngine:
         if self.background:
             self.writer.seal(job)
         else:
-            _fsync_tree(job.folder)
+            fsync_tree(job.folder)
             job.finished = time.monotonic()
             job.done.set()
         return job

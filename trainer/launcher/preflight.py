@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from trainer.checkpoint.store import Checkpoint, resolve_resume
+from trainer.checkpoint.universal import missing_states, missing_states_error
 from trainer.config.batch import resolve_batch
 from trainer.config.deepspeed import render_ds_config, zero_stage
 from trainer.config.load import model_identity
@@ -25,6 +26,9 @@ def preflight(cfg: RunConfig, world_size: int, source: str) -> Optional[Checkpoi
     plan = resolve_plan(cfg, sizes, world_size) if sizes is not None else None
     if ckpt is not None:
         ckpt.check_resumable(str(cfg.checkpoint.resume), world_size, cfg.task, plan.max_steps if plan else None, model, stage)
+        saved_world = int(ckpt.metadata.get("world_size", world_size))
+        if saved_world != world_size and not cfg.upload.url and (missing := missing_states(ckpt.path, saved_world)):
+            raise missing_states_error(ckpt.path, saved_world, missing, None)  # (with a bucket, the ranks fetch them)
     if cfg.upload.url:
         from trainer.storage import open_storage
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from trainer.checkpoint.layout import MB, UploadState, write_upload_state
 from trainer.checkpoint.remote import remote_checkpoints
-from trainer.checkpoint.store import CheckpointStore, fsync_dir
+from trainer.checkpoint.store import CheckpointStore, fsync_dir, fsync_tree
 from trainer.log import get_logger
 from trainer.progress import gb, report
 from trainer.storage import Storage, b64_crc, describe_error
@@ -91,8 +91,7 @@ def restore(storage: Storage, prefix: str, manifest: dict, run_dir: Path,
             raise RestoreFailed(f"the parts lack {sorted(set(files) - seen)[:5]} that the manifest lists")
         write_upload_state(staging, UploadState.UPLOADED, url=storage.display(prefix), bytes=manifest.get("bytes"),
                            manifest_crc32c=manifest.get("manifest_crc32c"), restored=True)
-        for d, _, _ in os.walk(staging):
-            fsync_dir(Path(d))
+        fsync_tree(staging)  # (every file was fsynced as it was unpacked)
         os.rename(staging, final)  # metadata.json is inside: committed whole, at once
         fsync_dir(store.root)
     except BaseException:
