@@ -297,8 +297,10 @@ def test_lora_task_without_its_section_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "soft_tokens" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_a_file_that_breaks_mid_run_is_skipped_or_named(tiny_mm: Path, tmp_path: Path) -> None:
-    """Files deleted after the start-up scan: `skip` replaces the sample and counts it, `error` names its line."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_file_that_breaks_mid_run_is_skipped_or_named(tiny_mm: Path, tmp_path: Path, workers: int) -> None:
+    """Files deleted after the start-up scan: `skip` replaces the sample and counts it, `error` names its line;
+    the same with batches prepared in worker processes."""
     import shutil
 
     from trainer.config.load import load_config
@@ -309,7 +311,8 @@ def test_a_file_that_breaks_mid_run_is_skipped_or_named(tiny_mm: Path, tmp_path:
     data = tmp_path / "data"
     shutil.copytree(tiny_mm / "data", data)
     for mode in ("skip", "error"):
-        task = LoraTask(load_config(lora_config(tiny_mm, tmp_path / mode, data={"path": str(data), "on_bad_sample": mode})))
+        task = LoraTask(load_config(lora_config(tiny_mm, tmp_path / mode, data={"path": str(data), "on_bad_sample": mode,
+                                                                                "num_workers": workers})))
         task.setup_data(RankInfo(0, 1, 0, 1), 4, 1)
         first = task.samples[int(task.sampler.indices(0, 0)[0])]
         for path in first.media.values():
@@ -321,8 +324,72 @@ def test_a_file_that_breaks_mid_run_is_skipped_or_named(tiny_mm: Path, tmp_path:
         else:
             with pytest.raises(UserError, match=f"train.jsonl:{first.line}: unreadable during training"):
                 task.batch(0, 0, "cpu")
+        assert (task.prefetch is not None) == bool(workers)
+        if task.prefetch is not None:
+            task.prefetch.close()
         shutil.rmtree(data)
         shutil.copytree(tiny_mm / "data", data)
+
+
+def test_worker_batches_equal_the_training_threads_in_any_order_of_asking(tiny_mm: Path, tmp_path: Path) -> None:
+    """data.num_workers: every (step, micro) gets the tensors the training thread would make, asked in order, after a
+    jump (a resume) and backwards; the stream restarts only at the jumps."""
+    import torch
+
+    from trainer.config.load import load_config
+    from trainer.ranks import RankInfo
+    from trainer.tasks.lora import LoraTask
+
+    tasks = []
+    for workers in (0, 2):
+        task = LoraTask(load_config(lora_config(tiny_mm, tmp_path / str(workers), data={"num_workers": workers})))
+        task.setup_data(RankInfo(1, 2, 1, 2), 3, 2)
+        tasks.append(task)
+    keys = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (7, 1), (8, 0), (8, 1), (3, 0), (3, 1)]
+    for step, micro in keys:
+        a, b = (t.batch(step, micro, "cpu") for t in tasks)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (step, micro)
+    assert tasks[1].prefetch is not None and tasks[1].prefetch.restarts == 3
+    tasks[1].prefetch.close()
+
+
+def test_data_fields_rename_the_instruction_and_response(tiny_mm: Path, tmp_path: Path) -> None:
+    """data.fields: {instruction: prompt, response: answer} reads lines that name them so; a line with neither the
+    response field nor a text file is named with the configured field and the keys it does have."""
+    import shutil
+
+    from trainer.config.load import load_config
+    from trainer.tasks.lora import LoraTask
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mm / "data", data)
+    for name in ("train.jsonl", "val.jsonl"):
+        renamed = []
+        for rec in (json.loads(x) for x in (data / name).read_text().splitlines()):
+            if "instruction" in rec:
+                rec["prompt"] = rec.pop("instruction")
+            if "response" in rec:
+                rec["answer"] = rec.pop("response")
+            renamed.append(json.dumps(rec))
+        (data / name).write_text("\n".join(renamed) + "\n")
+    fields = {"instruction": "prompt", "response": "answer"}
+    task = LoraTask(load_config(lora_config(tiny_mm, tmp_path, data={"path": str(data), "fields": fields})))
+    train, _, problems = task._scan()
+    assert not problems and len(train) == 22
+    by_id = {json.loads(x)["sample_id"]: json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()}
+    asked = [s for s in train if "prompt" in by_id[s.sample_id]]
+    assert asked and all(s.instruction == by_id[s.sample_id]["prompt"] and s.response == by_id[s.sample_id]["answer"]
+                         for s in asked)
+    (data / "train.jsonl").write_text("\n".join(renamed + ['{"sample_id": "x9", "prompt": "hi", "reply": "yo"}']) + "\n")
+    cfg = lora_config(tiny_mm, tmp_path / "bad", data={"path": str(data), "fields": fields})
+    r = run_cli("train", str(cfg), "--num-ranks", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert (f"train.jsonl:{len(renamed) + 1}: missing field 'answer' (data.fields.response) (a non-empty string, or a `text`"
+            " file whose contents are the response); the line has ['reply'] (name yours with data.fields.response)") in r.stderr
+    assert not (tmp_path / "bad" / "runs").exists()
+    r = run_cli("config", "show", str(LORA_TINY.parent / "pretrain_tiny.yaml"), "--set", "data.num_workers=2")
+    assert r.returncode == 2 and r.stderr.strip() == ("error: --set data.num_workers=2: data.num_workers: is for task: lora"
+                                                      " (pretraining reads memory-mapped token shards on the training thread)"), r.stderr
 
 
 def test_validate_a_pretraining_config(tiny_config: Path) -> None:

@@ -34,6 +34,8 @@ def train(
     master_addr: Annotated[Optional[str], typer.Option("--master-addr", help="Address of the node with rank 0.")] = None,
     master_port: Annotated[Optional[int], typer.Option("--master-port", help="Rendezvous port (default: a free one locally).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the launcher command, run nothing.")] = False,
+    no_background_upload: Annotated[bool, typer.Option("--no-background-upload", help="Upload each checkpoint before training"
+                                                       " goes on (upload.background: false; training waits).")] = False,
 ) -> int:
     """Train a run config with DeepSpeed: checks the config, hostfile and data, then launches the ranks."""
     from trainer.config.load import load_config
@@ -42,6 +44,8 @@ def train(
     from trainer.launcher.hostfile import parse_hostfile, render_hostfile
     from trainer.launcher.preflight import preflight
 
+    if no_background_upload:
+        sets = [*(sets or []), "upload.background=false"]
     ov = overrides(sets, max_steps, batch_size, learning_rate, resume, num_epochs)
     cfg = load_config(config, ov)
     if hostfile is not None and num_ranks is not None:

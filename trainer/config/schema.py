@@ -80,6 +80,12 @@ class DataConfig(Section):
     default_instruction: str = Field(default="Describe what you see and hear.", min_length=1)
     """task lora: the prompt of lines without an `instruction` (lines without a `response` learn the contents of
     their `text` file, which is then not an input)."""
+    fields: dict[Literal["sample_id", "instruction", "response"], str] = Field(default_factory=dict)
+    """task lora: JSONL field names where yours differ, e.g. {instruction: prompt, response: answer} (unnamed
+    ones keep their own name). Media fields (`image`, `audio`, `text`) and `split` keep theirs."""
+    num_workers: int = Field(default=0, ge=0, le=64)
+    """task lora: processes that prepare batches (decode images and audio, tokenize) ahead of the step, in the
+    same order as without them (resume stays exact); 0 prepares them on the training thread."""
     on_bad_sample: Literal["error", "skip"] = "error"
     """task lora: a bad JSONL line stops the run before it starts (`error`, every problem listed with its line
     number) or is left out and counted (`skip`)."""
@@ -344,6 +350,10 @@ class RunConfig(Section):
                 f"optim.warmup_steps ({self.optim.warmup_steps}) must not exceed the schedule length"
                 f" ({schedule_steps}, optim.decay_steps or train.max_steps)"
             )
+        for name in ("fields", "num_workers"):
+            if self.task == "pretrain" and getattr(self.data, name):
+                raise ValueError(f"data.{name} is for task: lora (pretraining reads memory-mapped token shards on the"
+                                 " training thread)")
         if self.task == "pretrain" and self.data.val_file is not None:
             raise ValueError("data.val_file is for task: lora; pretraining takes data.val_path or data.val_fraction")
         if self.task == "lora" and (self.data.val_path is not None or self.data.val_fraction is not None):

@@ -2,7 +2,8 @@
 
 One sample per line: `{"sample_id": ..., "instruction": ..., "response": ..., "image": "images/a.png",
 "audio": "audio/a.wav", "text": "text/a.txt", "split": "train"}`; media paths are relative to the data
-folder and each is optional (a sample may lack any of them). A line without `instruction` gets the
+folder and each is optional (a sample may lack any of them). `sample_id`, `instruction` and `response` may
+go by other names (`data.fields`). A line without `instruction` gets the
 default prompt; a line without `response` learns the contents of its `text` file (which is then not an
 input): the layout of Purr-Sight's `data/processed/*.jsonl`. `split` is `train` (or absent), `val` /
 `validation` / `dev` (validation, never trained on) or `test` (left out). `scan_index` checks every line
@@ -75,9 +76,14 @@ def _problem(exc: Exception) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:160] or type(exc).__name__
 
 
+FIELDS = ("sample_id", "instruction", "response")
+
+
 def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = MEDIA, default_instruction: str = "",
-               field: str = "data.train_file") -> tuple[list[Sample], list[str]]:
-    """Every good sample of the index, and one `FILE:LINE: problem` per bad line."""
+               field: str = "data.train_file", names: Optional[dict[str, str]] = None) -> tuple[list[Sample], list[str]]:
+    """Every good sample of the index, and one `FILE:LINE: problem` per bad line. `names` renames the fields of
+    `FIELDS` (data.fields: ours -> the file's)."""
+    key = {f: (names or {}).get(f, f) for f in FIELDS}
     data_dir = Path(data_dir)
     index = data_dir / train_file
     if not index.is_file():
@@ -97,7 +103,7 @@ def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = ME
             if not isinstance(rec, dict):
                 problems.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
                 continue
-            bad = _field_problem(rec, default_instruction)
+            bad = _field_problem(rec, default_instruction, key)
             if bad:
                 problems.append(f"{where}: {bad}")
                 continue
@@ -105,7 +111,7 @@ def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = ME
             if split is None:
                 problems.append(f"{where}: split {rec.get('split')!r} is not one of {', '.join(SPLITS)}")
                 continue
-            response = rec.get("response")
+            response = rec.get(key["response"])
             kinds = modalities if response else tuple(dict.fromkeys(modalities + ("text",)))
             media: dict[str, Path] = {}
             for kind in kinds:
@@ -137,23 +143,30 @@ def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = ME
                 if not response:
                     problems.append(f"{where}: no response: the text file {rec.get('text')} is empty")
                     continue
-            instruction = rec.get("instruction") or default_instruction
-            samples.append(Sample(no, rec["sample_id"], instruction, response, media, split))
+            instruction = rec.get(key["instruction"]) or default_instruction
+            samples.append(Sample(no, rec[key["sample_id"]], instruction, response, media, split))
     return samples, problems
 
 
-def _field_problem(rec: dict, default_instruction: str) -> Optional[str]:
-    """What is wrong with the fields of one JSONL record (None: nothing)."""
-    for key in ("sample_id", "instruction", "response"):
-        value = rec.get(key)
-        if value is None and key == "instruction" and default_instruction:
+def _field_problem(rec: dict, default_instruction: str, key: dict[str, str]) -> Optional[str]:
+    """What is wrong with the fields of one JSONL record (None: nothing). `key`: our field -> the file's name."""
+
+    def name(f: str) -> str:
+        return repr(key[f]) + ("" if key[f] == f else f" (data.fields.{f})")
+
+    for f in FIELDS:
+        value = rec.get(key[f])
+        if value is None and f == "instruction" and default_instruction:
             continue
-        if value is None and key == "response":
+        if value is None and f == "response":
             if rec.get("text") in (None, ""):
-                return "missing field 'response' (a non-empty string, or a `text` file whose contents are the response)"
+                others = sorted(k for k in rec if k not in (*key.values(), "split", *MEDIA))
+                hint = f"; the line has {others} (name yours with data.fields.response)" if others else ""
+                return (f"missing field {name(f)} (a non-empty string, or a `text` file whose contents are the"
+                        f" response){hint}")
             continue
         if not isinstance(value, str) or not value:
-            return f"missing field {key!r} (a non-empty string)"
+            return f"missing field {name(f)} (a non-empty string)"
     return None
 
 

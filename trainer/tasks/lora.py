@@ -14,6 +14,7 @@ from typing import Any, Optional
 from trainer.config.plan import DataSizes
 from trainer.config.schema import RunConfig
 from trainer.data.multimodal import Featurizer, Sample, check_vocab, collate, first_problems, response_room, scan_index
+from trainer.data.prefetch import Prefetcher
 from trainer.data.sampler import ResumableSampler
 from trainer.errors import UserError
 from trainer.log import get_logger
@@ -44,6 +45,7 @@ class LoraTask(TaskHooks):
         self.skipped: list[str] = []
         self.featurizer: Optional[Featurizer] = None
         self.sampler: Optional[ResumableSampler] = None
+        self.prefetch: Optional[Prefetcher] = None
         self.frozen_sha256: Optional[str] = None
         self._arch: Optional[dict] = None
         self._llm_config: Optional[dict] = None
@@ -105,11 +107,11 @@ class LoraTask(TaskHooks):
         """(training samples, validation samples, problems): the train file's `split` lines sorted, the val file's
         lines all validation; lines whose prompt leaves no room for the response are problems."""
         d = self.cfg.data
-        found, problems = scan_index(Path(d.path), d.train_file, self.modalities, d.default_instruction)
+        found, problems = scan_index(Path(d.path), d.train_file, self.modalities, d.default_instruction, names=d.fields)
         val_index = self.val_index()
         if val_index is not None:
             extra, more = scan_index(Path(d.path), d.val_file or "val.jsonl", self.modalities, d.default_instruction,
-                                     field="data.val_file")
+                                     field="data.val_file", names=d.fields)
             found_val = [s for s in extra if s.split != "test"]
             problems += more
         else:
@@ -215,29 +217,57 @@ class LoraTask(TaskHooks):
         return len(self.val_samples)
 
     def batch(self, step: int, micro: int, device: Any) -> dict[str, Any]:
+        """Micro-batch `micro` of step `step`: prepared here, or ahead by `data.num_workers` processes (same tensors)."""
+        if self.prefetch is None and self.cfg.data.num_workers:
+            self.prefetch = Prefetcher(self._prepare, self.sampler.grad_accum if self.sampler else 1, self.cfg.data.num_workers)
+        tensors, skipped, error = self.prefetch.get(step, micro) if self.prefetch else self._prepare(step, micro)
+        for problem in skipped:
+            self.skipped.append(problem)
+            log.warning("%s: skipped, the next sample takes its place", problem)
+        if error:
+            raise UserError(error)
+        return {k: v.to(device) for k, v in tensors.items()}
+
+    def _prepare(self, step: int, micro: int) -> tuple[dict[str, Any], list[str], Optional[str]]:
+        """(tensors, lines skipped, the error that stops the run): a pure function of (seed, step, micro, rank), run
+        in a worker process with data.num_workers, where nothing it records would reach the training process."""
         assert self.sampler is not None
-        items = [self._features(self.samples, int(i)) for i in self.sampler.indices(step, micro)]
-        return {k: v.to(device) for k, v in collate(items).items()}
+        items, skipped = [], []
+        try:
+            for i in self.sampler.indices(step, micro):
+                features, bad = self._features(self.samples, int(i))
+                items.append(features)
+                skipped += bad
+        except UserError as exc:
+            return {}, skipped, str(exc)
+        return collate(items), skipped, None
 
     def val_batch(self, indices: list[int], device: Any) -> dict[str, Any]:
-        items = [self._features(self.val_samples, int(i)) for i in indices]
+        items = []
+        for i in indices:
+            features, bad = self._features(self.val_samples, int(i))
+            items.append(features)
+            for problem in bad:
+                self.skipped.append(problem)
+                log.warning("%s: skipped, the next sample takes its place", problem)
         return {k: v.to(device) for k, v in collate(items).items()}
 
-    def _features(self, samples: list[Sample], i: int) -> dict[str, Any]:
-        """Sample `i`'s tensors. A file that broke after the start-up scan (deleted, truncated) stops the run
-        with its line (`on_bad_sample: error`) or is replaced by the next good sample and counted (`skip`)."""
+    def _features(self, samples: list[Sample], i: int) -> tuple[dict[str, Any], list[str]]:
+        """Sample `i`'s tensors, and the lines skipped on the way. A file that broke after the start-up scan
+        (deleted, truncated) stops the run with its line (`on_bad_sample: error`) or is replaced by the next
+        good sample and counted (`skip`)."""
         f, n = self._featurizer(), len(samples)
         index = self.index if samples is self.samples else self.val_index() or self.index
+        skipped: list[str] = []
         for k in range(n):
             s = samples[(i + k) % n]
             try:
-                return f.features(s)
+                return f.features(s), skipped
             except Exception as exc:
                 problem = f"{index}:{s.line}: unreadable during training ({type(exc).__name__}: {str(exc)[:120]})"
                 if self.cfg.data.on_bad_sample == "error":
                     raise UserError(problem + " (set data.on_bad_sample: skip to go on without it)") from None
-                self.skipped.append(problem)
-                log.warning("%s: skipped, the next sample takes its place", problem)
+                skipped.append(problem)
         raise UserError(f"{index}: no sample could be read")
 
     def loss(self, model: Any, batch: dict[str, Any]) -> Any:
