@@ -474,3 +474,108 @@ def test_bad_val_lines_are_named_with_their_file_and_line_before_launch(tiny_mm:
     assert f"{val}:3: audio file audio/gone.wav not found" in line
     assert f"{val}:4: missing field 'response' (a non-empty string, or a `text` file" in line
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------ generation
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _confident_llm(tiny_mm: Path, out: Path) -> Path:
+    """The fixture's LLM re-initialised at std 0.25: its frozen tied embeddings at the usual 0.02 cap the logits near
+    zero (the loss cannot go below ~4.5 with LoRA alone), where a pretrained LLM's do not."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shutil.copytree(tiny_mm / "llm", out)
+    config = AutoConfig.from_pretrained(out)
+    config.initializer_range = 0.25
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.launcher
+def test_generate_gives_the_memorised_responses_from_the_checkpoint_and_its_export(tiny_mm: Path, tmp_path: Path) -> None:
+    """Trained until the loss is near zero on four samples, `trainer generate` answers each with its response
+    (greedy), from the checkpoint and from its export alike; bad input is one line and writes nothing."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mm / "data", data)
+    (data / "val.jsonl").unlink()
+    rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
+    four = [r for r in rows if r.get("response") and r.get("split", "train") == "train"][:4]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in four))
+    cfg = lora_config(tiny_mm, tmp_path, lora={"llm_path": str(_confident_llm(tiny_mm, tmp_path / "llm")), "r": 16,
+                                               "target_modules": ALL_LINEAR},
+                      data={"path": str(data)}, optim={"lr": 1e-2, "decay_steps": 150, "warmup_steps": 5},
+                      train={"max_steps": 150, "log_every": 25}, checkpoint={"save_every": 150}, eval={"enabled": False})
+    ok(run_cli("train", str(cfg), "--num-ranks", "1"))
+    (ckpt,) = checkpoints(tmp_path / "runs")
+    assert meta(ckpt)["loss"] < 0.02, meta(ckpt)["loss_history"]
+
+    answers = {}
+    for name, src in (("checkpoint", ckpt), ("export", tmp_path / "export")):
+        if name == "export":
+            ok(run_cli("export", str(ckpt), "--out", str(src)))
+        out = tmp_path / f"{name}.jsonl"
+        r = run_cli("generate", str(src), "--jsonl", str(data / "train.jsonl"), "--out", str(out))
+        ok(r)
+        answers[name] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert answers["checkpoint"] == answers["export"]
+    assert [a["answer"] for a in answers["checkpoint"]] == [r["response"] for r in four]
+    assert [a["reference"] for a in answers["checkpoint"]] == [r["response"] for r in four]
+
+    # one sample from its files, the checkpoint named by reference; sampling is seeded
+    first = four[0]
+    media = [f"--{m}={data / first[m]}" for m in ("image", "audio", "text") if first.get(m)]
+    r = run_cli("generate", "latest", "--runs", str(tmp_path / "runs"), *media, "--prompt", first["instruction"])
+    ok(r)
+    assert r.stdout.strip() == first["response"]
+    sampled = [run_cli("generate", str(ckpt), *media, "--temperature", "2", "--top-p", "0.9", "--seed", "3").stdout for _ in "ab"]
+    assert sampled[0] == sampled[1] and sampled[0].strip()
+
+    # bad input: one line, exit 2, nothing written
+    (data / "ask.jsonl").write_text('{"sample_id": "q1", "image": "images/nope.png"}\n{"sample_id": "q2"}\n')
+    bad = [(["--jsonl", str(data / "ask.jsonl"), "--out", str(tmp_path / "x.jsonl")], f"{data / 'ask.jsonl'}:1: image file images/nope.png not found"),
+           (["--image", str(data / "nope.png")], f"--image {data / 'nope.png'}: unreadable"),
+           (["--temperature", "-1"], "--temperature -1 (>= 0)"),
+           (["--prompt-ids", "1 2"], "a lora model takes --prompt and media")]
+    for args, message in bad:
+        r = run_cli("generate", str(ckpt), *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr, (args, r.stderr[-2000:])
+    assert not (tmp_path / "x.jsonl").exists()
+    r = run_cli("generate", str(tmp_path / "data"), "--prompt", "hi")
+    assert r.returncode == 2 and "neither a checkpoint nor an export folder" in r.stderr, r.stderr
+
+
+def test_phase1_checkpoint_glob_takes_the_newest_and_a_torch_file_names_the_import_command(tiny_mm: Path, tmp_path: Path) -> None:
+    """lora.phase1_checkpoint: checkpoints/alignment/*/aligner.safetensors picks the newest match; no match, and an
+    aligner.pt, are one line each before launch, naming what to do.
+    """
+    import os
+    import shutil
+
+    from trainer.config.load import load_config
+    from trainer.tasks.lora import LoraTask
+
+    runs = tmp_path / "checkpoints" / "alignment"
+    for i, name in enumerate(["run_b", "run_a"]):  # run_a is the newer despite its name
+        (runs / name).mkdir(parents=True)
+        shutil.copy(tiny_mm / "phase1.safetensors", runs / name / "aligner.safetensors")
+        os.utime(runs / name / "aligner.safetensors", (1_700_000_000 + i, 1_700_000_000 + i))
+    pattern = str(runs / "*" / "aligner.safetensors")
+    task = LoraTask(load_config(lora_config(tiny_mm, tmp_path / "glob", lora={"phase1_checkpoint": pattern})))
+    task.preflight()
+    assert task.phase1_path == runs / "run_a" / "aligner.safetensors"
+
+    torch_file = runs / "run_a" / "aligner.pt"
+    torch_file.write_bytes(b"PK\x03\x04 a zip written by torch.save")
+    for spec, message in [(str(tmp_path / "nowhere" / "*.safetensors"), f"lora.phase1_checkpoint: no file matches {tmp_path}/nowhere/*.safetensors"),
+                          (str(torch_file), f"trainer phase1 import {torch_file} --image DIR --audio DIR --text DIR --out")]:
+        cfg = lora_config(tiny_mm, tmp_path / "bad", lora={"phase1_checkpoint": spec})
+        r = run_cli("train", str(cfg), "--num-ranks", "1")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+        assert not (tmp_path / "bad" / "runs").exists()

@@ -253,6 +253,21 @@ def test_export_of_a_pretraining_checkpoint_loads_with_transformers(tiny_config:
     r = run_cli("export", str(ckpt), "--out", str(out))
     assert r.returncode == 2 and "not an empty folder" in r.stderr
 
+    # `trainer generate`: the checkpoint and its export continue a prompt with the same tokens, those greedy
+    # decoding of the checkpoint's model gives
+    greedy = want.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                           pad_token_id=0)[0, ids.shape[1]:].tolist()
+    answers = []
+    for src in (ckpt, out):
+        r = run_cli("generate", str(src), "--prompt-ids", "1 5 9 200 511 3", "--max-new-tokens", "6")
+        assert r.returncode == 0, r.stderr[-2000:]
+        answers.append([int(x) for x in r.stdout.split()])
+    assert answers[0] == answers[1] == greedy
+    r = run_cli("generate", str(ckpt), "--prompt", "hello")
+    assert r.returncode == 2 and r.stderr.startswith("error: --prompt needs --tokenizer"), r.stderr
+    r = run_cli("generate", str(ckpt), "--prompt-ids", "1 99999")
+    assert r.returncode == 2 and "prompt token id 99999 is outside the model's vocabulary" in r.stderr, r.stderr
+
 
 def _start(cfg: Path, *args: str):  # type: ignore[no-untyped-def]
     import os

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from trainer.cli import checkpoints_cmd, config_cmd, export_cmd, monitor_cmd, train_cmd, upload_cmd, validate_cmd
+from trainer.cli import checkpoints_cmd, config_cmd, export_cmd, generate_cmd, monitor_cmd, phase1_cmd, train_cmd, upload_cmd, validate_cmd
 from trainer.errors import UserError
 
 app = typer.Typer(
@@ -27,7 +27,9 @@ app.command("monitor")(monitor_cmd.monitor)
 app.add_typer(upload_cmd.app, name="upload")
 app.command("upload-all")(upload_cmd.upload_all)
 app.command("export")(export_cmd.export)
+app.command("generate")(generate_cmd.generate)
 app.command("validate")(validate_cmd.validate)
+app.add_typer(phase1_cmd.app, name="phase1")
 
 
 @app.callback()
@@ -54,7 +56,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as exc:  # click's usage errors are user errors too
         import click
 
-        if isinstance(exc, click.ClickException):
+        # typer >= 0.20 carries its own copy of click: its usage errors are not click's classes
+        usage = (click.ClickException, getattr(getattr(typer, "_click", None), "exceptions", click).ClickException)
+        if isinstance(exc, usage):
             exc.show()
             return 2
         raise  # a bug: the traceback is the report

@@ -83,9 +83,10 @@ class DataConfig(Section):
     fields: dict[Literal["sample_id", "instruction", "response"], str] = Field(default_factory=dict)
     """task lora: JSONL field names where yours differ, e.g. {instruction: prompt, response: answer} (unnamed
     ones keep their own name). Media fields (`image`, `audio`, `text`) and `split` keep theirs."""
-    num_workers: int = Field(default=0, ge=0, le=64)
-    """task lora: processes that prepare batches (decode images and audio, tokenize) ahead of the step, in the
-    same order as without them (resume stays exact); 0 prepares them on the training thread."""
+    num_workers: Optional[int] = Field(default=None, ge=0, le=64)
+    """task lora: processes per rank that prepare batches (decode images and audio, tokenize) ahead of the step,
+    in the same order as without them (resume stays exact); 0 prepares them on the training thread. None: 2 on a
+    GPU host with at least 4 CPU cores per rank, else 0."""
     on_bad_sample: Literal["error", "skip"] = "error"
     """task lora: a bad JSONL line stops the run before it starts (`error`, every problem listed with its line
     number) or is left out and counted (`skip`)."""

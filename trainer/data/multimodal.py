@@ -80,9 +80,10 @@ FIELDS = ("sample_id", "instruction", "response")
 
 
 def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = MEDIA, default_instruction: str = "",
-               field: str = "data.train_file", names: Optional[dict[str, str]] = None) -> tuple[list[Sample], list[str]]:
+               field: str = "data.train_file", names: Optional[dict[str, str]] = None,
+               need_response: bool = True) -> tuple[list[Sample], list[str]]:
     """Every good sample of the index, and one `FILE:LINE: problem` per bad line. `names` renames the fields of
-    `FIELDS` (data.fields: ours -> the file's)."""
+    `FIELDS` (data.fields: ours -> the file's); `need_response=False` (prompts to answer) lets lines lack a response."""
     key = {f: (names or {}).get(f, f) for f in FIELDS}
     data_dir = Path(data_dir)
     index = data_dir / train_file
@@ -103,7 +104,7 @@ def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = ME
             if not isinstance(rec, dict):
                 problems.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
                 continue
-            bad = _field_problem(rec, default_instruction, key)
+            bad = _field_problem(rec, default_instruction, key, need_response)
             if bad:
                 problems.append(f"{where}: {bad}")
                 continue
@@ -134,7 +135,7 @@ def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = ME
             if bad:
                 problems.append(f"{where}: {bad}")
                 continue
-            if not response:  # the text file is the target, not an input
+            if not response and "text" in media:  # the text file is the target, not an input
                 try:
                     response = media.pop("text").read_text(encoding="utf-8").strip()
                 except (OSError, UnicodeDecodeError) as exc:
@@ -144,11 +145,11 @@ def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = ME
                     problems.append(f"{where}: no response: the text file {rec.get('text')} is empty")
                     continue
             instruction = rec.get(key["instruction"]) or default_instruction
-            samples.append(Sample(no, rec[key["sample_id"]], instruction, response, media, split))
+            samples.append(Sample(no, rec[key["sample_id"]], instruction, response or "", media, split))
     return samples, problems
 
 
-def _field_problem(rec: dict, default_instruction: str, key: dict[str, str]) -> Optional[str]:
+def _field_problem(rec: dict, default_instruction: str, key: dict[str, str], need_response: bool = True) -> Optional[str]:
     """What is wrong with the fields of one JSONL record (None: nothing). `key`: our field -> the file's name."""
 
     def name(f: str) -> str:
@@ -159,7 +160,7 @@ def _field_problem(rec: dict, default_instruction: str, key: dict[str, str]) -> 
         if value is None and f == "instruction" and default_instruction:
             continue
         if value is None and f == "response":
-            if rec.get("text") in (None, ""):
+            if rec.get("text") in (None, "") and need_response:
                 others = sorted(k for k in rec if k not in (*key.values(), "split", *MEDIA))
                 hint = f"; the line has {others} (name yours with data.fields.response)" if others else ""
                 return (f"missing field {name(f)} (a non-empty string, or a `text` file whose contents are the"
@@ -215,11 +216,19 @@ class Featurizer:
         ids = (prompt + response)[: self.max_length]
         labels = ([-100] * len(prompt) + response)[: self.max_length]
         n, pad = len(ids), self.max_length - len(ids)
-        out: dict[str, Any] = {
+        return {
             "input_ids": torch.tensor(ids + [self.pad_id] * pad),
             "attention_mask": torch.tensor([1] * n + [0] * pad),
             "labels": torch.tensor(labels + [-100] * pad),
+            **self.media(sample),
         }
+
+    def media(self, sample: Sample) -> dict[str, Any]:
+        """The encoders' inputs of `sample` (zeros and `has_<modality>` false for a modality it lacks)."""
+        import numpy as np
+        import torch
+
+        out: dict[str, Any] = {}
         if "image" in self.mods:
             path = sample.media.get("image")
             if path is not None:

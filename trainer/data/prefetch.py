@@ -49,6 +49,16 @@ class _Made:
         return self.make(*key)
 
 
+def default_workers(configured: Optional[int], local_ranks: int) -> int:
+    """`data.num_workers`, or its default: 2 on a GPU host with at least 4 CPU cores per local rank, else 0 (on a
+    CPU host the workers would take the cores the ranks compute on)."""
+    if configured is not None:
+        return configured
+    import torch
+
+    return 2 if torch.cuda.is_available() and (os.cpu_count() or 1) >= 4 * max(1, local_ranks) else 0
+
+
 class Prefetcher:
     def __init__(self, make: Callable[[int, int], Any], grad_accum: int, workers: int, ahead: int = 2):
         self.make, self.ga, self.workers, self.ahead = make, grad_accum, workers, ahead

@@ -7,11 +7,16 @@ Phase 1 checkpoint format (one `.safetensors` file, no pickle):
   `{"align_dim": D, "modalities": {"image": {"type": "clip_vision", "config": {...}}, ...}}`
   holding the transformers config of every encoder, enough to rebuild the module without files.
 
-`load_phase1` verifies all of it and raises `UserError` naming the first problem.
+`load_phase1` verifies all of it and raises `UserError` naming the first problem. A torch file is never
+unpickled here: `trainer phase1 import` (trainer.models.phase1_import) converts one once.
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -130,34 +135,66 @@ def build_phase1(architecture: dict) -> Any:
     return _modules()[0](architecture)
 
 
-def phase1_from_pretrained(paths: dict[str, Path], align_dim: int, aligner_state: Optional[dict] = None, seed: int = 0) -> Any:
-    """A Phase 1 model whose encoders are loaded from local Hugging Face folders (CLIP or CLIP-vision,
-    Whisper, BERT); the aligner is `aligner_state` (keys `<modality>.0.weight`, ...) or freshly
-    initialised from `seed` (to be trained in Phase 1)."""
-    import torch
-
+def load_pretrained_encoders(paths: dict[str, Path]) -> dict[str, Any]:
+    """The encoder of each modality, loaded with transformers from a local Hugging Face folder (CLIP or
+    CLIP-vision, Whisper, BERT); a folder that does not load is one line naming the modality and folder."""
     loaders = {
-        "image": lambda p: __import__("transformers").CLIPVisionModel.from_pretrained(str(p)),
-        "audio": lambda p: __import__("transformers").WhisperModel.from_pretrained(str(p)).get_encoder(),
-        "text": lambda p: __import__("transformers").BertModel.from_pretrained(str(p), add_pooling_layer=False),
+        "image": lambda p: __import__("transformers").CLIPVisionModel.from_pretrained(str(p), local_files_only=True),
+        "audio": lambda p: __import__("transformers").WhisperModel.from_pretrained(str(p), local_files_only=True).get_encoder(),
+        "text": lambda p: __import__("transformers").BertModel.from_pretrained(str(p), local_files_only=True,
+                                                                            add_pooling_layer=False),
     }
     unknown = sorted(set(paths) - set(loaders))
     if unknown:
         raise UserError(f"no pretrained loader for modality {unknown[0]!r} (expected {list(loaders)})")
+    if not paths:
+        raise UserError("no encoder folder given: name at least one of --image, --audio, --text")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars would break the one-line errors
     encoders = {}
-    for m, p in paths.items():
-        try:
-            encoders[m] = loaders[m](p)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{m} encoder {p}: cannot load ({str(exc).splitlines()[0][:160]})") from None
-    arch = {"align_dim": align_dim,
+    try:
+        for m, p in paths.items():
+            if not Path(p).is_dir():  # never a Hub id: that would go to the network
+                raise UserError(f"{m} encoder {p}: no such folder (expected a local Hugging Face model folder)")
+            try:
+                encoders[m] = loaders[m](p)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{m} encoder {p}: cannot load ({str(exc).splitlines()[0][:160]})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return encoders
+
+
+def phase1_architecture(encoders: dict[str, Any], align_dim: int) -> dict:
+    """The architecture header of a Phase 1 model over these encoders (their transformers configs)."""
+    return {"align_dim": int(align_dim),
             "modalities": {m: {"type": ENCODER_TYPES[m], "config": enc.config.to_diff_dict()} for m, enc in encoders.items()}}
+
+
+def phase1_shapes(architecture: dict) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor of the Phase 1 model of `architecture` (built on the meta device: no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in build_phase1(architecture).state_dict().items()}
+
+
+def phase1_from_encoders(encoders: dict[str, Any], align_dim: int, state: Optional[dict] = None, seed: int = 0) -> Any:
+    """A Phase 1 model with these encoders' weights, then `state` (full tensor names, any subset) on top;
+    what neither gives (the aligner when `state` has none) is initialised from `seed`."""
+    import torch
+
     torch.manual_seed(seed)
-    model = build_phase1(arch)
+    model = build_phase1(phase1_architecture(encoders, align_dim))
     for m, enc in encoders.items():
         model.encoders[m].load_state_dict(enc.state_dict(), strict=True)
-    if aligner_state is not None:
-        model.aligner.load_state_dict(aligner_state, strict=True)
+    if state:
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise UserError(f"{len(unexpected)} tensor(s) not in the Phase 1 model, first {unexpected[0]!r}")
     return model
 
 
@@ -170,6 +207,63 @@ def save_phase1(model: Any, path: Path) -> None:
                                           "architecture": json.dumps(model.architecture)})
 
 
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+# The first bytes of torch.save's legacy (pre-zip) format: pickle protocol 2 of torch's magic number.
+_TORCH_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
+
+
+def is_safetensors_file(path: Path) -> bool:
+    """Whether the file starts like safetensors: an 8-byte little-endian header length, then a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") < Path(path).stat().st_size
+
+
+def written_by_torch_save(path: Path) -> bool:
+    """Whether the file has the layout `torch.save` writes: a zip holding `data.pkl`, or the legacy pickle format."""
+    with open(path, "rb") as f:
+        head = f.read(len(_TORCH_LEGACY_MAGIC))
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+        except zipfile.BadZipFile:
+            return False
+    return head == _TORCH_LEGACY_MAGIC
+
+
+def is_torch_file(path: Path) -> bool:
+    """Whether the file is meant for torch.load: written by torch.save, or named so (.pt, .pth, .ckpt, .bin) and not safetensors."""
+    path = Path(path)
+    return written_by_torch_save(path) or (path.suffix.lower() in TORCH_SUFFIXES and not is_safetensors_file(path))
+
+
+def torch_file_hint(path: Path, what: str = "lora.phase1_checkpoint") -> str:
+    """One line for a torch file given where a Phase 1 safetensors file is expected: the command that converts it."""
+    path = Path(path)
+    out = path.with_name(f"{path.stem}.phase1.safetensors") if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
+    return (f"{what} {path} is a torch file; convert it once: trainer phase1 import {path} --image DIR --audio DIR"
+            f" --text DIR --out {out} (then point lora.phase1_checkpoint at {out})")
+
+
+def resolve_phase1_checkpoint(spec: str) -> Path:
+    """The file `lora.phase1_checkpoint` names: a path as given, or for a glob (`*`, `?`, `[`) the newest match by
+    mtime (equal mtimes: the last in name order). A missing file, a glob without match, or a torch file (which
+    the trainer never unpickles) is a one-line UserError; a torch file's says which command converts it."""
+    if any(c in spec for c in "*?["):
+        matches = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p)]
+        if not matches:
+            raise UserError(f"lora.phase1_checkpoint: no file matches {spec}")
+        path = max(matches, key=lambda p: (p.stat().st_mtime, str(p)))
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"lora.phase1_checkpoint {path}: no such file")
+    if is_torch_file(path):
+        raise UserError(torch_file_hint(path))
+    return path
+
+
 def read_phase1_header(path: Path) -> dict:
     """The architecture of a Phase 1 checkpoint, checked for format and version (no tensors read)."""
     from safetensors import safe_open
@@ -177,6 +271,8 @@ def read_phase1_header(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Phase 1 checkpoint {path}: no such file")
+    if is_torch_file(path):
+        raise UserError(torch_file_hint(path, "Phase 1 checkpoint"))
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -206,12 +302,10 @@ def read_phase1_header(path: Path) -> dict:
 def verify_phase1(path: Path) -> dict:
     """Check a Phase 1 checkpoint without loading its tensors: format, version, and every tensor name and
     shape against the architecture in its header (the modules are built on the meta device). Returns the architecture."""
-    import torch
     from safetensors import safe_open
 
     arch = read_phase1_header(path)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_phase1(arch).state_dict().items()}
+    expected = phase1_shapes(arch)
     with safe_open(str(path), framework="pt") as f:
         got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     missing = sorted(set(expected) - set(got))
@@ -308,6 +402,15 @@ def _llm_modules() -> Any:
             logits = logits[:, soft.shape[1]:, :]  # text positions only
             return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
                                    reduction=reduction)
+
+        @torch.no_grad()
+        def generate(self, media: dict, prompt_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            """The token ids the LLM writes after the soft tokens of `media` and `prompt_ids` (one row per sample,
+            prompts of equal length), as in training; `kwargs` go to transformers' `generate`. New tokens only."""
+            embeds = self.llm.get_input_embeddings()(prompt_ids)
+            inputs = torch.cat([self.soft_tokens(media).to(embeds.dtype), embeds], dim=1)
+            mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+            return self.llm.generate(inputs_embeds=inputs, attention_mask=mask, use_cache=True, **kwargs)
 
     return MultimodalLM
 

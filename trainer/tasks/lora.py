@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainer.config.plan import DataSizes
-from trainer.config.schema import RunConfig
+from trainer.config.schema import DataConfig, RunConfig
 from trainer.data.multimodal import Featurizer, Sample, check_vocab, collate, first_problems, response_room, scan_index
-from trainer.data.prefetch import Prefetcher
+from trainer.data.prefetch import Prefetcher, default_workers
 from trainer.data.sampler import ResumableSampler
 from trainer.errors import UserError
 from trainer.log import get_logger
 from trainer.models.multimodal import (adapter_expected_shapes, build_multimodal, check_adapter_tensors, load_phase1,
-                                       make_projectors, parameter_table, read_phase1_header, verify_phase1)
+                                       make_projectors, parameter_table, read_phase1_header, resolve_phase1_checkpoint,
+                                       verify_phase1)
 from trainer.tensors import tensors_sha256
 from trainer.ranks import RankInfo
 from trainer.tasks.base import TaskHooks
@@ -27,6 +28,8 @@ from trainer.tasks.base import TaskHooks
 log = get_logger("lora")
 
 ADAPTER_DIR = "adapter"
+EXPORT_INFO = "trainer_export.json"
+GENERATION_KEYS = ("text_tokenizer", "max_length", "default_instruction", "fields")  # what `trainer generate` reads besides the weights
 PROJECTORS_FILE = "projectors.safetensors"
 
 
@@ -46,15 +49,26 @@ class LoraTask(TaskHooks):
         self.featurizer: Optional[Featurizer] = None
         self.sampler: Optional[ResumableSampler] = None
         self.prefetch: Optional[Prefetcher] = None
+        self.workers = 0
         self.frozen_sha256: Optional[str] = None
         self._arch: Optional[dict] = None
+        self._phase1: Optional[Path] = None
         self._llm_config: Optional[dict] = None
 
     # ------------------------------------------------------------------------------ inputs
     @property
+    def phase1_path(self) -> Path:
+        """lora.phase1_checkpoint, a glob resolved to its newest match (named in the log; checkpoints record the file)."""
+        if self._phase1 is None:
+            self._phase1 = resolve_phase1_checkpoint(self.lc.phase1_checkpoint)
+            if str(self._phase1) != self.lc.phase1_checkpoint:
+                log.info("lora.phase1_checkpoint %s: using the newest match, %s", self.lc.phase1_checkpoint, self._phase1)
+        return self._phase1
+
+    @property
     def architecture(self) -> dict:
         if self._arch is None:
-            self._arch = read_phase1_header(Path(self.lc.phase1_checkpoint))
+            self._arch = read_phase1_header(self.phase1_path)
         return self._arch
 
     @property
@@ -133,7 +147,7 @@ class LoraTask(TaskHooks):
     def preflight(self) -> None:
         """Everything a launch needs, checked on one process: LLM folder, Phase 1 checkpoint, tokenizers, every JSONL line."""
         cfg = self.llm_config()
-        arch = verify_phase1(Path(self.lc.phase1_checkpoint))
+        arch = verify_phase1(self.phase1_path)
         absent = [m for m in self.lc.soft_tokens if m not in arch["modalities"]]
         if absent:
             log.warning("lora.soft_tokens names %s, which the Phase 1 checkpoint has no encoder for: not used", ", ".join(absent))
@@ -171,7 +185,7 @@ class LoraTask(TaskHooks):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # one bar per rank of "Loading weights" adds nothing to the log
-        phase1 = load_phase1(Path(self.lc.phase1_checkpoint))
+        phase1 = load_phase1(self.phase1_path)
         llm = AutoModelForCausalLM.from_pretrained(str(self.llm_path), dtype=torch.float32,
                                                    attn_implementation=self.cfg.model.attn_implementation)
         llm.config.use_cache = False
@@ -208,18 +222,20 @@ class LoraTask(TaskHooks):
         if not self.samples:
             raise UserError(f"{self.index}: no usable training samples")
         self.sampler = ResumableSampler(len(self.samples), self.cfg.train.seed, ranks.rank, ranks.world_size, micro_batch, grad_accum)
+        self.workers = default_workers(self.cfg.data.num_workers, ranks.local_world_size)
         held = f"; validation: {len(self.val_samples)} sample(s)" if self.val_samples else "; no validation samples"
-        log.info("data: %d sample(s) in %s%s%s%s, modalities %s", len(self.samples), self.index,
+        log.info("data: %d sample(s) in %s%s%s%s, modalities %s; batches prepared %s", len(self.samples), self.index,
                  f" ({len(self.skipped)} bad line(s) skipped)" if self.skipped else "", held,
-                 f" ({self.left_out} \"split\": \"test\" line(s) left out)" if self.left_out else "", ", ".join(self.modalities))
+                 f" ({self.left_out} \"split\": \"test\" line(s) left out)" if self.left_out else "", ", ".join(self.modalities),
+                 f"ahead by {self.workers} worker process(es)" if self.workers else "on the training thread")
 
     def val_size(self) -> int:
         return len(self.val_samples)
 
     def batch(self, step: int, micro: int, device: Any) -> dict[str, Any]:
         """Micro-batch `micro` of step `step`: prepared here, or ahead by `data.num_workers` processes (same tensors)."""
-        if self.prefetch is None and self.cfg.data.num_workers:
-            self.prefetch = Prefetcher(self._prepare, self.sampler.grad_accum if self.sampler else 1, self.cfg.data.num_workers)
+        if self.prefetch is None and self.workers:
+            self.prefetch = Prefetcher(self._prepare, self.sampler.grad_accum if self.sampler else 1, self.workers)
         tensors, skipped, error = self.prefetch.get(step, micro) if self.prefetch else self._prepare(step, micro)
         for problem in skipped:
             self.skipped.append(problem)
@@ -314,9 +330,11 @@ class LoraTask(TaskHooks):
                           str(Path(ckpt_dir) / PROJECTORS_FILE), metadata={"modalities": json.dumps(self.modalities)})
         extra: dict[str, Any] = {"frozen_sha256": self.frozen_sha256, "lora": {"r": self.lc.r, "alpha": self.lc.alpha,
                                  "target_modules": list(self.lc.target_modules)}, "llm_path": str(self.llm_path),
-                                 "phase1_checkpoint": str(self.lc.phase1_checkpoint),
+                                 "phase1_checkpoint": str(self.phase1_path),
                                  "soft_tokens": {m: self.lc.soft_tokens[m] for m in self.modalities},
-                                 "projector_hidden": self.lc.projector_hidden}
+                                 "projector_hidden": self.lc.projector_hidden, "text_tokenizer": self.lc.text_tokenizer,
+                                 "max_length": self.lc.max_length, "default_instruction": self.cfg.data.default_instruction,
+                                 "fields": dict(self.cfg.data.fields)}
         if final:
             frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
             with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
@@ -358,11 +376,11 @@ class LoraTask(TaskHooks):
             shutil.copy2(src / name, out / name)
         shutil.copy2(ckpt / PROJECTORS_FILE, out / PROJECTORS_FILE)
         info = {k: metadata.get(k) for k in ("run_id", "step", "loss", "frozen_sha256", "llm_path", "phase1_checkpoint", "lora",
-                                             "soft_tokens", "projector_hidden")}
-        (out / "trainer_export.json").write_text(json.dumps(info, indent=2) + "\n")
+                                             "soft_tokens", "projector_hidden", *GENERATION_KEYS)}
+        (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         (out / "README.md").write_text(EXPORT_README.format(step=metadata.get("step"), run=metadata.get("run_id"),
                                                             llm=metadata.get("llm_path"), phase1=metadata.get("phase1_checkpoint")))
-        return ["adapter_config.json", "adapter_model.safetensors", PROJECTORS_FILE, "trainer_export.json", "README.md"]
+        return ["adapter_config.json", "adapter_model.safetensors", PROJECTORS_FILE, EXPORT_INFO, "README.md"]
 
 
 def check_adapter_file(state: dict, r: int, where: str) -> None:
@@ -407,3 +425,53 @@ projectors.load_state_dict(load_file("THIS_FOLDER/projectors.safetensors"))
 mm = build_multimodal(phase1, projectors, model)  # mm(**batch) -> loss; mm.soft_tokens(batch) -> soft tokens
 ```
 """
+
+
+class LoraGenerator:
+    """A trained Phase 2 model for `trainer generate`: the base LLM with the LoRA adapter, the Phase 1 encoders and
+    aligner, the trained projectors; from a checkpoint (its `adapter/` and projectors, `info` its metadata) or an
+    export folder (`info` its trainer_export.json). Prompts are built as in training."""
+
+    def __init__(self, src: Path, info: dict[str, Any], device: str = "cpu"):
+        import torch
+        from peft import PeftModel
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        adapter = src / ADAPTER_DIR if (src / ADAPTER_DIR).is_dir() else src
+        for need in (adapter / "adapter_config.json", adapter / "adapter_model.safetensors", src / PROJECTORS_FILE):
+            if not need.is_file():
+                raise UserError(f"{src}: no {need.relative_to(src)} (a lora checkpoint or `trainer export` folder has it)")
+        missing = [k for k in ("llm_path", "phase1_checkpoint", "soft_tokens", "projector_hidden") if not info.get(k)]
+        if missing:
+            raise UserError(f"{src}: its metadata lacks {', '.join(missing)} (a checkpoint from an older trainer?)")
+        self.device = device
+        phase1 = load_phase1(resolve_phase1_checkpoint(str(info["phase1_checkpoint"])))
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        llm = AutoModelForCausalLM.from_pretrained(str(info["llm_path"]), dtype=torch.float32)
+        llm = PeftModel.from_pretrained(llm, str(adapter))
+        soft = {m: int(k) for m, k in info["soft_tokens"].items()}
+        projectors = make_projectors(phase1.architecture, int(info["projector_hidden"]), int(llm.config.hidden_size), soft)
+        projectors.load_state_dict(load_file(str(src / PROJECTORS_FILE)), strict=True)
+        self.model = build_multimodal(phase1, projectors, llm).to(device).eval()
+        self.frozen_sha256 = tensors_sha256((n, p) for n, p in self.model.named_parameters()
+                                            if "lora_" not in n and not n.startswith("projectors."))
+        self.trained_sha256 = info.get("frozen_sha256")
+        tok = AutoTokenizer.from_pretrained(str(info["llm_path"]))
+        text_tok = AutoTokenizer.from_pretrained(str(info["text_tokenizer"])) if info.get("text_tokenizer") else tok
+        modalities = tuple(m for m in ("image", "audio", "text") if m in soft)
+        self.featurizer = Featurizer(phase1.architecture, modalities, tok, text_tok, int(info.get("max_length") or 512))
+        self.default_instruction = str(info.get("default_instruction") or DataConfig().default_instruction)
+        self.fields = dict(info.get("fields") or {})
+
+    def answer(self, sample: Sample, **generate: Any) -> list[int]:
+        """The token ids the model writes for `sample` (its media and instruction; its response is not read)."""
+        import torch
+
+        f = self.featurizer
+        media = {k: v.unsqueeze(0).to(self.device) for k, v in f.media(sample).items()}
+        prompt = torch.tensor([f.prompt_ids(sample.instruction)], device=self.device)
+        out = self.model.generate(media, prompt, eos_token_id=f.tok.eos_token_id, pad_token_id=f.pad_id, **generate)
+        return out[0].tolist()

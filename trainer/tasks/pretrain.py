@@ -1,7 +1,9 @@
 """Pretraining: a GPT-NeoX causal LM on pre-tokenized shards."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -192,15 +194,59 @@ class PretrainTask(TaskHooks):
 
     def export(self, ckpt: Path, out: Path, metadata: dict[str, Any]) -> list[str]:
         """Consolidate the ZeRO shards (any stage) into a Hugging Face model folder (safetensors)."""
+        model = self.hf_model(ckpt)
+        model.config.use_cache = True
+        model.save_pretrained(str(out), safe_serialization=True)
+        return sorted(p.name for p in out.iterdir())
+
+    def hf_model(self, ckpt: Path) -> Any:
+        """The transformers model of checkpoint `ckpt`, its ZeRO shards (any stage) consolidated in fp32."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         from transformers import GPTNeoXForCausalLM
 
         m = self.cfg.model
         model = GPTNeoXForCausalLM(neox_config(m))
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its progress; stdout is the command's answer
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise UserError(f"{ckpt}: the checkpoint does not fit {m.preset} (missing {missing[:2]}, unexpected {unexpected[:2]})")
-        model.config.use_cache = True
-        model.save_pretrained(str(out), safe_serialization=True)
-        return sorted(p.name for p in out.iterdir())
+        return model
+
+
+class PretrainGenerator:
+    """A pretrained GPT-NeoX for `trainer generate`: a prompt continued. From a checkpoint (its ZeRO shards
+    consolidated) or an exported model folder; text in and out needs a tokenizer (pretraining data comes
+    tokenized), else token ids."""
+
+    def __init__(self, model: Any, tokenizer: Optional[str], device: str = "cpu"):
+        self.model, self.device = model.to(device).eval(), device
+        self.model.config.use_cache = True
+        self.tok = None
+        if tokenizer:
+            from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+            path = Path(tokenizer)
+            try:
+                self.tok = (PreTrainedTokenizerFast(tokenizer_file=str(path)) if path.is_file()
+                            else AutoTokenizer.from_pretrained(str(path)))
+            except Exception as exc:
+                raise UserError(f"--tokenizer {tokenizer}: cannot load a tokenizer ({str(exc).splitlines()[0][:160]})") from None
+
+    def encode(self, text: str) -> list[int]:
+        assert self.tok is not None, "a text prompt needs a tokenizer"
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> Optional[str]:
+        return None if self.tok is None else self.tok.decode(ids, skip_special_tokens=True)
+
+    def continue_ids(self, ids: list[int], **generate: Any) -> list[int]:
+        import torch
+
+        vocab = int(self.model.config.vocab_size)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise UserError(f"prompt token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+        x = torch.tensor([ids], device=self.device)
+        out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), pad_token_id=0, **generate)
+        return out[0, len(ids):].tolist()
