@@ -272,10 +272,10 @@ def test_mlflow_has_the_curves_config_and_export_of_run_a(runs: Runs) -> None:
     meta = _meta(runs.a, 24)
     client = MlflowClient(tracking_uri=f"sqlite:///{runs.root / 'mlflow.db'}")
     run = client.get_run(meta["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    names = {a.path for folder in ("plots", "config", "export") for a in client.list_artifacts(run.info.run_id, folder)}
-    assert {"plots/curves.png", "config/config.yaml", "export/model.safetensors", "export/config.json"} <= names
-    art = Path(client.download_artifacts(run.info.run_id, "export"))
+    assert run.info.status == "FINISHED" and run.info.run_name == f"pretrain_{meta['run_id']}"
+    names = {a.path for folder in ("plots", "config", "model") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"plots/curves.png", "config/config.yaml", "model/model.safetensors", "model/config.json"} <= names
+    art = Path(client.download_artifacts(run.info.run_id, "model"))
     ckpt = runs.a / "checkpoints" / "step-00000024"
     got = AutoModelForCausalLM.from_pretrained(str(art))
     want = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)  # ZeRO-3 shards of 2 ranks

@@ -5,6 +5,7 @@
     python tools/bench_train.py neox-1.2b --precision bf16 --zero 1 --micro-batch 8 --steps 20
     python tools/bench_train.py lora-tiny                      # Phase 2 LoRA, tiny fixtures
     python tools/bench_train.py lora-qwen2.5-0.5b --precision bf16 --zero 2 --micro-batch 8   # GPU
+    python tools/bench_train.py lora-tiny --micro-batch 16 --compare-workers 0,2 --rounds 2     # data.num_workers
 
 Runs the real engine (the same `Trainer` setup and step as `trainer train`) on one rank with
 random tokens in a temporary shard folder (LoRA: fixtures from tools/make_tiny_multimodal.py, random
@@ -43,6 +44,9 @@ def main() -> int:
     p.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
     p.add_argument("--no-header", action="store_true")
+    p.add_argument("--compare-workers", default=None, help="LoRA: data.num_workers values, e.g. 0,2, measured in alternating"
+                   " blocks of --steps on the same engine (side by side)")
+    p.add_argument("--rounds", type=int, default=2, help="with --compare-workers: blocks per value")
     args = p.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -63,7 +67,7 @@ def main() -> int:
     micro = args.micro_batch or (8 if gpu else 4)
     setup_logging(0)
     total_steps = args.warmup + args.steps
-    common = {"optim": {"warmup_steps": 1}, "tracking": {"enabled": False}, "deepspeed": {"template": f"zero{zero}"},
+    common = {"optim": {"warmup_steps": 1}, "tracking": {"enabled": False}, "eval": {"enabled": False}, "deepspeed": {"template": f"zero{zero}"},
               "train": {"max_steps": total_steps + 1, "micro_batch_size": micro, "grad_accum": args.grad_accum, "precision": precision}}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         if args.preset.startswith("lora-"):
@@ -83,6 +87,8 @@ def main() -> int:
         trainer = Trainer(cfg, build_task(cfg), source="bench")
         trainer.setup()
         sync = torch.cuda.synchronize if gpu else (lambda: None)
+        if args.compare_workers:
+            return compare_workers(trainer, [int(w) for w in args.compare_workers.split(",")], args, sync)
         times = []
         for i in range(total_steps):
             sync()
@@ -110,6 +116,35 @@ def main() -> int:
           f" {f'{util:.1%}' if util is not None else 'n/a (CPU)'} |")
     print(f"batch preparation: {statistics.median(data_times) * args.grad_accum:.4f} s of the {step:.4f} s step"
           f" ({statistics.median(data_times) * args.grad_accum / step:.0%})")
+    return 0
+
+
+def compare_workers(trainer: "object", workers: list[int], args: argparse.Namespace, sync: "object") -> int:
+    """Step time with each data.num_workers value, in alternating blocks on one engine: (warmup + steps) per block."""
+    import statistics
+
+    task = trainer.task  # type: ignore[attr-defined]
+    rows: dict[int, list[float]] = {w: [] for w in workers}
+    for r in range(args.rounds):
+        for w in workers:
+            if task.prefetch is not None:
+                task.prefetch.close()
+            task.prefetch, task.workers = None, w
+            times = []
+            for i in range(args.warmup + args.steps):
+                sync()  # type: ignore[operator]
+                t0 = time.perf_counter()
+                trainer.train_step()  # type: ignore[attr-defined]
+                sync()  # type: ignore[operator]
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            rows[w].append(statistics.median(times))
+            print(f"round {r + 1}, {w} worker(s): median step {rows[w][-1]:.4f} s over {args.steps} steps", flush=True)
+    base = statistics.median(rows[workers[0]])
+    print("| workers | median step (s) per round | median | vs " + str(workers[0]) + " |\n|---|---|---|---|")
+    for w in workers:
+        med = statistics.median(rows[w])
+        print(f"| {w} | {', '.join(f'{t:.4f}' for t in rows[w])} | {med:.4f} | {med / base:.2f}x |")
     return 0
 
 

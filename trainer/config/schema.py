@@ -297,9 +297,14 @@ class TrackingConfig(Section):
     """Background thread sends batched metrics at least this often."""
     tensorboard: bool = False
     """Also write every logged scalar (train, val, perf, goodput) as TensorBoard events to `<run>/tensorboard/`."""
-    log_export: bool = False
-    """At the end of a completed run, export the final checkpoint (`trainer export`) to
-    `<run>/export/` and log it as the MLflow artifact `export/` (a full model: large)."""
+    log_export: Optional[bool] = None
+    """At the end of a completed run, export the final checkpoint (`trainer export`) to `<run>/export/` and log
+    it as the MLflow artifact `model/` (the deployable model). None: on for task lora (a PEFT adapter and the
+    projectors: megabytes), off for pretrain (a whole model: gigabytes)."""
+
+    def exports(self, task: str) -> bool:
+        """Whether a completed run of `task` logs its exported model."""
+        return self.log_export if self.log_export is not None else task == "lora"
 
 
 class DeepSpeedConfig(Section):

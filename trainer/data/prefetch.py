@@ -6,10 +6,14 @@ step s, then of step s+1. torch's DataLoader runs `make` for the keys ahead of t
 `workers` processes and returns results in key order, so what the step gets is exactly what `make` would
 return on the training thread; a key out of sequence (the first after a resume, a retried step) starts the
 stream again from it. Workers ignore SIGTERM and SIGINT: a stop signal is the training process's to act on
-(it saves, then closes the loader), and a worker killed by it would fail the next batch instead.
+(it saves, then closes the loader), and a worker killed by it would fail the next batch instead. So they are
+stopped through their queues, at exit before multiprocessing's own exit handler (which would wait for ever on
+workers that ignore its SIGTERM); a training process killed outright leaves none behind either (torch's
+workers exit when their parent is gone).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 from typing import Any, Callable, Iterator, Optional
@@ -75,6 +79,8 @@ class Prefetcher:
                             num_workers=self.workers, prefetch_factor=self.ahead, worker_init_fn=_ignore_stop_signals,
                             multiprocessing_context="fork")
         self._it, self._next = iter(loader), key
+        if not self.restarts:
+            atexit.register(self.close)  # runs before multiprocessing's handler, registered earlier
         self.restarts += 1
 
     def get(self, step: int, micro: int) -> Any:

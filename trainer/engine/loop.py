@@ -553,7 +553,7 @@ class Trainer:
         self.goodput.flush()
 
     def _log_export(self) -> None:
-        """tracking.log_export: the final checkpoint exported (`trainer export`) and logged as the artifact `export/`."""
+        """tracking.log_export: the final checkpoint exported (`trainer export`) and logged as the artifact `model/`."""
         from trainer.tasks import export_checkpoint
 
         assert self.report is not None
@@ -572,8 +572,8 @@ class Trainer:
             log.warning("tracking.log_export: exporting %s failed (%s: %s); `trainer export` can retry it", final.name,
                         type(exc).__name__, str(exc)[:300])
             return
-        self.report.tracker.log_artifacts(out, "export")
-        log.info("exported %s to %s (%s) in %.1f s and logged it to MLflow as export/", final.name, out, ", ".join(files),
+        self.report.tracker.log_artifacts(out, "model")
+        log.info("exported %s to %s (%s) in %.1f s and logged it to MLflow as model/", final.name, out, ", ".join(files),
                  time.perf_counter() - t0)
 
     def fail(self) -> None:

@@ -54,7 +54,7 @@ class Reporter:
         MLflow run id."""
         assert self.run_root is not None
         cfg = self.cfg
-        self.tracker = make_tracker(cfg.tracking, Path(cfg.run_dir), cfg.tracking.experiment or cfg.task, self.run_id,
+        self.tracker = make_tracker(cfg.tracking, Path(cfg.run_dir), cfg.tracking.experiment or cfg.task, f"{cfg.task}_{self.run_id}",
                                     (meta or {}).get("mlflow_run_id"))
         self.tracker.log_params({**flatten(public_config_dict(cfg)), **params})
         self.tracker.set_tags(tags)
@@ -125,7 +125,7 @@ class Reporter:
         if stopped:
             self.tracker.set_tags({"trainer.stopped_at_step": s.step, "trainer.stopped_by": stop.signal_name or "",
                                    "trainer.emergency_checkpoint": tag_for(s.step) if saved_stop_step else "skipped"})
-        elif self.cfg.tracking.log_export and getattr(self.tracker, "run_id", None):
+        elif self.cfg.tracking.exports(self.cfg.task) and getattr(self.tracker, "run_id", None):
             export()
         self.tracker.log_metrics({"goodput/ratio": good["goodput"], **{f"goodput/{k}_s": v for k, v in good["seconds"].items()}},
                                  s.step)
