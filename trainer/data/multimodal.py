@@ -209,7 +209,6 @@ class Featurizer:
         return ids + ([self.tok.eos_token_id] if self.tok.eos_token_id is not None else [])
 
     def features(self, sample: Sample) -> dict[str, Any]:
-        import numpy as np
         import torch
 
         prompt, response = self.prompt_ids(sample.instruction), self.response_ids(sample.response)
