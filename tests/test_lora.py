@@ -537,7 +537,10 @@ def test_generate_gives_the_memorised_responses_from_the_checkpoint_and_its_expo
     bad = [(["--jsonl", str(data / "ask.jsonl"), "--out", str(tmp_path / "x.jsonl")], f"{data / 'ask.jsonl'}:1: image file images/nope.png not found"),
            (["--image", str(data / "nope.png")], f"--image {data / 'nope.png'}: unreadable"),
            (["--temperature", "-1"], "--temperature -1 (>= 0)"),
-           (["--prompt-ids", "1 2"], "a lora model takes --prompt and media")]
+           (["--prompt-ids", "1 2"], "a lora model takes --prompt and media"),
+           (["--jsonl", str(data / "train.jsonl"), "--image", str(data / first["image"])], "--jsonl and --image/--audio"),
+           (["--out", str(tmp_path / "y.jsonl")], "--out goes with --jsonl"),
+           (["--jsonl", str(data / "train.jsonl"), "--out", str(tmp_path / "checkpoint.jsonl")], "exists (nothing was written")]
     for args, message in bad:
         r = run_cli("generate", str(ckpt), *args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr, (args, r.stderr[-2000:])

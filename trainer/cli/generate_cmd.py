@@ -39,6 +39,8 @@ def generate(
     from trainer.tasks.generate import open_generator, open_source, sampling, samples_of
 
     kwargs = sampling(temperature, top_p, max_new_tokens, seed)
+    if jsonl is not None and (image or audio or text or prompt is not None):
+        raise UserError("--jsonl and --image/--audio/--text/--prompt: give one (the JSONL lines name their own)")
     if out is not None and jsonl is None:
         raise UserError("--out goes with --jsonl (a single answer is printed)")
     if out is not None and out.exists():

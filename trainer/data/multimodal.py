@@ -72,6 +72,15 @@ def _check_media(kind: str, path: Path) -> None:
         path.read_text(encoding="utf-8")
 
 
+def check_media(kind: str, path: Path) -> Optional[str]:
+    """Why the media file cannot be read (decoded as its kind), or None."""
+    try:
+        _check_media(kind, path)
+    except Exception as exc:
+        return _problem(exc)
+    return None
+
+
 def _problem(exc: Exception) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:160] or type(exc).__name__
 
@@ -126,10 +135,9 @@ def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = ME
                 if not path.is_file():
                     bad = f"{kind} file {rel} not found in {data_dir}"
                     break
-                try:
-                    _check_media(kind, path)
-                except Exception as exc:
-                    bad = f"unreadable {kind} {rel}: {_problem(exc)}"
+                unreadable = check_media(kind, path)
+                if unreadable:
+                    bad = f"unreadable {kind} {rel}: {unreadable}"
                     break
                 media[kind] = path
             if bad:

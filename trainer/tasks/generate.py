@@ -72,12 +72,10 @@ def open_generator(task: str, src: Path, info: dict, device: str, tokenizer: Opt
 def samples_of(gen: Any, jsonl: Optional[Path], media: dict[str, Optional[Path]], prompt: Optional[str]) -> list[Any]:
     """The samples to answer: every line of `jsonl` (checked as training lines are; a line needs no response), or
     one sample of the media files given."""
-    from trainer.data.multimodal import Sample, _check_media, _problem, first_problems, scan_index
+    from trainer.data.multimodal import Sample, check_media, first_problems, scan_index
 
     f = gen.featurizer
     if jsonl is not None:
-        if any(media.values()) or prompt is not None:
-            raise UserError("--jsonl and --image/--audio/--text/--prompt: give one (the JSONL lines name their own)")
         samples, problems = scan_index(jsonl.parent, jsonl.name, f.mods, gen.default_instruction, field="--jsonl",
                                        names=gen.fields, need_response=False)
         if problems:
@@ -91,9 +89,8 @@ def samples_of(gen: Any, jsonl: Optional[Path], media: dict[str, Optional[Path]]
             continue
         if kind not in f.mods:
             raise UserError(f"--{kind}: this model has no {kind} encoder (it takes {', '.join('--' + m for m in f.mods)})")
-        try:
-            _check_media(kind, path)
-        except Exception as exc:
-            raise UserError(f"--{kind} {path}: unreadable ({_problem(exc)})") from None
+        bad = check_media(kind, path)
+        if bad:
+            raise UserError(f"--{kind} {path}: unreadable ({bad})")
         given[kind] = path
     return [Sample(0, "prompt", prompt or gen.default_instruction, "", given)]

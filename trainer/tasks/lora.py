@@ -234,12 +234,11 @@ class LoraTask(TaskHooks):
 
     def batch(self, step: int, micro: int, device: Any) -> dict[str, Any]:
         """Micro-batch `micro` of step `step`: prepared here, or ahead by `data.num_workers` processes (same tensors)."""
+        assert self.sampler is not None
         if self.prefetch is None and self.workers:
-            self.prefetch = Prefetcher(self._prepare, self.sampler.grad_accum if self.sampler else 1, self.workers)
+            self.prefetch = Prefetcher(self._prepare, self.sampler.grad_accum, self.workers)
         tensors, skipped, error = self.prefetch.get(step, micro) if self.prefetch else self._prepare(step, micro)
-        for problem in skipped:
-            self.skipped.append(problem)
-            log.warning("%s: skipped, the next sample takes its place", problem)
+        self._record_skipped(skipped)
         if error:
             raise UserError(error)
         return {k: v.to(device) for k, v in tensors.items()}
@@ -263,10 +262,14 @@ class LoraTask(TaskHooks):
         for i in indices:
             features, bad = self._features(self.val_samples, int(i))
             items.append(features)
-            for problem in bad:
-                self.skipped.append(problem)
-                log.warning("%s: skipped, the next sample takes its place", problem)
+            self._record_skipped(bad)
         return {k: v.to(device) for k, v in collate(items).items()}
+
+    def _record_skipped(self, problems: list[str]) -> None:
+        """Lines replaced by the next good sample (`on_bad_sample: skip`): counted in the metadata and logged."""
+        for problem in problems:
+            self.skipped.append(problem)
+            log.warning("%s: skipped, the next sample takes its place", problem)
 
     def _features(self, samples: list[Sample], i: int) -> tuple[dict[str, Any], list[str]]:
         """Sample `i`'s tensors, and the lines skipped on the way. A file that broke after the start-up scan
