@@ -6,7 +6,7 @@ RANKS   ?= 2
 # DeepSpeed JIT-compiles a few ops on first use (~1-2 min here): keep them in the ignored build folder.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
-.PHONY: setup run run-lora test bench clean
+.PHONY: setup sysdeps run run-lora test bench clean
 
 $(VENV)/.installed: setup.py requirements-lock.txt constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,7 +35,19 @@ run-lora: setup data/tiny_mm/phase1.safetensors
 	$(BIN)/trainer validate configs/lora_tiny.yaml --quick
 	$(BIN)/trainer train configs/lora_tiny.yaml --num-ranks $(RANKS) --resume none
 
-test: setup
+# The multi-node tests run a real sshd and pdsh on this machine (tests/sshbed.py): Debian's packages, installed
+# when missing and this is root with apt; elsewhere those tests skip and say why.
+SYSPKGS := openssh-server openssh-client pdsh
+sysdeps:
+	@if [ -x /usr/sbin/sshd ] && command -v pdsh >/dev/null && command -v ssh >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing $(SYSPKGS) (Debian packages) for the multi-node tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends $(SYSPKGS) >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(SYSPKGS) >/dev/null; }; \
+	else echo "note: $(SYSPKGS) missing and not installable here (needs root and apt): the ssh multi-node tests will skip"; fi
+
+test: setup sysdeps
 	$(BIN)/python -m pytest -q
 
 bench: setup data/tiny_shards/shard_00000.npy

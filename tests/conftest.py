@@ -126,3 +126,17 @@ def crc32c_b64(data: bytes) -> str:
     import google_crc32c
 
     return base64.b64encode(google_crc32c.Checksum(data).digest()).decode()
+
+
+@pytest.fixture(scope="session")
+def ssh_bed(tmp_path_factory: pytest.TempPathFactory):
+    """Two nodes reached over a real sshd and pdsh on this machine (tests/sshbed.py); skipped, saying why, where
+    sshd cannot run."""
+    import sshbed
+
+    why = sshbed.unavailable()
+    if why:
+        pytest.skip(why)
+    bed = sshbed.SshBed(tmp_path_factory.mktemp("sshbed")).start()
+    yield bed
+    bed.stop()

@@ -39,6 +39,27 @@ def _last_activity(run: Path) -> float:
     return max((p.stat().st_mtime for p in (run / STATUS_FILE, run / LOG_FILE) if p.exists()), default=run.stat().st_mtime)
 
 
+def node_log(run: Path, node: int) -> tuple[Optional[str], Path]:
+    """(None, path) for node `node`'s log on this machine, else (its host, the path there): a run folder has the
+    same path on every node (the same config), and `logs/nodes.json` names the hosts."""
+    import json
+
+    from trainer.log import NODE_LOGS, NODES_FILE, node_log_name
+
+    logs = run / NODE_LOGS
+    here = sorted(logs.glob(f"node-{node}-*.log"))
+    if here:
+        return None, here[0]
+    try:
+        hosts = json.loads((logs / NODES_FILE).read_text())["hosts"]
+    except (OSError, ValueError, KeyError):
+        hosts = []
+    if node >= len(hosts):
+        known = f"the run had {len(hosts)} node(s)" if hosts else f"no {NODES_FILE} names the run's hosts"
+        raise UserError(f"{run}: no log of node {node} here ({logs}) and {known}")
+    return hosts[node], logs.absolute() / node_log_name(node, hosts[node])
+
+
 def tail(path: Path, lines: int) -> list[str]:
     try:
         with open(path, errors="replace") as f:

@@ -83,6 +83,28 @@ def missing_states(ckpt_dir: Path, world_size: int) -> list[str]:
     return out
 
 
+def needed_by_ranks(name: str, ranks: range, zero_stage: int) -> bool:
+    """Does loading a checkpoint on its own world size read `name` on one of `ranks`? (ZeRO-1/2: every rank reads
+    the model states rank 0 wrote; ZeRO-3: each rank its own; always each rank's optimizer states and RNG state.)"""
+    if zero_stage < 3 and re.fullmatch(r"mp_rank_\d+_model_states\.pt", name):
+        return True
+    m = re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt", name)
+    if m:
+        return int(m.group(1)) in ranks and (zero_stage >= 3 or name.endswith("_optim_states.pt"))
+    m = re.fullmatch(r"rng_state_rank(\d+)\.pt", name)
+    return bool(m) and int(m.group(1)) in ranks
+
+
+def missing_for_ranks(ckpt_dir: Path, ranks: range, zero_stage: int) -> bool:
+    """Does this node's copy of a checkpoint lack files its ranks load? (A node of a run without a shared filesystem
+    holds only the files its own ranks wrote: under ZeRO-1/2 every node but the first lacks the model states.)"""
+    names = {p.name for p in Path(ckpt_dir).iterdir() if p.is_file()}
+    if zero_stage < 3 and not any(re.fullmatch(r"mp_rank_\d+_model_states\.pt", n) for n in names):
+        return True
+    have = {int(m.group(1)) for n in names if (m := _OPTIM_STATES.match(n))}
+    return any(r not in have for r in ranks)
+
+
 def missing_states_error(ckpt_dir: Path, world_size: int, missing: list[str], url: Optional[str]) -> UserError:
     """The one line for a checkpoint that lacks states the conversion needs (and that no bucket can supply)."""
     where = f"{url} does not hold it" if url else "no upload.url to fetch it from"

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from trainer.cli import checkpoints_cmd, config_cmd, export_cmd, generate_cmd, monitor_cmd, phase1_cmd, train_cmd, upload_cmd, validate_cmd
+from trainer.cli import checkpoints_cmd, config_cmd, doctor_cmd, export_cmd, generate_cmd, monitor_cmd, phase1_cmd, train_cmd, upload_cmd, validate_cmd
 from trainer.errors import UserError
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.command("upload-all")(upload_cmd.upload_all)
 app.command("export")(export_cmd.export)
 app.command("generate")(generate_cmd.generate)
 app.command("validate")(validate_cmd.validate)
+app.command("doctor")(doctor_cmd.doctor)
 app.add_typer(phase1_cmd.app, name="phase1")
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -14,20 +14,24 @@ def monitor(
     once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit (scripts, cron).")] = False,
     logs_only: Annotated[bool, typer.Option("--logs-only", help="Only the log: its tail, followed as it grows.")] = False,
     lines: Annotated[int, typer.Option("--lines", "-n", min=1, help="Log lines to show.")] = 12,
-) -> None:
+    node: Annotated[Optional[int], typer.Option("--node", min=0, help="Node N's log (logs/node-N-HOST.log), followed; another"
+                                                " node's is read over ssh from its host.")] = None,
+) -> int:
     """Watch a run: step, loss, tokens/s, ETA, last checkpoint, upload queue and the log tail. Ctrl-C leaves."""
     from rich.console import Console
 
     from trainer.monitor import LOG_FILE, find_run, render, snapshot
 
     run = find_run(run_dir)
+    if node is not None:
+        return _node_log(run, node, lines, refresh, once)
     if logs_only:  # plain lines, as `tail` prints them
         _follow(run / LOG_FILE, lines, refresh, once)
-        return
+        return 0
     console = Console(width=max(120, Console().width), highlight=False)
     if once:
         console.print(render(snapshot(run, lines), wrap_log=True))
-        return
+        return 0
     from rich.live import Live
 
     try:
@@ -37,6 +41,31 @@ def monitor(
                 live.update(render(snapshot(find_run(run_dir), lines)))
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def _node_log(run: Path, node: int, lines: int, refresh: float, once: bool) -> int:
+    """This machine's file like --logs-only; another node's through `ssh HOST tail` (-F unless --once)."""
+    import shlex
+    import subprocess
+
+    from trainer.errors import UserError
+    from trainer.monitor import node_log
+
+    host, path = node_log(run, node)
+    if host is None:
+        _follow(path, lines, refresh, once)
+        return 0
+    follow = "" if once else "-F "
+    cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", host, f"tail -n {lines} {follow}{shlex.quote(str(path))}"]
+    try:
+        r = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+    except KeyboardInterrupt:
+        return 0
+    if r.returncode != 0 and r.returncode != 130:
+        why = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+        raise UserError(f"node {node}'s log {host}:{path}: {why}")
+    return 0
 
 
 def _follow(log: Path, lines: int, refresh: float, once: bool) -> None:

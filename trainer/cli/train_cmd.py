@@ -50,7 +50,7 @@ def train(
     cfg = load_config(config, ov)
     if hostfile is not None and num_ranks is not None:
         raise UserError("--hostfile and --num-ranks: give one (the hostfile's slots set the ranks)")
-    tmp = None
+    tmp = env_file = None
     if hostfile is not None:
         hosts = parse_hostfile(hostfile)
     else:
@@ -60,6 +60,8 @@ def train(
     if node_rank is not None and node_rank >= len(hosts):
         raise UserError(f"--node-rank {node_rank}: the hostfile has {len(hosts)} host(s)")
     preflight(cfg, plan.world_size, str(config))
+    if plan.uses_ssh and not dry_run:
+        _check_nodes(list(hosts), hostfile)
     if plan.master_port is None:
         plan.master_port = free_port() if plan.single_local_host or node_rank is not None else 29500
     if hostfile is None:
@@ -79,10 +81,32 @@ def train(
         if not _has_gpu():
             env.setdefault("DS_ACCELERATOR", "cpu")
             env.setdefault("OMP_NUM_THREADS", "1")
+        if plan.uses_ssh:
+            from trainer.launcher.over_ssh import run_over_ssh
+            from trainer.launcher.remote_env import write_env_file
+
+            env_file = write_env_file(env)  # what every node's ranks need (0600, removed when the job ends)
+            env["DS_ENV_FILE"] = str(env_file)
+            return run_over_ssh(cmd, env, list(hosts), plan.master_port, cfg.preemption.grace_s)
         return run_process_group(cmd, env, cfg.preemption.grace_s)
     finally:
-        if tmp is not None:
-            Path(tmp.name).unlink(missing_ok=True)
+        for path in (Path(tmp.name) if tmp is not None else None, env_file):
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
+def _check_nodes(hosts: list[str], hostfile: Optional[Path]) -> None:
+    """Before the runner: pdsh is here and every host answers ssh without a password (one line per host if not)."""
+    import shutil
+
+    from trainer.launcher.over_ssh import ssh_unreachable
+
+    if shutil.which("pdsh") is None:
+        raise UserError(f"{hostfile}: the hosts are reached through pdsh (DeepSpeed's runner), which is not installed here"
+                        " (Debian: apt-get install pdsh); or start each node yourself with --node-rank N --master-addr ADDR")
+    bad = ssh_unreachable(hosts)
+    if bad:
+        raise UserError("\n".join(f"{hostfile}: host {h} is not reachable by ssh without a password: {why}" for h, why in bad.items()))
 
 
 def _has_gpu() -> bool:

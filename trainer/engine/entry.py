@@ -6,6 +6,7 @@ runs the task's training, and maps the outcome to the documented exit codes.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -33,8 +34,6 @@ def main_and_exit(argv: Optional[Sequence[str]] = None) -> NoReturn:
     optimizer state and the snapshot buffers takes seconds that the grace period does not have.
     Everything that matters is flushed first (logs, stdout); uploads and tracking ended in `main`."""
     code = main(argv)
-    import logging
-
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -46,10 +45,18 @@ def main_and_exit(argv: Optional[Sequence[str]] = None) -> NoReturn:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     code = _main(argv)
+    from trainer.log import to_log_files
+
+    to_log_files(logging.INFO if code in (0, 75) else logging.WARNING, f"rank {os.environ.get('RANK', '0')} exits with code {code}")
     status = os.environ.get(STATUS_FILE_ENV)
     if status and int(os.environ.get("RANK", "0")) == 0:
+        from trainer.launcher.over_ssh import EXIT_LINE, STATUS_TO_STDERR
+
         try:
-            Path(status).write_text(f"{code}\n")
+            if status == STATUS_TO_STDERR:  # a multi-node job over ssh: the line comes back through pdsh
+                print(EXIT_LINE.format(code=code), file=sys.stderr, flush=True)
+            else:
+                Path(status).write_text(f"{code}\n")
         except OSError:
             pass
     return code
@@ -82,11 +89,17 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         if rank == 0 or not exc.shared:
             prefix = "" if rank == 0 else f"[rank{rank}] "
             print("\n".join(prefix + line for line in exc.lines()), file=sys.stderr, flush=True)
+            from trainer.log import to_log_files
+
+            to_log_files(logging.ERROR if exc.exit_code else logging.INFO, "\n".join(exc.lines()))
         return exc.exit_code
     except BaseException:
         if trainer is not None:
             trainer.fail()
         traceback.print_exc()
+        from trainer.log import to_log_files
+
+        to_log_files(logging.ERROR, f"rank {os.environ.get('RANK', '0')} crashed:\n{traceback.format_exc().rstrip()}")
         return EXIT_BUG
 
 

@@ -34,11 +34,11 @@ from trainer.engine.metrics import accelerator_name, mfu, peak_flops, system_inf
 from trainer.engine.optim import optimizer_factory, param_groups, scheduler_factory
 from trainer.engine.report import Reporter, curve_of
 from trainer.engine.signals import StopFlag, watch_launchers
-from trainer.errors import EXIT_OK, EXIT_PREEMPTED
+from trainer.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from trainer.tasks.base import Task
-from trainer.log import add_log_file, get_logger, redact
+from trainer.log import add_log_file, add_node_log, get_logger, redact
 from trainer.progress import gb
-from trainer.ranks import rank_info
+from trainer.ranks import node_identity, rank_info
 from trainer.storage import open_storage
 
 log = get_logger("engine")
@@ -192,15 +192,32 @@ class Trainer:
         return {"run_id": ckpt.run_id, "resume": str(ckpt.path), "metadata": meta, "restored": restored}
 
     def _restore_on_this_node(self, decision: dict) -> None:
-        """Nodes without a shared filesystem: each node's first rank fetches the checkpoint rank 0 chose."""
-        from trainer.upload.restore import restore
+        """Nodes without a shared filesystem: each node's first rank fetches the checkpoint rank 0 chose, and on the
+        same world size the files its ranks load that another node wrote (the model states, under ZeRO-1/2)."""
+        from trainer.checkpoint.universal import missing_for_ranks, needed_by_ranks
+        from trainer.upload.restore import fill_missing, restore
+
+        src, meta, r = Path(decision["resume"]), decision["metadata"], self.ranks
+        mine = range(r.rank, r.rank + max(1, r.local_world_size))
+        stage = int(meta.get("zero_stage", 2))
 
         def fetch() -> None:
-            if decision.get("restored") and not is_committed(Path(decision["resume"])):
+            if decision.get("restored") and not is_committed(src):
                 storage = open_storage(self.cfg.upload.url)  # type: ignore[arg-type]
                 manifest = json.loads(storage.get_bytes(f"{decision['restored']}/{MANIFEST}") or b"{}")
                 with self.clock.phase_of("restore"):
                     restore(storage, decision["restored"], manifest, self.cfg.run_dir)
+            if int(meta.get("world_size", r.world_size)) != r.world_size or not missing_for_ranks(src, mine, stage):
+                return  # (another world size: the conversion fetches what it needs)
+            url = self.cfg.upload.url
+            raw = open_storage(url).get_bytes(f"{remote_prefix(meta)}/{MANIFEST}") if url else None
+            if raw is None:
+                where = f"{redact(url)} holds no complete copy of it" if url else "no upload.url to fetch them from"
+                raise UserError(f"--resume: this node's copy of {src} lacks files its ranks load, written on another node"
+                                f" (nodes without a shared filesystem), and {where}")
+            with self.clock.phase_of("restore"):
+                fill_missing(open_storage(url), remote_prefix(meta), json.loads(raw), src,  # type: ignore[arg-type]
+                             lambda name: needed_by_ranks(name, mine, stage))
 
         dist.agree(fetch, dist.local_mains(self.ranks), f"each node restoring {Path(str(decision.get('resume'))).name}")
 
@@ -274,6 +291,8 @@ class Trainer:
             self.store.remove_partials()  # this run's only: another job may be saving in its own run folder
             self.run_root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
+        node = node_identity(r)
+        add_node_log(Path(cfg.run_dir), self.run_root, node.node_rank, node.host, r.is_local_main, r.rank, node.hosts)
         universal = self._convert_for_this_world(decision) if self.resumed_from_world_size else None
         if r.is_main:
             add_log_file(self.run_root / "train.log", r.rank)

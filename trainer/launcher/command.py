@@ -54,9 +54,15 @@ class LaunchPlan:
     def single_local_host(self) -> bool:
         return len(self.hosts) == 1 and is_local(next(iter(self.hosts)))
 
+    @property
+    def uses_ssh(self) -> bool:
+        """The runner reaches every node through pdsh and ssh (several hosts, or one remote host, no --node-rank)."""
+        return self.node_rank is None and not self.single_local_host
+
     def command(self, config: str, worker_args: list[str]) -> list[str]:
         """`python -m deepspeed.launcher.runner ...` (the `deepspeed` script) for this plan."""
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(self.hostfile)]
+        runner = "trainer.launcher.ds_runner" if self.uses_ssh else "deepspeed.launcher.runner"  # (secrets masked)
+        cmd = [sys.executable, "-m", runner, "--hostfile", str(self.hostfile)]
         if self.node_rank is not None:
             # One launcher per node, started by hand or by a scheduler on each node: no ssh at all.
             cmd += ["--no_ssh", "--node_rank", str(self.node_rank), "--master_addr", self.master_addr or "127.0.0.1"]

@@ -107,6 +107,15 @@ class PretrainTask(TaskHooks):
         model.config.use_cache = False
         return model
 
+    def state_bytes_estimate(self) -> int:
+        """A checkpoint's bytes: the weights in the training precision plus Adam's fp32 master, exp_avg and exp_avg_sq."""
+        import torch
+        from transformers import GPTNeoXForCausalLM
+
+        with torch.device("meta"):
+            n = sum(p.numel() for p in GPTNeoXForCausalLM(neox_config(self.cfg.model)).parameters())
+        return n * ((4 if self.cfg.train.precision == "fp32" else 2) + 12)
+
     def describe_model(self, model: Any) -> list[str]:
         c = parameter_counts(model)
         d = self.dims

@@ -103,13 +103,15 @@ def restore(storage: Storage, prefix: str, manifest: dict, run_dir: Path,
     return final
 
 
-def fill_missing(storage: Storage, prefix: str, manifest: dict, ckpt_dir: Path) -> list[str]:
+def fill_missing(storage: Storage, prefix: str, manifest: dict, ckpt_dir: Path,
+                 wanted: Optional[Callable[[str], bool]] = None) -> list[str]:
     """Download into the local checkpoint `ckpt_dir` the files its manifest lists that are not there (a node of a
-    run without a shared filesystem holds only its own ranks' files), each verified like a restore. Only the
-    parts holding them are fetched; the files are moved in when all are verified. Returns their names."""
+    run without a shared filesystem holds only its own ranks' files), or only those `wanted` accepts, each verified
+    like a restore. Only the parts holding them are fetched; the files are moved in when all are verified. Returns
+    their names."""
     ckpt_dir = Path(ckpt_dir)
     files = {f["path"]: f for f in manifest["files"]}
-    missing = sorted(p for p in files if not (ckpt_dir / p).is_file())
+    missing = sorted(p for p in files if not (ckpt_dir / p).is_file() and (wanted is None or wanted(p)))
     if not missing:
         return []
     parts = [part for part in manifest["parts"] if any(files[p]["part"] == part["name"] for p in missing)]

@@ -25,7 +25,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--keep-remote", type=int, default=None)
     p.add_argument("--nice", type=int, default=19, help="CPU niceness of the upload process (training goes first)")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the training process decides when an upload is abandoned
+    # The training process decides when an upload is abandoned (it kills this one). A SIGTERM or SIGINT meant for
+    # the job also reaches this process (a VM shutting down signals every process; DeepSpeed's launcher signals its
+    # ranks' whole process trees): the upload goes on while the ranks drain.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    _leave_with_parent()
     if args.nice:
         try:
             os.nice(args.nice)
@@ -47,6 +52,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UploadFailed:
         return 1
     return 0
+
+
+def _leave_with_parent() -> None:
+    """If the training process is gone (killed, or a third signal ended it at once), stop uploading within a second:
+    the parts sent so far have no manifest, so nothing half-uploaded is visible; `trainer upload-all` redoes it."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":
