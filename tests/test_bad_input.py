@@ -46,7 +46,8 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str, problems: i
         assert line.startswith("error: "), line
     for needle in needles:
         assert needle in r.stderr, f"{needle!r} not in {r.stderr!r}"
-    assert "deepspeed.launcher.runner" not in r.stdout, "nothing may be launched or printed as a command"
+    assert "deepspeed.launcher.runner" not in r.stdout and "launcher.ds_runner" not in r.stdout, \
+        "nothing may be launched or printed as a command"
     return lines
 
 

@@ -188,6 +188,7 @@ def test_two_nodes_over_ssh_stop_save_upload_and_resume_exactly(ssh_bed, tiny_sh
     stop_s = time.monotonic() - t0
     out = seen + rest
     assert job.returncode == 75, out[-4000:]
+    assert "node-a: trainer: rank 0 exit code 75" in out  # rank 0's own code, back through pdsh
     assert stop_s < GRACE_S, stop_s
     assert not ranks_of(cfg)
     assert secret not in out and "MLFLOW_TRACKING_PASSWORD=***" in out
@@ -242,8 +243,9 @@ def test_a_rank_failing_on_the_second_node_ends_the_job_with_its_error(ssh_bed, 
         assert job.returncode == 1, out[-4000:]
         assert time.monotonic() - t0 < 120
         assert "node-b: " in out and "Traceback" in out
-        summary = [line for line in out.splitlines() if line.startswith("trainer: node node-b exited with")]
-        assert len(summary) == 1 and ("NotADirectoryError" in summary[0] or "FileExistsError" in summary[0]), out[-3000:]
+        assert "node-a: trainer: rank 0 exit code 1" in out  # rank 0 failed its next collective
+        summary = [line for line in out.splitlines() if line.startswith("trainer: node node-b exited with 1: ")]
+        assert len(summary) == 1 and "NotADirectoryError" in summary[0], out[-3000:]
         assert not ranks_of(cfg)
     finally:
         bed.node_disk("node-b").joinpath("fail").unlink()

@@ -136,8 +136,8 @@ def main() -> None:
         xs = [r[key] for r in results if r["mode"] == mode]
         return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
 
-    print(f"\n| how the job runs | SIGTERM to exit of the command, s | SIGTERM to the last rank gone, s | exit codes |"
-          f" preemption checkpoint committed and uploaded |")
+    print("\n| how the job runs | SIGTERM to exit of the command, s | SIGTERM to the last rank gone, s | exit codes |"
+          " preemption checkpoint committed and uploaded |")
     print("|---|---|---|---|---|")
     for mode in MODES:
         rs = [r for r in results if r["mode"] == mode]

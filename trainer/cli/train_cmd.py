@@ -50,7 +50,7 @@ def train(
     cfg = load_config(config, ov)
     if hostfile is not None and num_ranks is not None:
         raise UserError("--hostfile and --num-ranks: give one (the hostfile's slots set the ranks)")
-    tmp = env_file = None
+    tmp = None
     if hostfile is not None:
         hosts = parse_hostfile(hostfile)
     else:
@@ -83,16 +83,12 @@ def train(
             env.setdefault("OMP_NUM_THREADS", "1")
         if plan.uses_ssh:
             from trainer.launcher.over_ssh import run_over_ssh
-            from trainer.launcher.remote_env import write_env_file
 
-            env_file = write_env_file(env)  # what every node's ranks need (0600, removed when the job ends)
-            env["DS_ENV_FILE"] = str(env_file)
             return run_over_ssh(cmd, env, list(hosts), plan.master_port, cfg.preemption.grace_s)
         return run_process_group(cmd, env, cfg.preemption.grace_s)
     finally:
-        for path in (Path(tmp.name) if tmp is not None else None, env_file):
-            if path is not None:
-                path.unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp.name).unlink(missing_ok=True)
 
 
 def _check_nodes(hosts: list[str], hostfile: Optional[Path]) -> None:

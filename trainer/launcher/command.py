@@ -56,8 +56,9 @@ class LaunchPlan:
 
     @property
     def uses_ssh(self) -> bool:
-        """The runner reaches every node through pdsh and ssh (several hosts, or one remote host, no --node-rank)."""
-        return self.node_rank is None and not self.single_local_host
+        """The runner reaches every node through pdsh and ssh: several hosts and no --node-rank. (With one host,
+        even a remote name, DeepSpeed's runner starts the ranks on this machine.)"""
+        return self.node_rank is None and len(self.hosts) > 1
 
     def command(self, config: str, worker_args: list[str]) -> list[str]:
         """`python -m deepspeed.launcher.runner ...` (the `deepspeed` script) for this plan."""

@@ -104,9 +104,20 @@ def _pump(src: IO[bytes], dst: IO[str], watch: _Watch) -> None:
 
 
 def run_over_ssh(cmd: list[str], env: dict[str, str], hosts: list[str], master_port: int, grace_s: float) -> int:
-    """Run the runner, pass its output through, forward signals to every node's ranks; rank 0's exit code."""
-    proc = subprocess.Popen(cmd, env={**env, STATUS_FILE_ENV: STATUS_TO_STDERR}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    """Run the runner with what every node's ranks need in a private env file (removed at the end), pass its output
+    through, forward signals to every node's ranks; rank 0's exit code."""
+    from trainer.launcher.remote_env import write_env_file
+
+    env = {**env, STATUS_FILE_ENV: STATUS_TO_STDERR}
+    env_file = write_env_file(env)
+    try:
+        return _run(cmd, {**env, "DS_ENV_FILE": str(env_file)}, hosts, master_port, grace_s)
+    finally:
+        env_file.unlink(missing_ok=True)
+
+
+def _run(cmd: list[str], env: dict[str, str], hosts: list[str], master_port: int, grace_s: float) -> int:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     watch = _Watch()
     pumps = [threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, watch), daemon=True),
              threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, watch), daemon=True)]
@@ -158,7 +169,7 @@ def run_over_ssh(cmd: list[str], env: dict[str, str], hosts: list[str], master_p
     code = proc.returncode
     result = watch.rank0_code if watch.rank0_code is not None else (128 - code if code < 0 else code)
     if result not in (0, 75):
-        for host, node_code in sorted(watch.failed.items()):
+        for host, node_code in watch.failed.items():  # in the order pdsh saw them end (not always the cause first)
             why = watch.last_error.get(host, "no error line (see its output above)")
             print(f"trainer: node {host} exited with {node_code}: {why}", file=sys.stderr, flush=True)
     return result

@@ -16,6 +16,7 @@ import collections
 import json
 import random
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -355,6 +356,10 @@ class BackgroundUploader:
         return "uploaded"
 
     def _run(self) -> None:
+        # The upload processes start with SIGTERM and SIGINT blocked (a thread's mask is inherited through exec) and
+        # ignore them once they run: a signal for the job that reaches them while they start (DeepSpeed's launcher
+        # signals its ranks' whole process trees, a VM shutdown every process) must not kill the upload.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         while True:
             with self._cond:
                 while not self._waiting and not self._closed:

@@ -30,6 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # ranks' whole process trees): the upload goes on while the ranks drain.
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # started blocked: see the uploader
     _leave_with_parent()
     if args.nice:
         try:
