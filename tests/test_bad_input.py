@@ -2,6 +2,9 @@
 field, no traceback, and nothing written."""
 from __future__ import annotations
 
+import base64
+import json
+
 import shlex
 import subprocess
 from pathlib import Path
@@ -46,7 +49,7 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str, problems: i
         assert line.startswith("error: "), line
     for needle in needles:
         assert needle in r.stderr, f"{needle!r} not in {r.stderr!r}"
-    assert "deepspeed.launcher.runner" not in r.stdout and "launcher.ds_runner" not in r.stdout, \
+    assert "launcher.ds_launch" not in r.stdout and "launcher.ds_runner" not in r.stdout, \
         "nothing may be launched or printed as a command"
     return lines
 
@@ -374,14 +377,34 @@ def test_dry_run_with_valid_input_prints_the_launcher_command(tiny_config: Path)
     assert "Traceback" not in r.stdout + r.stderr
     assert "error" not in r.stderr
     assert "world size 1" in r.stdout
-    command_line = next(line for line in r.stdout.splitlines() if "deepspeed.launcher.runner" in line)
+    # one machine: DeepSpeed's per-node launcher, with the --world_info its runner would have given it
+    command_line = next(line for line in r.stdout.splitlines() if "trainer.launcher.ds_launch" in line)
     cmd = shlex.split(command_line)
-    for needle in ("deepspeed.launcher.runner", "--no_ssh_check", "--master_addr 127.0.0.1", "launch/train.py"):
+    for needle in ("--master_addr=127.0.0.1", "launch/train.py"):
         assert needle in command_line, needle
+    world = next(a.split("=", 1)[1] for a in cmd if a.startswith("--world_info="))
+    assert json.loads(base64.urlsafe_b64decode(world)) == {"localhost": [0]}
     assert cmd[cmd.index("--config") + 1] == str(tiny_config)
     assert cmd[cmd.index("--set") + 1] == "optim.lr=0.001"
     assert cmd[cmd.index("--max-steps") + 1] == "7"
-    assert int(cmd[cmd.index("--master_port") + 1]) > 0
+    assert int(next(a.split("=", 1)[1] for a in cmd if a.startswith("--master_port="))) > 0
+
+
+def test_dry_run_across_nodes_prints_the_deepspeed_runner_command(tiny_config: Path, tmp_path: Path) -> None:
+    """Several hosts: DeepSpeed's runner (pdsh and ssh), with secret values masked in its log; port 29500 on every
+    node. With --node-rank: that node's launcher only, on the same port."""
+    hostfile = tmp_path / "made-hostfile"
+    hostfile.write_text("gpu-node-1 slots=2\ngpu-node-2 slots=2\n")
+    r = invoke("train", tiny_config, "--hostfile", str(hostfile), ranks=None)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "world size 4 on 2 host(s)" in r.stdout
+    cmd = shlex.split(next(line for line in r.stdout.splitlines() if "trainer.launcher.ds_runner" in line))
+    assert cmd[cmd.index("--hostfile") + 1] == str(hostfile) and cmd[cmd.index("--master_port") + 1] == "29500"
+    r = invoke("train", tiny_config, "--hostfile", str(hostfile), "--node-rank", "1", "--master-addr", "gpu-node-1", ranks=None)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cmd = shlex.split(next(line for line in r.stdout.splitlines() if "trainer.launcher.ds_launch" in line))
+    for needle in ("--node_rank=1", "--master_addr=gpu-node-1", "--master_port=29500"):
+        assert needle in cmd, needle
 
 
 def test_dry_run_world_size_from_num_ranks(tiny_config: Path) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,7 +31,8 @@ def train(
     resume: ResumeOpt = None,
     node_rank: Annotated[Optional[int], typer.Option("--node-rank", min=0, help="Start only this node's ranks (no ssh); run once per node.")] = None,
     master_addr: Annotated[Optional[str], typer.Option("--master-addr", help="Address of the node with rank 0.")] = None,
-    master_port: Annotated[Optional[int], typer.Option("--master-port", help="Rendezvous port (default: a free one locally).")] = None,
+    master_port: Annotated[Optional[int], typer.Option("--master-port", help="Rendezvous port (default: a free one on one"
+                                                       " machine, 29500 across nodes).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the launcher command, run nothing.")] = False,
     no_background_upload: Annotated[bool, typer.Option("--no-background-upload", help="Upload each checkpoint before training"
                                                        " goes on (upload.background: false; training waits).")] = False,
@@ -41,7 +41,7 @@ def train(
     from trainer.config.load import load_config
     from trainer.data.shards import SHARDS_CHECKED_ENV
     from trainer.launcher.command import LaunchPlan, free_port, run_process_group
-    from trainer.launcher.hostfile import parse_hostfile, render_hostfile
+    from trainer.launcher.hostfile import parse_hostfile
     from trainer.launcher.preflight import preflight
 
     if no_background_upload:
@@ -50,7 +50,6 @@ def train(
     cfg = load_config(config, ov)
     if hostfile is not None and num_ranks is not None:
         raise UserError("--hostfile and --num-ranks: give one (the hostfile's slots set the ranks)")
-    tmp = None
     if hostfile is not None:
         hosts = parse_hostfile(hostfile)
     else:
@@ -62,33 +61,22 @@ def train(
     preflight(cfg, plan.world_size, str(config))
     if plan.uses_ssh and not dry_run:
         _check_nodes(list(hosts), hostfile)
-    if plan.master_port is None:
-        plan.master_port = free_port() if plan.single_local_host or node_rank is not None else 29500
-    if hostfile is None:
-        tmp = tempfile.NamedTemporaryFile("w", prefix="trainer-hostfile-", delete=False)
-        tmp.write(render_hostfile(hosts))
-        tmp.close()
-        plan.hostfile = Path(tmp.name)
-    try:
-        cmd = plan.command(str(config), ov.to_argv())
-        typer.echo(f"world size {plan.world_size} on {len(hosts)} host(s); launcher:\n  {shlex.join(cmd)}")
-        if dry_run:
-            if hostfile is None:
-                typer.echo(f"(the generated hostfile holds: {render_hostfile(hosts).strip()}; it exists only while training runs)")
-            return 0
-        env = dict(os.environ)
-        env[SHARDS_CHECKED_ENV] = "1"
-        if not _has_gpu():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-            env.setdefault("OMP_NUM_THREADS", "1")
-        if plan.uses_ssh:
-            from trainer.launcher.over_ssh import run_over_ssh
+    if plan.master_port is None:  # across nodes every node must use the same port: DeepSpeed's default
+        plan.master_port = free_port() if node_rank is None and not plan.uses_ssh else 29500
+    cmd = plan.command(str(config), ov.to_argv())
+    typer.echo(f"world size {plan.world_size} on {len(hosts)} host(s); launcher:\n  {shlex.join(cmd)}")
+    if dry_run:
+        return 0
+    env = dict(os.environ)
+    env[SHARDS_CHECKED_ENV] = "1"
+    if not _has_gpu():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", "1")
+    if plan.uses_ssh:
+        from trainer.launcher.over_ssh import run_over_ssh
 
-            return run_over_ssh(cmd, env, list(hosts), plan.master_port, cfg.preemption.grace_s)
-        return run_process_group(cmd, env, cfg.preemption.grace_s)
-    finally:
-        if tmp is not None:
-            Path(tmp.name).unlink(missing_ok=True)
+        return run_over_ssh(cmd, env, list(hosts), plan.master_port, cfg.preemption.grace_s)
+    return run_process_group(cmd, env, cfg.preemption.grace_s)
 
 
 def _check_nodes(hosts: list[str], hostfile: Optional[Path]) -> None:

@@ -82,7 +82,8 @@ def _is_deepspeed_launcher(proc: "object") -> bool:
     except Exception:
         return False
     head = " ".join(cmd[:4])
-    return "deepspeed.launcher" in head or any(os.path.basename(a) == "deepspeed" for a in cmd[:2])
+    return ("deepspeed.launcher" in head or "trainer.launcher.ds_" in head  # DeepSpeed's, or started through our shims
+            or any(os.path.basename(a) == "deepspeed" for a in cmd[:2]))
 
 
 def watch_launchers(stop: StopFlag, interval_s: float = 0.5) -> Optional[threading.Thread]:

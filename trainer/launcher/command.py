@@ -61,23 +61,23 @@ class LaunchPlan:
         return self.node_rank is None and len(self.hosts) > 1
 
     def command(self, config: str, worker_args: list[str]) -> list[str]:
-        """`python -m deepspeed.launcher.runner ...` (the `deepspeed` script) for this plan."""
-        runner = "trainer.launcher.ds_runner" if self.uses_ssh else "deepspeed.launcher.runner"  # (secrets masked)
-        cmd = [sys.executable, "-m", runner, "--hostfile", str(self.hostfile)]
-        if self.node_rank is not None:
-            # One launcher per node, started by hand or by a scheduler on each node: no ssh at all.
-            cmd += ["--no_ssh", "--node_rank", str(self.node_rank), "--master_addr", self.master_addr or "127.0.0.1"]
-        elif self.single_local_host:
-            # The runner would ssh to "localhost" to check reachability and to find the address.
-            cmd += ["--no_ssh_check", "--master_addr", self.master_addr or "127.0.0.1"]
-        elif self.master_addr:
-            cmd += ["--master_addr", self.master_addr]
-        cmd += ["--master_port", str(self.master_port or 29500)]
-        if REPO_SCRIPT.exists():
-            cmd += [str(REPO_SCRIPT)]
+        """The launcher command for this plan. Across nodes over ssh: DeepSpeed's runner (the `deepspeed` command,
+        through ds_runner: secret values masked in its log). Otherwise DeepSpeed's per-node launcher itself (through
+        ds_launch), started as the runner would start it on one node, without the runner's seconds of imports."""
+        from trainer.launcher.ds_launch import encode_world_info
+
+        script = [str(REPO_SCRIPT)] if REPO_SCRIPT.exists() else ["--module", ENTRY_MODULE]
+        if self.uses_ssh:
+            cmd = [sys.executable, "-m", "trainer.launcher.ds_runner", "--hostfile", str(self.hostfile)]
+            if self.master_addr:
+                cmd += ["--master_addr", self.master_addr]  # else the runner asks the first host (`hostname -I`)
+            cmd += ["--master_port", str(self.master_port or 29500)]
         else:
-            cmd += ["--module", ENTRY_MODULE]
-        return cmd + ["--config", config, *worker_args]
+            cmd = [sys.executable, "-m", "trainer.launcher.ds_launch", f"--world_info={encode_world_info(self.hosts)}",
+                   f"--master_addr={self.master_addr or '127.0.0.1'}", f"--master_port={self.master_port or 29500}"]
+            if self.node_rank is not None:  # one launcher per node, started on each node by hand or a scheduler
+                cmd.append(f"--node_rank={self.node_rank}")
+        return cmd + script + ["--config", config, *worker_args]
 
 
 def worker_processes(root_pid: int) -> list:
@@ -102,11 +102,11 @@ def run_process_group(cmd: list[str], env: dict[str, str], grace_s: float = 25.0
     """Run the launcher in its own session and return the job's exit code; SIGINT/SIGTERM go to the ranks.
 
     The signal is sent to the training ranks themselves: they agree on a stop step, save and exit
-    with 75. Signalling the runner or the per-node launcher instead would kill the job (the runner
-    has no handler; the launcher SIGKILLs its ranks 30 s later). Before any rank exists the whole
-    group gets the signal. If the runner dies first (a signal that reached it directly), the ranks
-    notice and stop on their own: the wrapper waits for them. The exit code is the one rank 0
-    reported (DeepSpeed's launchers do not always pass it up), else the runner's.
+    with 75. (Signalled, DeepSpeed's per-node launcher SIGTERMs its ranks' whole process trees and
+    SIGKILLs them 30 s later.) Before any rank exists the whole group gets the signal. If the launcher
+    dies first (a signal that reached it directly), the ranks notice and stop on their own: the
+    wrapper waits for them. The exit code is the one rank 0 reported (DeepSpeed's launchers do not
+    always pass it up), else the launcher's.
     """
     fd, status = tempfile.mkstemp(prefix="trainer-status-")
     os.close(fd)

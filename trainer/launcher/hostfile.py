@@ -39,7 +39,3 @@ def parse_hostfile(path: Path) -> dict[str, int]:
 
 def is_local(host: str) -> bool:
     return host in LOCAL_NAMES or host == socket.gethostname()
-
-
-def render_hostfile(hosts: dict[str, int]) -> str:
-    return "".join(f"{h} slots={n}\n" for h, n in hosts.items())
