@@ -244,3 +244,30 @@ def test_lora_resumes_on_one_rank_from_two(tiny_mm: Path, tmp_path: Path) -> Non
     _continues(b27, a27, after=6)
     assert metadata(b27)["grad_accum"] == 2 and metadata(b27)["resumed_from_world_size"] == 2
     _same_as_deepspeed(a6, tmp_path)  # only the trainable parameters, as DeepSpeed's converter writes them
+
+
+def test_the_files_a_node_needs_to_resume_on_the_same_world_size(tmp_path: Path) -> None:
+    """A node of a run without a shared filesystem holds only its own ranks' files: which ones it must fetch."""
+    from trainer.checkpoint.universal import missing_for_ranks, needed_by_ranks
+
+    node1 = range(2, 4)  # ranks 2 and 3 of 4
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_2_mp_rank_00_optim_states.pt",
+             "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_2_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
+             "rng_state_rank00003.pt", "rng_state_rank00000.pt", "metadata.json", "config.yaml"]
+    assert [n for n in names if needed_by_ranks(n, node1, 2)] == names[:3] + ["rng_state_rank00003.pt"]
+    assert [n for n in names if needed_by_ranks(n, node1, 3)] == [names[1], names[2], names[4], "rng_state_rank00003.pt"]
+    ckpt = tmp_path / "step-00000004"
+    assert missing_for_ranks(ckpt, node1, 2)  # not on this node at all
+    ckpt.mkdir()
+    for n in ("zero_pp_rank_2_mp_rank_00_optim_states.pt", "zero_pp_rank_3_mp_rank_00_optim_states.pt", "rng_state_rank00002.pt"):
+        (ckpt / n).write_bytes(b"x")
+    assert missing_for_ranks(ckpt, node1, 2)  # the model states rank 0 wrote on node 0
+    assert not missing_for_ranks(ckpt, node1, 3)  # ZeRO-3: every rank reads its own
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    assert not missing_for_ranks(ckpt, node1, 2)
+    assert missing_for_ranks(ckpt, range(0, 2), 1)  # ranks 0 and 1 lack their optimizer states here
+    for n in list(ckpt.iterdir()):
+        if "optim" in n.name:
+            n.unlink()
+    assert not missing_for_ranks(ckpt, node1, 0)  # ZeRO-0: the optimizer is in the model states

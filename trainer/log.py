@@ -79,11 +79,11 @@ def add_node_log(run_dir: Path, run_root: Path, node_rank: int, host: str, first
                  hosts: tuple[str, ...] = ()) -> Path:
     """This rank's lines in its node's log (the node's first rank at the console level, the others from WARNING);
     the node's first rank points `<run_dir>/latest-node-<N>.log` at it (a link, not a folder: a folder of runs holds
-    only runs), and rank 0 lists every node's host
-    in `logs/nodes.json` (so `trainer monitor --node N` knows where another node's log is)."""
+    only runs) and lists every node's host in `logs/nodes.json` (so `trainer monitor --node N` knows where another
+    node's log is)."""
     path = run_root / NODE_LOGS / node_log_name(node_rank, host)
     add_log_file(path, rank, base_level() if first_on_node else logging.WARNING)
-    if rank == 0 and hosts:
+    if first_on_node and hosts:  # every node's, so the monitor finds the others from any node's disk
         import json
 
         (run_root / NODE_LOGS / NODES_FILE).write_text(json.dumps({"hosts": list(hosts)}) + "\n")

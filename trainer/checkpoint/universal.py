@@ -87,7 +87,7 @@ def needed_by_ranks(name: str, ranks: range, zero_stage: int) -> bool:
     """Does loading a checkpoint on its own world size read `name` on one of `ranks`? (ZeRO-1/2: every rank reads
     the model states rank 0 wrote; ZeRO-3: each rank its own; always each rank's optimizer states and RNG state.)"""
     if zero_stage < 3 and re.fullmatch(r"mp_rank_\d+_model_states\.pt", name):
-        return True
+        return True  # (ZeRO-0: the optimizer states are in there too)
     m = re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt", name)
     if m:
         return int(m.group(1)) in ranks and (zero_stage >= 3 or name.endswith("_optim_states.pt"))
@@ -98,9 +98,13 @@ def needed_by_ranks(name: str, ranks: range, zero_stage: int) -> bool:
 def missing_for_ranks(ckpt_dir: Path, ranks: range, zero_stage: int) -> bool:
     """Does this node's copy of a checkpoint lack files its ranks load? (A node of a run without a shared filesystem
     holds only the files its own ranks wrote: under ZeRO-1/2 every node but the first lacks the model states.)"""
+    if not Path(ckpt_dir).is_dir():
+        return True
     names = {p.name for p in Path(ckpt_dir).iterdir() if p.is_file()}
     if zero_stage < 3 and not any(re.fullmatch(r"mp_rank_\d+_model_states\.pt", n) for n in names):
         return True
+    if zero_stage == 0:  # no ZeRO files: the optimizer is in the model states
+        return False
     have = {int(m.group(1)) for n in names if (m := _OPTIM_STATES.match(n))}
     return any(r not in have for r in ranks)
 

@@ -56,8 +56,14 @@ def _node_log(run: Path, node: int, lines: int, refresh: float, once: bool) -> i
     if host is None:
         _follow(path, lines, refresh, once)
         return 0
+    import shutil
+    import sys
+
+    if shutil.which("ssh") is None:
+        raise UserError(f"node {node}'s log is on {host}: reading it needs an ssh client here")
     follow = "" if once else "-F "
-    cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", host, f"tail -n {lines} {follow}{shlex.quote(str(path))}"]
+    tty = ["-tt"] if not once and sys.stdin.isatty() else []  # Ctrl-C then ends the remote tail too
+    cmd = ["ssh", *tty, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", host, f"tail -n {lines} {follow}{shlex.quote(str(path))}"]
     try:
         r = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
     except KeyboardInterrupt:

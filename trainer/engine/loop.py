@@ -199,7 +199,7 @@ class Trainer:
 
         src, meta, r = Path(decision["resume"]), decision["metadata"], self.ranks
         mine = range(r.rank, r.rank + max(1, r.local_world_size))
-        stage = int(meta.get("zero_stage", 2))
+        stage = int(meta.get("zero_stage", self.stage))
 
         def fetch() -> None:
             if decision.get("restored") and not is_committed(src):
@@ -207,17 +207,21 @@ class Trainer:
                 manifest = json.loads(storage.get_bytes(f"{decision['restored']}/{MANIFEST}") or b"{}")
                 with self.clock.phase_of("restore"):
                     restore(storage, decision["restored"], manifest, self.cfg.run_dir)
-            if int(meta.get("world_size", r.world_size)) != r.world_size or not missing_for_ranks(src, mine, stage):
+            if is_committed(src) and (int(meta.get("world_size", r.world_size)) != r.world_size
+                                      or not missing_for_ranks(src, mine, stage)):
                 return  # (another world size: the conversion fetches what it needs)
             url = self.cfg.upload.url
             raw = open_storage(url).get_bytes(f"{remote_prefix(meta)}/{MANIFEST}") if url else None
             if raw is None:
                 where = f"{redact(url)} holds no complete copy of it" if url else "no upload.url to fetch them from"
-                raise UserError(f"--resume: this node's copy of {src} lacks files its ranks load, written on another node"
-                                f" (nodes without a shared filesystem), and {where}")
+                what = "lacks files its ranks load, written on another node" if is_committed(src) else "is missing"
+                raise UserError(f"--resume: this node's copy of {src} {what} (nodes without a shared filesystem), and {where}")
+            storage, prefix, manifest = open_storage(url), remote_prefix(meta), json.loads(raw)  # type: ignore[arg-type]
             with self.clock.phase_of("restore"):
-                fill_missing(open_storage(url), remote_prefix(meta), json.loads(raw), src,  # type: ignore[arg-type]
-                             lambda name: needed_by_ranks(name, mine, stage))
+                if not is_committed(src):  # a node that never had it (a replaced VM): the whole checkpoint
+                    restore(storage, prefix, manifest, self.cfg.run_dir)
+                else:
+                    fill_missing(storage, prefix, manifest, src, lambda name: needed_by_ranks(name, mine, stage))
 
         dist.agree(fetch, dist.local_mains(self.ranks), f"each node restoring {Path(str(decision.get('resume'))).name}")
 
@@ -268,6 +272,9 @@ class Trainer:
         if cfg.upload.url:
             dist.on_main_then_share(lambda: open_storage(cfg.upload.url).check(), r, "rank 0 checking upload.url")
         decision = dist.on_main_then_share(self._decide_run, r, "rank 0 choosing (and restoring) the checkpoint to resume")
+        node = node_identity(r)  # each node's log, from here on (what each node restores or fetches is in it)
+        add_node_log(Path(cfg.run_dir), Path(cfg.run_dir) / decision["run_id"], node.node_rank, node.host, r.is_local_main,
+                     r.rank, node.hosts)
         meta = decision["metadata"]
         # the global batch on this world size (a checkpoint saved on another one keeps its own), then what follows from it
         self.cfg = cfg = resolve_batch(cfg, r.world_size, self.source, meta)
@@ -291,8 +298,6 @@ class Trainer:
             self.store.remove_partials()  # this run's only: another job may be saving in its own run folder
             self.run_root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        node = node_identity(r)
-        add_node_log(Path(cfg.run_dir), self.run_root, node.node_rank, node.host, r.is_local_main, r.rank, node.hosts)
         universal = self._convert_for_this_world(decision) if self.resumed_from_world_size else None
         if r.is_main:
             add_log_file(self.run_root / "train.log", r.rank)

@@ -29,7 +29,7 @@ def _cpu_mode() -> bool:
     return os.environ.get("DS_ACCELERATOR") == "cpu"
 
 
-def check_torch() -> list[Check]:
+def check_torch(precision: Optional[str] = None) -> list[Check]:
     import platform
 
     import torch
@@ -42,8 +42,9 @@ def check_torch() -> list[Check]:
             p = torch.cuda.get_device_properties(i)
             cc = f"{p.major}.{p.minor}"
             bf16 = p.major >= 8
-            out.append(Check(f"gpu {i}", bf16, f"{p.name}, {p.total_memory / 2**30:.1f} GiB, compute capability {cc},"
-                             + (" bf16 supported" if bf16 else " no bf16 (compute capability < 8.0): use fp16 or fp32")))
+            out.append(Check(f"gpu {i}", bf16 or precision != "bf16", f"{p.name}, {p.total_memory / 2**30:.1f} GiB, compute"
+                             f" capability {cc}," + (" bf16 supported" if bf16 else " no bf16 (compute capability < 8.0)"
+                                                     + (": train.precision bf16 will fail, use fp16" if precision == "bf16" else ""))))
     elif _cpu_mode():
         gloo = torch.distributed.is_available() and torch.distributed.is_gloo_available()
         out.append(Check("cuda", gloo, f"no GPU; DS_ACCELERATOR=cpu: ranks train on the CPU over gloo ({os.cpu_count()} cores)"
@@ -120,7 +121,10 @@ def checkpoint_bytes(cfg: Any) -> tuple[Optional[int], str]:
         return size, f"{ckpt.name} of this run_dir"
     from trainer.tasks import build_task
 
-    estimate = getattr(build_task(cfg), "state_bytes_estimate", lambda: None)()
+    try:
+        estimate = getattr(build_task(cfg), "state_bytes_estimate", lambda: None)()
+    except UserError:
+        estimate = None  # (the config's own problems are `trainer validate`'s to report)
     return (estimate, "estimated from the model") if estimate else (None, "")
 
 
@@ -191,22 +195,20 @@ def check_hosts(hostfile: Path) -> list[Check]:
     from trainer.launcher.over_ssh import ssh_unreachable
 
     hosts = list(parse_hostfile(hostfile))
-    remote = [h for h in hosts if not is_local(h)]
-    out = []
-    if len(hosts) > 1 or remote:
-        out.append(Check("pdsh", shutil.which("pdsh") is not None, "found" if shutil.which("pdsh") else
-                         "not installed: DeepSpeed's runner reaches the hosts through it (apt-get install pdsh)"))
-    bad = ssh_unreachable(remote) if remote else {}
+    if len(hosts) == 1:  # DeepSpeed's runner starts one host's ranks on this machine, without ssh
+        return [Check(f"host {hosts[0]}", True, "one host: the ranks start on this machine (no ssh, no pdsh)")]
+    out = [Check("pdsh", shutil.which("pdsh") is not None, "found" if shutil.which("pdsh") else
+                 "not installed: DeepSpeed's runner reaches the hosts through it (apt-get install pdsh)")]
+    bad = ssh_unreachable(hosts)  # this machine too: pdsh reaches every host, its own included, over ssh
     for h in hosts:
-        if h not in remote:
-            out.append(Check(f"host {h}", True, "this machine"))
-        else:
-            out.append(Check(f"host {h}", h not in bad, bad.get(h, "ssh without a password works")))
+        note = " (this machine)" if is_local(h) else ""
+        out.append(Check(f"host {h}", h not in bad, bad.get(h, "ssh without a password works") + note))
     return out
 
 
 def run_doctor(cfg: Optional[Any], hostfile: Optional[Path], echo: Callable[[str], None], build_ops: bool = False) -> bool:
-    checks: list[Callable[[], list[Check]]] = [check_torch, lambda: check_deepspeed(build_ops)]
+    precision = cfg.train.precision if cfg is not None else None
+    checks: list[Callable[[], list[Check]]] = [lambda: check_torch(precision), lambda: check_deepspeed(build_ops)]
     if cfg is not None:
         checks.append(lambda: [check_disk(cfg)])
         if cfg.upload.url:

@@ -23,14 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Optional
 
-from trainer.errors import STATUS_FILE_ENV
+from trainer.errors import EXIT_PREEMPTED, STATUS_FILE_ENV
 
 STATUS_TO_STDERR = "-"  # STATUS_FILE_ENV set to this: rank 0 prints its exit code line instead of writing a file
 EXIT_LINE = "trainer: rank 0 exit code {code}"
 _EXIT = re.compile(r"^(?P<host>[^\s:]+): trainer: rank 0 exit code (?P<code>-?\d+)\s*$")
 _NODE_EXIT = re.compile(r"^pdsh@[^:]+: (?P<host>[^\s:]+): ssh exited with exit code (?P<code>\d+)")
 _HOST_LINE = re.compile(r"^(?P<host>[^\s:@]+): (?P<text>.*\S)\s*$")
+_LAUNCHER_UP = re.compile(r"launch\.py:\d+:main\] nnodes=\d+, num_local_procs=\d+, node_rank=\d+")  # DeepSpeed's launcher
 _ERROR_TEXT = re.compile(r"^(\[rank\d+\] )?error: |^[\w.]*(Error|Exception|Exit)\b.*:|^Killed\b")
+_NOT_ERROR = re.compile(r"^Exception ignored in")
 
 
 def ssh_unreachable(hosts: list[str], timeout_s: float = 10.0, env: Optional[dict] = None) -> dict[str, str]:
@@ -72,23 +74,30 @@ def signal_nodes(hosts: list[str], master_port: int, signum: int, env: dict) -> 
 @dataclass
 class _Watch:
     """What the runner's output says about the job: rank 0's code, the nodes that failed and their last error."""
+    hosts: list[str]
     rank0_code: Optional[int] = None
     failed: dict[str, int] = field(default_factory=dict)
     first_failure: Optional[float] = None
     last_error: dict[str, str] = field(default_factory=dict)
-    remote_output: bool = False
+    launchers: set[str] = field(default_factory=set)  # the hosts whose DeepSpeed launcher has started
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def all_launched(self) -> bool:
+        return self.launchers >= set(self.hosts)
 
     def see(self, line: str) -> None:
         with self.lock:
             if m := _EXIT.match(line):
                 self.rank0_code = int(m["code"])
             elif m := _NODE_EXIT.match(line):
-                self.failed[m["host"]] = int(m["code"])
-                self.first_failure = self.first_failure or time.monotonic()
-            elif m := _HOST_LINE.match(line):
-                self.remote_output = True
-                if _ERROR_TEXT.search(m["text"]):
+                if int(m["code"]) != EXIT_PREEMPTED:  # (a node that stopped on a signal did not fail)
+                    self.failed[m["host"]] = int(m["code"])
+                    self.first_failure = self.first_failure or time.monotonic()
+            elif (m := _HOST_LINE.match(line)) and m["host"] in self.hosts:
+                if _LAUNCHER_UP.search(m["text"]):
+                    self.launchers.add(m["host"])
+                elif _ERROR_TEXT.search(m["text"]) and not _NOT_ERROR.match(m["text"]):
                     self.last_error[m["host"]] = m["text"]
 
 
@@ -108,17 +117,17 @@ def run_over_ssh(cmd: list[str], env: dict[str, str], hosts: list[str], master_p
     through, forward signals to every node's ranks; rank 0's exit code."""
     from trainer.launcher.remote_env import write_env_file
 
-    env = {**env, STATUS_FILE_ENV: STATUS_TO_STDERR}
-    env_file = write_env_file(env)
+    # what the user's shell has (not this machine's CPU defaults, nor its own data check), and rank 0's exit line
+    env_file = write_env_file({**os.environ, STATUS_FILE_ENV: STATUS_TO_STDERR})
     try:
-        return _run(cmd, {**env, "DS_ENV_FILE": str(env_file)}, hosts, master_port, grace_s)
+        return _run(cmd, {**env, STATUS_FILE_ENV: STATUS_TO_STDERR, "DS_ENV_FILE": str(env_file)}, hosts, master_port, grace_s)
     finally:
         env_file.unlink(missing_ok=True)
 
 
 def _run(cmd: list[str], env: dict[str, str], hosts: list[str], master_port: int, grace_s: float) -> int:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    watch = _Watch()
+    watch = _Watch(hosts)
     pumps = [threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, watch), daemon=True),
              threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, watch), daemon=True)]
     for t in pumps:
@@ -126,9 +135,9 @@ def _run(cmd: list[str], env: dict[str, str], hosts: list[str], master_port: int
     senders: list[subprocess.Popen] = []
 
     def forward(signum: int, frame: object) -> None:
-        if watch.remote_output:
+        if watch.all_launched:
             senders.append(signal_nodes(hosts, master_port, signum, env))
-        else:  # nothing runs on the nodes yet: DeepSpeed's runner stops what it started
+        else:  # not every node's launcher runs yet: DeepSpeed's runner stops what it started (pkill on every node)
             try:
                 os.killpg(proc.pid, signum)
             except OSError:
@@ -168,7 +177,7 @@ def _run(cmd: list[str], env: dict[str, str], hosts: list[str], master_port: int
             signal.signal(s, handler)
     code = proc.returncode
     result = watch.rank0_code if watch.rank0_code is not None else (128 - code if code < 0 else code)
-    if result not in (0, 75):
+    if watch.failed:  # whatever rank 0 says: a node that failed is named
         for host, node_code in watch.failed.items():  # in the order pdsh saw them end (not always the cause first)
             why = watch.last_error.get(host, "no error line (see its output above)")
             print(f"trainer: node {host} exited with {node_code}: {why}", file=sys.stderr, flush=True)

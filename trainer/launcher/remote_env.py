@@ -22,11 +22,14 @@ FORWARDED = ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_
              "DS_ACCELERATOR", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
              "TOKENIZERS_PARALLELISM", "CUDA_DEVICE_MAX_CONNECTIONS", "PYTORCH_CUDA_ALLOC_CONF")
 FORWARDED_PREFIXES = ("TRAINER_", "MLFLOW_", "NCCL_", "GLOO_")
+NOT_FORWARDED = ("TRAINER_SHARDS_CHECKED",)  # this machine's own data check says nothing of another node's copy
 # names whose values are secrets: masked wherever the runner would print them
-_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|TOKEN|SECRET|API_?KEY|ACCESS_KEY|PRIVATE_KEY", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"//[^/@\s]+@")
-# The runner puts a value with other characters in double quotes, where the remote shell would expand these.
-_UNSAFE = re.compile(r'["$`\\\n]')
+_SECRET_NAME = re.compile(r"(^|_)(PASSWORD|PASSWD|PASS|TOKEN|SECRET|KEY|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?|AUTH"
+                          r"|CONNECTION_STRING)(_|$)", re.IGNORECASE)
+_URL_SECRET = re.compile(r"//[^/@\s]+@|[?&](token|key|sig|signature|password|secret)=", re.IGNORECASE)
+# The runner puts a value with other characters in double quotes, where the remote shell would expand these; pdsh
+# itself rewrites %n, %h, %u and %% in the command it runs.
+_UNSAFE = re.compile(r'["$`\\\n%]')
 ENV_FILE_NAME = ".deepspeed_env"
 
 
@@ -34,11 +37,11 @@ def forwarded(env: Mapping[str, str]) -> dict[str, str]:
     """The variables of `env` that the ranks on every node need, in a stable order."""
     out = {k: env[k] for k in FORWARDED if env.get(k)}
     out.update({k: v for k, v in sorted(env.items()) if k.startswith(FORWARDED_PREFIXES) and k not in out})
-    return out
+    return {k: v for k, v in out.items() if k not in NOT_FORWARDED}
 
 
 def is_secret(name: str, value: str) -> bool:
-    return bool(_SECRET_NAME.search(name) or _URL_USERINFO.search(value))
+    return bool(_SECRET_NAME.search(name) or _URL_SECRET.search(value))
 
 
 def user_env_files(cwd: Path | None = None) -> list[Path]:
@@ -59,8 +62,8 @@ def write_env_file(env: Mapping[str, str], cwd: Path | None = None) -> Path:
     lines = []
     for name, value in forwarded(env).items():
         if _UNSAFE.search(value):
-            raise UserError(f"environment variable {name}: its value holds a character (\" $ ` \\ or a newline) that the"
-                            " deepspeed runner cannot pass to the other nodes over ssh; set it on each node instead")
+            raise UserError(f"environment variable {name}: its value holds a character (\" $ ` \\ % or a newline) that the"
+                            " deepspeed runner and pdsh cannot pass to the other nodes intact; set it on each node instead")
         lines.append(f"{name}={value}")
     for path in user_env_files(cwd):
         for number, raw in enumerate(path.read_text().splitlines(), start=1):
@@ -81,7 +84,8 @@ def secret_values(env: Mapping[str, str], env_files: list[Path]) -> list[str]:
     for path in env_files:
         if path.is_file():
             pairs += [tuple(line.strip().split("=", 1)) for line in path.read_text().splitlines() if "=" in line]  # type: ignore[misc]
-    return sorted({v for k, v in pairs if v and is_secret(k, v)})
+    values = {v for k, v in pairs if v and is_secret(k, v)}
+    return sorted(values | {v.strip() for v in values if v.strip()})  # (the runner strips what it exports)
 
 
 def mask(text: str, values: list[str]) -> str:

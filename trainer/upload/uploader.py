@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import random
 import re
 import signal
@@ -340,7 +341,8 @@ class BackgroundUploader:
             return self.uploader.upload(job)["state"]
         u, n = self.uploader, self.uploader.node
         cmd = [sys.executable, "-m", "trainer.upload.worker", str(job), "--url", self.url, "--compression", u.compression,
-               "--workers", str(u.workers), "--retries", str(u.retries), "--node", f"{n.node_rank},{n.num_nodes},{n.ranks_per_node}"]
+               "--workers", str(u.workers), "--retries", str(u.retries), "--node", f"{n.node_rank},{n.num_nodes},{n.ranks_per_node}",
+               "--parent", str(os.getpid())]
         if u.keep_remote:
             cmd += ["--keep-remote", str(u.keep_remote)]
         with self._cond:

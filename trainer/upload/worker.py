@@ -24,6 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--node", default="0,1,1", help="node_rank,num_nodes,ranks_per_node")
     p.add_argument("--keep-remote", type=int, default=None)
     p.add_argument("--nice", type=int, default=19, help="CPU niceness of the upload process (training goes first)")
+    p.add_argument("--parent", type=int, default=None, help="the training process: this one leaves when it is gone")
     args = p.parse_args(argv)
     # The training process decides when an upload is abandoned (it kills this one). A SIGTERM or SIGINT meant for
     # the job also reaches this process (a VM shutting down signals every process; DeepSpeed's launcher signals its
@@ -31,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # started blocked: see the uploader
-    _leave_with_parent()
+    _leave_with_parent(args.parent)
     if args.nice:
         try:
             os.nice(args.nice)
@@ -55,13 +56,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _leave_with_parent() -> None:
+def _leave_with_parent(parent: Optional[int]) -> None:
     """If the training process is gone (killed, or a third signal ended it at once), stop uploading within a second:
     the parts sent so far have no manifest, so nothing half-uploaded is visible; `trainer upload-all` redoes it."""
     import threading
     import time
 
-    parent = os.getppid()
+    if parent is None:
+        parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
