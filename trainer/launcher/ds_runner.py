@@ -27,6 +27,9 @@ class _Mask(logging.Filter):
 
 
 def main() -> None:
+    import sys
+
+    sys.modules.setdefault("mlflow", None)  # type: ignore[arg-type]  # as in ds_launch: the runner never uses it
     from deepspeed.launcher import runner
     from deepspeed.utils import logger
 
