@@ -200,8 +200,9 @@ def test_two_nodes_over_ssh_stop_save_upload_and_resume_exactly(ssh_bed, tiny_sh
     s2 = meta(a2)["step"]
     assert s1 < s2 < 40 and meta(a2)["reason"] == "preemption"
     assert (run_b / "checkpoints" / a2.name / "metadata.json").is_file()
-    ok, why, _ = verify_remote(storage, f"{run_a.name}/{a2.name}")
+    ok, why, manifest = verify_remote(storage, f"{run_a.name}/{a2.name}")
     assert ok, why
+    assert any(p["name"].startswith("node01-part-") for p in manifest["parts"])  # forwarded: node-b saw the emulator
 
     # node-b had only its own rank's files: it fetched the model states rank 0 wrote, from the bucket
     assert f"fetching 1 file(s) of {a1.name} that this node lacks" in (run_b / "logs" / "node-1-node-b.log").read_text()
