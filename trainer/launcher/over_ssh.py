@@ -126,16 +126,15 @@ def run_over_ssh(cmd: list[str], env: dict[str, str], hosts: list[str], master_p
 
 
 def _run(cmd: list[str], env: dict[str, str], hosts: list[str], master_port: int, grace_s: float) -> int:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     watch = _Watch(hosts)
-    pumps = [threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, watch), daemon=True),
-             threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, watch), daemon=True)]
-    for t in pumps:
-        t.start()
     senders: list[subprocess.Popen] = []
+    early: list[int] = []  # signals that came before the runner existed
+    proc: Optional[subprocess.Popen] = None
 
     def forward(signum: int, frame: object) -> None:
-        if watch.all_launched:
+        if proc is None:
+            early.append(signum)
+        elif watch.all_launched:
             senders.append(signal_nodes(hosts, master_port, signum, env))
         else:  # not every node's launcher runs yet: DeepSpeed's runner stops what it started (pkill on every node)
             try:
@@ -143,7 +142,20 @@ def _run(cmd: list[str], env: dict[str, str], hosts: list[str], master_port: int
             except OSError:
                 pass
 
+    # the handlers first: a signal while the runner starts is passed on, not lost with the env file left behind
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    except BaseException:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        raise
+    for signum in early:
+        forward(signum, None)
+    pumps = [threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, watch), daemon=True),
+             threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, watch), daemon=True)]
+    for t in pumps:
+        t.start()
     stop_sent: Optional[float] = None
     wait_s = grace_s + 15
     try:
