@@ -206,6 +206,13 @@ def test_missing_config_file(tmp_path: Path, via: str) -> None:
 
 
 @pytest.mark.parametrize("via", BOTH)
+def test_empty_config_file(tmp_path: Path, via: str) -> None:
+    path = tmp_path / "made-empty.yaml"
+    path.write_text("# to do\n")
+    assert_user_error(invoke(via, path), f"{path}: the config file is empty")
+
+
+@pytest.mark.parametrize("via", BOTH)
 def test_invalid_yaml_reports_line(tiny_config: Path, via: str) -> None:
     text = tiny_config.read_text() + "extra: key: value\n"
     path = edit(tiny_config, text)

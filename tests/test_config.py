@@ -68,9 +68,15 @@ def test_minimal_file_gets_every_default(tmp_path: Path) -> None:
     assert cfg.deepspeed.overrides == {}
 
 
-def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
-    path = tmp_path / "empty.yaml"
-    path.write_text("# nothing set\n")
+def test_an_empty_config_file_is_a_user_error_not_all_defaults(tmp_path: Path) -> None:
+    from trainer.errors import UserError
+
+    for text in ("", "# nothing set\n", "\n\n"):
+        path = tmp_path / "empty.yaml"
+        path.write_text(text)
+        with pytest.raises(UserError, match=r"empty\.yaml: the config file is empty"):
+            load_config(path)
+    path.write_text("{}\n")  # an explicit empty mapping says "all defaults" on purpose
     assert load_config(path) == RunConfig()
 
 

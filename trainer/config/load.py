@@ -97,8 +97,9 @@ def _read_yaml(path: Path) -> tuple[dict, Optional[yaml.Node]]:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{where}: invalid YAML: {problem}") from None
-    if data is None:
-        data = {}
+    if data is None:  # an empty file (or only comments) is a mistake: a run of nothing but defaults is never meant
+        raise UserError(f"{path}: the config file is empty (expected sections such as task:, data:, train:; see"
+                        " configs/pretrain_tiny.yaml)")
     if not isinstance(data, dict):
         raise UserError(f"{path}:1: expected a mapping of config sections at the top level, got {type(data).__name__}")
     return data, node
