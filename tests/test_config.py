@@ -69,8 +69,6 @@ def test_minimal_file_gets_every_default(tmp_path: Path) -> None:
 
 
 def test_an_empty_config_file_is_a_user_error_not_all_defaults(tmp_path: Path) -> None:
-    from trainer.errors import UserError
-
     for text in ("", "# nothing set\n", "\n\n"):
         path = tmp_path / "empty.yaml"
         path.write_text(text)
@@ -160,13 +158,94 @@ def test_later_set_wins(tiny_config: Path) -> None:
     assert cfg.train.seed == 2
 
 
+def leaf_annotations(model: type = RunConfig, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for field_name, f in model.model_fields.items():
+        name, ann = f.alias or field_name, f.annotation
+        if isinstance(ann, type) and hasattr(ann, "model_fields"):
+            out.update(leaf_annotations(ann, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = ann
+    return out
+
+
+# Leaves whose other valid value cannot be derived from the type alone (ranges, formats), and the leaves that
+# cross-field rules change with them (`KEY=VALUE` sets, given as they would be on the command line).
+LORA = ['task="lora"', 'lora={"llm_path": "/models/qwen", "phase1_checkpoint": "/models/p1.safetensors"}',
+        "data.val_fraction=null"]
+OTHER_VALUES: dict[str, tuple[object, list[str]]] = {
+    "task": ("lora", LORA[1:]), "lora": ({"llm_path": "/models/qwen", "phase1_checkpoint": "/models/p1.safetensors"},
+                                        [LORA[0], LORA[2]]),
+    "model.preset": ("neox-410m", []), "model.hidden_size": (128, []), "model.num_heads": (8, []),
+    "model.seq_len": (256, []), "optim.betas": ([0.8, 0.99], []), "optim.min_lr_ratio": (0.2, []),
+    "optim.warmup_ratio": (0.1, ["optim.warmup_steps=null"]), "train.epochs": (2.0, ["train.max_steps=null"]),
+    "train.global_batch_size": (16, []), "train.max_steps": (200, []), "eval.every": (25, []),
+    "data.val_path": ("/data/val", ["data.val_fraction=null"]), "data.val_file": ("val.jsonl", LORA),
+    "data.fields": ({"response": "answer"}, LORA), "data.num_workers": (2, LORA),
+    "checkpoint.resume": ("latest", []), "upload.url": ("file:///tmp/uploads", []),
+    "tracking.uri": ("http://mlflow:5000", []), "run_dir": ("/tmp/elsewhere", []),
+    "deepspeed.overrides": ({"gradient_clipping": 2.0}, []),
+}
+
+
+def another_value(value: object, ann: object) -> object:
+    """A value of the leaf's type that differs from `value`."""
+    import typing
+
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if typing.get_origin(ann) is typing.Literal or (args and typing.get_origin(args[0]) is typing.Literal):
+        choices = typing.get_args(ann) if typing.get_origin(ann) is typing.Literal else typing.get_args(args[0])
+        return next(c for c in choices if c != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value else 0.5
+    if isinstance(value, str):
+        return value + "-x"
+    if value is None:
+        kinds = set(args)
+        if bool in kinds:
+            return True
+        if int in kinds:
+            return 7
+        if float in kinds:
+            return 0.5
+        return "x"
+    raise AssertionError(f"no other value for {value!r} ({ann})")
+
+
 def test_every_schema_field_can_be_set(tiny_config: Path) -> None:
-    """`--set KEY=VALUE` works for every leaf of the schema: setting each to another valid value round-trips."""
+    """`--set KEY=VALUE` works for every leaf of the schema: each set to a value it does not have takes that value,
+    and no other leaf changes."""
     base = load_config(tiny_config)
     leaves = flatten(config_to_dict(base))
     assert set(leaves) == schema_leaves()
-    sets = [f"{key}={json.dumps(value)}" for key, value in leaves.items()]
-    assert config_to_dict(load_config(tiny_config, Overrides(sets=sets))) == config_to_dict(base)
+    annotations = leaf_annotations()
+    failures = []
+    for key, value in leaves.items():
+        new, companions = OTHER_VALUES.get(key) or (another_value(value, annotations[key]), [])
+        assert new != value, key
+        try:
+            doc = config_to_dict(load_config(tiny_config, Overrides(sets=[f"{key}={json.dumps(new)}", *companions])))
+        except UserError as exc:
+            failures.append(f"{key}={new!r}: {exc}")
+            continue
+        read = doc
+        for part in key.split("."):
+            read = read[part]
+        if isinstance(new, dict) and isinstance(read, dict):  # a section: what was set, the rest its defaults
+            read = {k: read.get(k) for k in new}
+        if read != new and not (isinstance(read, (list, tuple)) and list(read) == list(new)):  # type: ignore[call-overload]
+            failures.append(f"{key}: set to {new!r}, reads {read!r}")
+        got = flatten(doc)
+        also = {c.split("=", 1)[0] for c in companions}
+        changed = sorted(k for k in leaves if k != key and got.get(k) != leaves[k]
+                         and not any(k == a or k.startswith(a + ".") for a in also))
+        if changed:
+            failures.append(f"{key}: also changed {changed}")
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("item, dotted, expected", [("run_id=1234", "run_id", "1234"),
