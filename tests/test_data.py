@@ -122,13 +122,18 @@ def test_sampler_needs_samples() -> None:
         ResumableSampler(0, seed=0, rank=0, world_size=1, micro_batch=1, grad_accum=1)
 
 
-def test_a_seed_the_config_accepts_works_in_the_sampler(tiny_config: Path) -> None:
-    try:
-        cfg = load_config(tiny_config, Overrides(sets=["train.seed=-1"]))
-    except UserError:
-        return  # rejected up front with a clear message: fine
-    s = ResumableSampler(100, cfg.train.seed, 0, 1, 4, 1)
-    assert s.indices(0, 0).shape == (4,)
+def test_every_seed_the_config_accepts_works_and_the_others_are_named(tiny_config: Path) -> None:
+    """The seed feeds the sampler and torch.manual_seed (model init): 0 .. 2**64-1 work in both; outside that range
+    the config says so, naming train.seed, before anything starts."""
+    import torch
+
+    for seed in (0, 2**32, 2**64 - 1):
+        cfg = load_config(tiny_config, Overrides(sets=[f"train.seed={seed}"]))
+        assert ResumableSampler(100, cfg.train.seed, 0, 1, 4, 1).indices(0, 0).shape == (4,)
+        torch.manual_seed(cfg.train.seed)
+    for seed in (-1, 2**64):
+        with pytest.raises(UserError, match=r"train\.seed"):
+            load_config(tiny_config, Overrides(sets=[f"train.seed={seed}"]))
 
 
 # ---------------------------------------------------------------------------------------------

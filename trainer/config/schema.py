@@ -181,7 +181,7 @@ class TrainConfig(Section):
     """Training precision (bf16/fp16 mixed precision through DeepSpeed)."""
     log_every: int = Field(default=10, ge=1)
     """Log loss, lr, grad norm, step time and tokens/s every N steps."""
-    seed: int = Field(default=1234, ge=0)
+    seed: int = Field(default=1234, ge=0, le=2**64 - 1)  # (torch.manual_seed takes at most 64 bits)
     """Seed of model init and of the data order; batches are a pure function of (seed, step, rank)."""
 
     @model_validator(mode="after")
