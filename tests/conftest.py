@@ -29,6 +29,15 @@ def _shm_buffers() -> set[str]:
     return {f.name for f in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def no_shared_memory_left_behind_by_the_module():
+    """The same for runs that module-scoped fixtures make (set up before, and torn down after, any test's own check)."""
+    before = _shm_buffers()
+    yield
+    left = sorted(_shm_buffers() - before)
+    assert not left, f"left in /dev/shm by this module's shared runs: {left}"
+
+
 @pytest.fixture(autouse=True)
 def no_shared_memory_left_behind():
     """However a test's ranks end (done, SIGTERM, SIGKILL), they leave no DeepSpeed segments in /dev/shm (RAM)."""
