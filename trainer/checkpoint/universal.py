@@ -69,6 +69,7 @@ def existing(ckpt_dir: Path) -> Optional[Path]:
     return u if (u / RECORD).is_file() else None
 
 
+_MODEL_STATES = re.compile(r"mp_rank_\d+_model_states\.pt")  # ZeRO-0/1/2: written by rank 0, read by every rank
 _OPTIM_STATES = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
@@ -86,7 +87,7 @@ def missing_states(ckpt_dir: Path, world_size: int) -> list[str]:
 def needed_by_ranks(name: str, ranks: range, zero_stage: int) -> bool:
     """Does loading a checkpoint on its own world size read `name` on one of `ranks`? (ZeRO-1/2: every rank reads
     the model states rank 0 wrote; ZeRO-3: each rank its own; always each rank's optimizer states and RNG state.)"""
-    if zero_stage < 3 and re.fullmatch(r"mp_rank_\d+_model_states\.pt", name):
+    if zero_stage < 3 and _MODEL_STATES.fullmatch(name):
         return True  # (ZeRO-0: the optimizer states are in there too)
     m = re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt", name)
     if m:
@@ -101,7 +102,7 @@ def missing_for_ranks(ckpt_dir: Path, ranks: range, zero_stage: int) -> bool:
     if not Path(ckpt_dir).is_dir():
         return True
     names = {p.name for p in Path(ckpt_dir).iterdir() if p.is_file()}
-    if zero_stage < 3 and not any(re.fullmatch(r"mp_rank_\d+_model_states\.pt", n) for n in names):
+    if zero_stage < 3 and not any(_MODEL_STATES.fullmatch(n) for n in names):
         return True
     if zero_stage == 0:  # no ZeRO files: the optimizer is in the model states
         return False

@@ -13,7 +13,8 @@ import traceback
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
-from trainer.errors import EXIT_BUG, STATUS_FILE_ENV, UserError
+from trainer.errors import EXIT_BUG, EXIT_LINE, STATUS_FILE_ENV, STATUS_TO_STDERR, UserError
+from trainer.log import to_log_files
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -45,13 +46,9 @@ def main_and_exit(argv: Optional[Sequence[str]] = None) -> NoReturn:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     code = _main(argv)
-    from trainer.log import to_log_files
-
     to_log_files(logging.INFO if code in (0, 75) else logging.WARNING, f"rank {os.environ.get('RANK', '0')} exits with code {code}")
     status = os.environ.get(STATUS_FILE_ENV)
     if status and int(os.environ.get("RANK", "0")) == 0:
-        from trainer.launcher.over_ssh import EXIT_LINE, STATUS_TO_STDERR
-
         try:
             if status == STATUS_TO_STDERR:  # a multi-node job over ssh: the line comes back through pdsh
                 print(EXIT_LINE.format(code=code), file=sys.stderr, flush=True)
@@ -89,16 +86,12 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         if rank == 0 or not exc.shared:
             prefix = "" if rank == 0 else f"[rank{rank}] "
             print("\n".join(prefix + line for line in exc.lines()), file=sys.stderr, flush=True)
-            from trainer.log import to_log_files
-
             to_log_files(logging.ERROR if exc.exit_code else logging.INFO, "\n".join(exc.lines()))
         return exc.exit_code
     except BaseException:
         if trainer is not None:
             trainer.fail()
         traceback.print_exc()
-        from trainer.log import to_log_files
-
         to_log_files(logging.ERROR, f"rank {os.environ.get('RANK', '0')} crashed:\n{traceback.format_exc().rstrip()}")
         return EXIT_BUG
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
-from trainer.launcher.remote_env import ENV_FILE_NAME, mask, secret_values
+from trainer.launcher.remote_env import mask, secret_values, user_env_files
 
 
 class _Mask(logging.Filter):
@@ -33,9 +32,7 @@ def main() -> None:
     from deepspeed.launcher import runner
     from deepspeed.utils import logger
 
-    name = os.environ.get("DS_ENV_FILE", ENV_FILE_NAME)
-    files = [Path(name)] if os.path.isabs(name) else [Path.home() / name, Path(name)]
-    logger.addFilter(_Mask(secret_values(os.environ, files)))
+    logger.addFilter(_Mask(secret_values(os.environ, user_env_files())))
     runner.main()
 
 

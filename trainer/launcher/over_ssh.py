@@ -23,10 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Optional
 
-from trainer.errors import EXIT_PREEMPTED, STATUS_FILE_ENV
-
-STATUS_TO_STDERR = "-"  # STATUS_FILE_ENV set to this: rank 0 prints its exit code line instead of writing a file
-EXIT_LINE = "trainer: rank 0 exit code {code}"
+from trainer.errors import EXIT_PREEMPTED, STATUS_FILE_ENV, STATUS_TO_STDERR
 _EXIT = re.compile(r"^(?P<host>[^\s:]+): trainer: rank 0 exit code (?P<code>-?\d+)\s*$")
 _NODE_EXIT = re.compile(r"^pdsh@[^:]+: (?P<host>[^\s:]+): ssh exited with exit code (?P<code>\d+)")
 _HOST_LINE = re.compile(r"^(?P<host>[^\s:@]+): (?P<text>.*\S)\s*$")
