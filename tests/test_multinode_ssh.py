@@ -291,3 +291,14 @@ def test_doctor_checks_the_machine_the_bucket_and_every_host(ssh_bed, tiny_confi
     assert open_storage(url).list("") == []  # the probe is gone
     assert [c[:4] for c in checks].count("FAIL") == 1
     assert r.stdout.strip().splitlines()[-1] == f"{len(checks) - 1}/{len(checks)} checks passed"
+
+
+def test_trainer_train_without_pdsh_says_so_in_one_line(tiny_config: Path, tmp_path: Path) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    env = {"PATH": str(Path(sys.executable).parent)}  # no pdsh on this PATH
+    r = run_cli("train", str(tiny_config), "--hostfile", str(hostfile), env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {hostfile}: the hosts are reached through pdsh"), r.stderr
+    assert "Traceback" not in r.stdout + r.stderr and not (tmp_path / "runs").exists()
