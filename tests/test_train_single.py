@@ -453,3 +453,69 @@ def test_epochs_evaluation_best_saves_and_tracking_across_a_stop(tiny_config: Pa
     r = run_cli("checkpoints", "show", "best", "--runs", str(run_dir))
     assert r.returncode == 0, r.stderr
     assert f"{best_tag} of run" in r.stdout and "val_loss (the `best` reference: the lowest val_loss of its run)" in r.stdout
+
+
+def _run_roots(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.iterdir() if (p / "checkpoints").is_dir())
+
+
+def _flip_a_byte(path: Path) -> None:
+    """Change one byte in the middle of a file, keeping its size (silent corruption)."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_a_damaged_local_checkpoint_is_named_repaired_from_the_bucket_or_stepped_back(tiny_config: Path, tmp_path: Path) -> None:
+    """Every file's size and CRC32C is in metadata.json. A truncated or bit-flipped shard of a checkpoint is found before
+    DeepSpeed loads anything: `--resume` of it exactly is one line, exit 2; `--resume auto` replaces the damaged file
+    from its verified copy in the bucket, or, without one, steps back to the newest intact checkpoint (a new run)."""
+    from trainer.checkpoint.integrity import file_record
+
+    runs, bucket = tmp_path / "runs", f"file://{tmp_path / 'bucket'}/ckpts"
+    base = dict(train={"max_steps": 6, "log_every": 1}, checkpoint={"save_every": 2, "keep_last": 3}, eval={"enabled": False},
+                optim={"decay_steps": 10})
+    cfg = _cfg(tiny_config, upload={"url": bucket}, **base)
+    no_bucket = tmp_path / "no_bucket.yaml"
+    no_bucket.write_text(cfg.read_text().replace(bucket, "null"))
+    r = run_rank("--config", str(cfg))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run_root,) = _run_roots(runs)
+    ck = run_root / "checkpoints"
+    meta6 = json.loads((ck / tag(6) / "metadata.json").read_text())
+    recorded = meta6["files"]
+    on_disk = {str(p.relative_to(ck / tag(6))) for p in (ck / tag(6)).rglob("*") if p.is_file()}
+    assert set(recorded) == on_disk - {"metadata.json", "upload_state.json"}  # every file, with its size and CRC32C
+    assert all(file_record(ck / tag(6) / rel) == rec for rel, rec in recorded.items())
+
+    model6 = ck / tag(6) / "mp_rank_00_model_states.pt"
+    good = model6.read_bytes()
+    model6.write_bytes(good[: len(good) // 2])  # truncated
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    r = run_rank("--config", str(no_bucket), "--resume", tag(6), "--max-steps", "8")
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    assert any(f"--resume {tag(6)}: the checkpoint is damaged" in ln and str(model6) in ln for ln in err), err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # nothing written
+
+    r = run_rank("--config", str(cfg), "--max-steps", "8")  # auto: the damaged file comes back from the bucket
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"repaired {ck / tag(6)}: mp_rank_00_model_states.pt replaced by verified copies" in r.stdout, r.stdout[-4000:]
+    assert f"resumed from {ck / tag(6)} at step 6" in r.stdout and model6.read_bytes() == good
+    assert _run_roots(runs) == [run_root]  # the same run went on
+
+    # Without a bucket: the two newest are damaged (a truncated model file, a flipped byte in optimizer states), so
+    # the run steps back to step 4, naming both, and branches into a new run (it never overwrites the later ones).
+    model8 = ck / tag(8) / "mp_rank_00_model_states.pt"
+    model8.write_bytes(model8.read_bytes()[:-100])
+    (optim6,) = (ck / tag(6)).glob("*optim_states.pt")
+    _flip_a_byte(optim6)
+    r = run_rank("--config", str(no_bucket), "--max-steps", "10")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert f"not resuming {ck / tag(8)}: {model8} has" in out and "metadata.json says" in out, out[-4000:]
+    assert f"not resuming {ck / tag(6)}: {optim6} has CRC32C" in out, out[-4000:]
+    assert f"resumed from {ck / tag(4)} at step 4" in out and "continuing as a new run" in out
+    assert len(_run_roots(runs)) == 2 and model8.exists() and optim6.exists()  # nothing of the user's deleted

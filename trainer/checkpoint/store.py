@@ -182,13 +182,20 @@ class CheckpointStore:
                     log.warning("removed partial checkpoint %s (no %s: the save never completed)", d, METADATA)
         return removed
 
-    def commit(self, tag: str, metadata: dict, side_files: dict[str, str]) -> Path:
-        """Write the side files, then `metadata.json` last and atomically: the checkpoint exists."""
+    def commit(self, tag: str, metadata: dict, side_files: dict[str, str], files: Optional[dict[str, dict]] = None) -> Path:
+        """Write the side files, then `metadata.json` last and atomically: the checkpoint exists.
+
+        `files`: the size and CRC32C of files the ranks wrote (`integrity.file_record`); every other file in the
+        folder is checksummed here, and all of them are recorded in the metadata."""
+        from trainer.checkpoint.integrity import FILES, complete_records
+
         d = self.path(tag)
         d.mkdir(parents=True, exist_ok=True)
         for name, text in side_files.items():
             atomic_write(d / name, text)
-        atomic_write(d / METADATA, json.dumps({"format": METADATA_FORMAT, **metadata}, indent=2, default=str) + "\n")
+        records = complete_records(d, files or {})
+        atomic_write(d / METADATA, json.dumps({"format": METADATA_FORMAT, **metadata, FILES: records}, indent=2, default=str)
+                     + "\n")
         return d
 
     def retention(self, keep_last: int, keep_best: bool, deletable: Optional[Callable[[Path], bool]] = None,
@@ -279,23 +286,56 @@ def run_roots(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if (p / "checkpoints").is_dir()) if path.is_dir() else []
 
 
-def resolve_resume(run_dir: Path, spec: Optional[str], task: Optional[str] = None, model: Optional[dict] = None) -> Optional[Checkpoint]:
-    """The checkpoint `--resume SPEC` names, None for a fresh start, `UserError` if missing.
+def resolve_resume(run_dir: Path, spec: Optional[str], task: Optional[str] = None, model: Optional[dict] = None,
+                   verify: str = "none", repair: Optional[Callable[[Checkpoint, list[str]], bool]] = None) -> Optional[Checkpoint]:
+    """The checkpoint `--resume SPEC` names, None for a fresh start, `UserError` if missing (or damaged).
 
     SPEC: `auto` (newest committed checkpoint under run_dir of the same task and model, else a
     fresh start), `latest` (the same, but it is an error if there is none), a tag `step-00000100` (newest run holding it),
     `RUN_ID/step-00000100`, or the path of a checkpoint folder.
+
+    `verify`: "full" compares every recorded file's size and CRC32C with its metadata (`integrity.damage`), "sizes"
+    only sizes, "none" nothing. A damaged checkpoint is first given to `repair` (with the damaged files' relative
+    paths; True when it replaced them, from the bucket, say), then checked again. `auto`/`latest` step back past one
+    that stays damaged, with a warning naming the file; one named exactly is a `UserError`.
     """
     if spec is None or spec in ("", "none", "no"):
         return None
     run_dir = Path(run_dir)
     if spec in ("auto", "latest"):
         ckpts = [c for c in all_committed(run_dir) if c.matches(task, model)]  # never another job's checkpoint
-        if ckpts:
-            return newest(ckpts)
+        for c in sorted(ckpts, key=lambda c: recency(c.metadata), reverse=True):
+            problem = _damage(c, verify, repair)
+            if problem is None:
+                return c
+            log.warning("not resuming %s: %s; trying the checkpoint before it", c.path, problem)
         if spec == "auto":
             return None
-        raise UserError(f"--resume latest: no committed checkpoint under {run_dir}/")
+        what = "no intact" if ckpts else "no"
+        raise UserError(f"--resume latest: {what} committed checkpoint under {run_dir}/")
+    ckpt = _named_checkpoint(run_dir, spec)
+    if (problem := _damage(ckpt, verify, repair)) is not None:
+        raise UserError(f"--resume {spec}: the checkpoint is damaged ({problem}); --resume auto steps back to the newest"
+                        " intact one")
+    return ckpt
+
+
+def _damage(ckpt: Checkpoint, verify: str, repair: Optional[Callable[[Checkpoint, list[str]], bool]] = None) -> Optional[str]:
+    """What is wrong with `ckpt`'s files after any repair (None: intact)."""
+    from trainer.checkpoint.integrity import damaged_files, describe_damage
+
+    if verify == "none" or not (bad := damaged_files(ckpt.path, ckpt.metadata, deep=verify == "full")):
+        return None
+    log.warning("checkpoint %s is damaged: %s", ckpt.path, describe_damage(bad))
+    if repair is not None and repair(ckpt, [rel for rel, _ in bad]):
+        if not (still := damaged_files(ckpt.path, ckpt.metadata, deep=verify == "full")):
+            log.warning("repaired %s: %s replaced by verified copies", ckpt.path, ", ".join(rel for rel, _ in bad))
+            return None
+        bad = still
+    return describe_damage(bad)
+
+
+def _named_checkpoint(run_dir: Path, spec: str) -> Checkpoint:
     path = Path(spec)
     if path.is_dir():
         if not is_committed(path):

@@ -224,9 +224,12 @@ class CheckpointManager:
         elif p.blocked_s > 0 and total:
             self.times.write_rate_bps = total / p.blocked_s
         self.times.bytes = total or self.times.bytes
+        records: dict[str, dict] = {}
+        for rank_records in dist.all_gather_object(job.records):  # each file's size and CRC32C, from the rank that wrote it
+            records.update(rank_records)
         if self.ranks.is_local_main:
             self.store.commit(p.tag, {**p.metadata, "committed_at": utc_now(),
-                                      "save": self._save_record(p)}, self.side_files())
+                                      "save": self._save_record(p)}, self.side_files(), records)
             if self.uploader is not None:
                 self._submit_upload(self.store.path(p.tag))
             self.retention()

@@ -65,6 +65,17 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, by rank (a small picklable object)."""
+    import deepspeed.comm as dist
+
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few floats over all ranks (one small collective)."""
     return _all_reduce(values, "SUM")
@@ -188,13 +199,9 @@ def agree(fn: Callable[[], None], runners: Sequence[int], what: str = "per-node 
     For per-node work (downloads) whose failure on one node must stop all nodes, not leave the
     others waiting in the next collective.
     """
-    import deepspeed.comm as dist
-
     outcome = wait_for(fn, runners, what)
     error = outcome[1][1] if outcome[0] == "user_error" else None
     if world_size() > 1:
-        errors: list = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
+        error = next((e for e in all_gather_object(error) if e), None)
     if error:
         raise UserError(error, shared=True)

@@ -39,7 +39,7 @@ from trainer.tasks.base import Task
 from trainer.log import add_log_file, add_node_log, get_logger, redact
 from trainer.progress import gb
 from trainer.ranks import node_identity, rank_info
-from trainer.storage import open_storage
+from trainer.storage import describe_error, open_storage
 
 log = get_logger("engine")
 
@@ -171,7 +171,9 @@ class Trainer:
         from trainer.upload.restore import restore_newest
 
         model = model_identity(self.cfg)
-        ckpt = resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume, task=self.cfg.task, model=model)
+        with self.clock.phase_of("restore"):  # every recorded file's size and CRC32C checked before anything loads
+            ckpt = resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume, task=self.cfg.task, model=model,
+                                  verify="full", repair=self._repair_from_bucket if self.cfg.upload.url else None)
         restored = None
         if ckpt is None and self.cfg.checkpoint.resume == "auto" and self.cfg.upload.url:
             log.info("no local checkpoint: looking for the newest complete one in %s", redact(self.cfg.upload.url))
@@ -191,9 +193,29 @@ class Trainer:
             return {"run_id": run_id, "resume": str(ckpt.path), "metadata": meta, "branched_from": str(ckpt.path)}
         return {"run_id": ckpt.run_id, "resume": str(ckpt.path), "metadata": meta, "restored": restored}
 
+    def _repair_from_bucket(self, ckpt: Checkpoint, damaged: list[str]) -> bool:
+        """Replace the damaged files of a local checkpoint by their verified copies in the bucket (True), if it has them."""
+        from trainer.upload.restore import fill_missing
+
+        storage, prefix = open_storage(self.cfg.upload.url), remote_prefix(ckpt.metadata)  # type: ignore[arg-type]
+        raw = storage.get_bytes(f"{prefix}/{MANIFEST}")
+        manifest = json.loads(raw) if raw else {}
+        if not raw or not set(damaged) <= {f["path"] for f in manifest.get("files", [])}:
+            log.warning("%s holds no complete copy of %s to repair it from", redact(self.cfg.upload.url), ckpt.tag)
+            return False
+        for rel in damaged:
+            (ckpt.path / rel).unlink(missing_ok=True)
+        try:
+            fill_missing(storage, prefix, manifest, ckpt.path, lambda name: name in damaged)
+        except Exception as exc:  # the copy in the bucket is damaged too, or it cannot be read now
+            log.warning("could not repair %s from %s: %s", ckpt.tag, redact(self.cfg.upload.url), describe_error(exc))
+            return False
+        return True
+
     def _restore_on_this_node(self, decision: dict) -> None:
         """Nodes without a shared filesystem: each node's first rank fetches the checkpoint rank 0 chose, and on the
         same world size the files its ranks load that another node wrote (the model states, under ZeRO-1/2)."""
+        from trainer.checkpoint.integrity import damaged_files, describe_damage
         from trainer.checkpoint.universal import missing_for_ranks, needed_by_ranks
         from trainer.upload.restore import fill_missing, restore
 
@@ -202,6 +224,13 @@ class Trainer:
         stage = int(meta.get("zero_stage", self.stage))
 
         def fetch() -> None:
+            damaged = ""
+            if is_committed(src) and not r.is_main:  # (rank 0 verified its node's copy when it chose it)
+                if bad := damaged_files(src, read_metadata(src)):
+                    damaged = f"; its damaged files were removed ({describe_damage(bad)})"
+                    log.warning("this node's copy of %s is damaged (%s): fetching the files again", src, describe_damage(bad))
+                    for rel, _ in bad:
+                        (src / rel).unlink(missing_ok=True)
             if decision.get("restored") and not is_committed(src):
                 storage = open_storage(self.cfg.upload.url)  # type: ignore[arg-type]
                 manifest = json.loads(storage.get_bytes(f"{decision['restored']}/{MANIFEST}") or b"{}")
@@ -215,7 +244,8 @@ class Trainer:
             if raw is None:
                 where = f"{redact(url)} holds no complete copy of it" if url else "no upload.url to fetch them from"
                 what = "lacks files its ranks load, written on another node" if is_committed(src) else "is missing"
-                raise UserError(f"--resume: this node's copy of {src} {what} (nodes without a shared filesystem), and {where}")
+                raise UserError(f"--resume: this node's copy of {src} {what} (nodes without a shared filesystem), and {where}"
+                                f"{damaged}")
             storage, prefix, manifest = open_storage(url), remote_prefix(meta), json.loads(raw)  # type: ignore[arg-type]
             with self.clock.phase_of("restore"):
                 if not is_committed(src):  # a node that never had it (a replaced VM): the whole checkpoint
