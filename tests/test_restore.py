@@ -26,8 +26,10 @@ def _files(ckpt: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("compression", ["none", "zstd", "gzip"])
 def test_fresh_machine_gets_the_newest_checkpoint_back_byte_for_byte(backend, tmp_path: Path, compression: str) -> None:
     url, _ = backend
-    if compression != "none" and not url.startswith("file"):
-        pytest.skip("compression is backend-independent: covered on file://")
+    if compression != "none" and backend[1] is not None and backend[1].kind == "gcp-storage-emulator":
+        # compressed parts have no size up front: on GCS they take GCSStorage.writer (PipelinedWriter), run here
+        # against fake-gcs-server; a second emulator adds nothing the uncompressed case does not
+        pytest.skip("compressed parts over GCS: covered against fake-gcs-server")
     storage = open_storage(url)
     old = fake_checkpoint(tmp_path / "vm1" / "run1", 10, world=2)
     new = fake_checkpoint(tmp_path / "vm1" / "run1", 20, world=2)

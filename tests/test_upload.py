@@ -23,8 +23,10 @@ from trainer.upload.uploader import CheckpointUploader, UploadFailed
 @pytest.mark.parametrize("compression", ["none", "zstd", "gzip"])
 def test_upload_bytes_and_checksums_verify_by_download(backend, tmp_path: Path, compression: str) -> None:
     url, _ = backend
-    if compression != "none" and not url.startswith("file"):
-        pytest.skip("compression is backend-independent: covered on file://")
+    if compression != "none" and backend[1] is not None and backend[1].kind == "gcp-storage-emulator":
+        # compressed parts have no size up front: on GCS they take GCSStorage.writer (PipelinedWriter), run here
+        # against fake-gcs-server; a second emulator adds nothing the uncompressed case does not
+        pytest.skip("compressed parts over GCS: covered against fake-gcs-server")
     ckpt = fake_checkpoint(tmp_path / "runs" / "run1", 100, world=2)
     storage = open_storage(url)
     state = CheckpointUploader(storage, compression, workers=3).upload(ckpt)
