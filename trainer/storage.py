@@ -373,14 +373,38 @@ def describe_error(exc: BaseException, bucket: Optional[str] = None) -> str:
     if gexc is not None and isinstance(exc, gexc.NotFound) and bucket:
         return f"bucket {bucket!r} does not exist"
     if gexc is not None and isinstance(exc, gexc.Forbidden):
-        return f"no permission ({exc.message})" if bucket is None else f"no permission to use bucket {bucket!r} ({exc.message})"
+        why = _server_message(exc.message)
+        return f"no permission ({why})" if bucket is None else f"no permission to use bucket {bucket!r} ({why})"
     if gexc is not None and isinstance(exc, gexc.GoogleAPICallError):
-        return f"storage error {exc.code}: {exc.message}"
+        return f"storage error {exc.code}: {_server_message(exc.message)}"
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
     if type(exc).__module__.startswith(("requests", "urllib3", "google.auth")) or isinstance(exc, (ConnectionError, TimeoutError)):
         return f"cannot reach the storage service ({type(exc).__name__})"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _server_message(text: str) -> str:
+    """The server's own reason from an error text that quotes the request and its JSON body (as the upload
+    errors of google-cloud-storage do); the text itself when there is none."""
+    import re
+
+    m = re.search(r'"message":\s*"((?:[^"\\]|\\.)*)"', text or "")
+    return m.group(1) if m else text
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """A failure of the storage service or the way to it (after the client's retries), not a bug of ours."""
+    try:
+        from google.api_core import exceptions as gexc
+
+        if isinstance(exc, (gexc.GoogleAPICallError, gexc.RetryError)):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    module = type(exc).__module__
+    return (module.startswith(("requests", "urllib3", "google.auth", "google.resumable_media", "google.cloud.storage"))
+            or isinstance(exc, (ConnectionError, TimeoutError, OSError)))
 
 
 def is_permanent(exc: BaseException) -> bool:

@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
-from trainer.errors import EXIT_BUG, EXIT_LINE, STATUS_FILE_ENV, STATUS_TO_STDERR, UserError
+from trainer.errors import EXIT_BUG, EXIT_LINE, EXIT_PREEMPTED, STATUS_FILE_ENV, STATUS_TO_STDERR, UserError
 from trainer.log import to_log_files
 
 
@@ -34,7 +34,10 @@ def main_and_exit(argv: Optional[Sequence[str]] = None) -> NoReturn:
     """`main`, then leave at once: the interpreter's teardown of a process holding the model, its
     optimizer state and the snapshot buffers takes seconds that the grace period does not have.
     Everything that matters is flushed first (logs, stdout); uploads and tracking ended in `main`."""
-    code = main(argv)
+    _leave(main(argv))
+
+
+def _leave(code: int) -> NoReturn:
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -44,8 +47,22 @@ def main_and_exit(argv: Optional[Sequence[str]] = None) -> NoReturn:
     os._exit(code)
 
 
+def _stopped_while_starting(reason: str) -> None:
+    """A stop before the first step (the StopFlag's `leave_now`): nothing trained since the checkpoint being resumed,
+    so nothing to save. Leave at once with the stop's exit code; whatever was half done (a restore, a conversion, a
+    download) is a hidden staging folder that the next start removes."""
+    logging.getLogger("trainer.signals").warning("stop requested (%s) while the job was starting: nothing trained yet,"
+                                                 " nothing to save; leaving now (run the same command to start again)",
+                                                 reason)
+    _leave(_epilogue(EXIT_PREEMPTED))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    code = _main(argv)
+    return _epilogue(_main(argv))
+
+
+def _epilogue(code: int) -> int:
+    """The exit code in this node's log and, from rank 0, where the launcher reads it."""
     to_log_files(logging.INFO if code in (0, 75) else logging.WARNING, f"rank {os.environ.get('RANK', '0')} exits with code {code}")
     status = os.environ.get(STATUS_FILE_ENV)
     if status and int(os.environ.get("RANK", "0")) == 0:
@@ -77,7 +94,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         from trainer.tasks import build_task
 
         trainer = Trainer(cfg, build_task(cfg), source=args.config)
+        trainer.stop.leave_now = _stopped_while_starting
         trainer.setup()
+        trainer.stop.leave_now = None  # from the first step on, a stop saves and drains within the grace period
         return trainer.train()
     except UserError as exc:  # NothingToDo too: one line, exit 0
         if trainer is not None and exc.exit_code != 0:

@@ -39,7 +39,7 @@ from trainer.tasks.base import Task
 from trainer.log import add_log_file, add_node_log, get_logger, redact
 from trainer.progress import gb
 from trainer.ranks import node_identity, rank_info
-from trainer.storage import describe_error, open_storage
+from trainer.storage import describe_error, is_storage_error, open_storage
 
 log = get_logger("engine")
 
@@ -177,8 +177,15 @@ class Trainer:
         restored = None
         if ckpt is None and self.cfg.checkpoint.resume == "auto" and self.cfg.upload.url:
             log.info("no local checkpoint: looking for the newest complete one in %s", redact(self.cfg.upload.url))
-            with self.clock.phase_of("restore"):
-                path = restore_newest(open_storage(self.cfg.upload.url), self.cfg.run_dir, self.cfg.task, model)
+            try:
+                with self.clock.phase_of("restore"):
+                    path = restore_newest(open_storage(self.cfg.upload.url), self.cfg.run_dir, self.cfg.task, model)
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    raise
+                raise UserError(f"--resume auto: could not restore from {redact(self.cfg.upload.url)} ({describe_error(exc)});"
+                                " nothing was trained: run the same command again when the bucket answers, or pass"
+                                " --resume none to start a new run") from None
             if path is not None:
                 ckpt, restored = Checkpoint(path, read_metadata(path)), remote_prefix(read_metadata(path))
         if ckpt is None:

@@ -5,7 +5,7 @@ import os
 import signal
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from trainer.log import get_logger
 
@@ -21,6 +21,10 @@ class StopFlag:
         self.first_at: Optional[float] = None
         self.signal_name: Optional[str] = None
         self._arrived: Optional[float] = None  # when the first signal reached the process (see install)
+        # Set while the job starts (restoring, converting, building the engine): nothing is trained yet, so
+        # nothing needs saving, and a restore from a slow or hung bucket must not hold the grace period. A
+        # stop then calls it with the reason, and it leaves the process.
+        self.leave_now: Optional[Callable[[str], None]] = None
 
     def install(self, signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> "StopFlag":
         """Handle `signums` (main thread). Python runs a handler only between bytecodes of the main
@@ -56,12 +60,16 @@ class StopFlag:
             self.first_at = min(now, self._arrived) if self._arrived is not None else now
             self.signal_name = signal.Signals(signum).name
         self._event.set()
+        if self.leave_now is not None:
+            self.leave_now(signal.Signals(signum).name)
 
     def request(self, reason: str = "request") -> None:
         if self.first_at is None:
             self.first_at = time.monotonic()
             self.signal_name = reason
         self._event.set()
+        if self.leave_now is not None:
+            self.leave_now(reason)
 
     def is_set(self) -> bool:
         return self._event.is_set()

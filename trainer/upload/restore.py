@@ -21,7 +21,7 @@ from trainer.checkpoint.remote import remote_checkpoints
 from trainer.checkpoint.store import CheckpointStore, fsync_dir, fsync_tree
 from trainer.log import get_logger
 from trainer.progress import gb, report
-from trainer.storage import Storage, b64_crc, describe_error
+from trainer.storage import Storage, b64_crc
 
 log = get_logger("restore")
 
@@ -135,14 +135,16 @@ def fill_missing(storage: Storage, prefix: str, manifest: dict, ckpt_dir: Path,
 
 
 def restore_newest(storage: Storage, run_dir: Path, task: Optional[str] = None, model: Optional[dict] = None) -> Optional[Path]:
-    """The newest remote checkpoint that restores and verifies, as a local folder; None if there is none."""
+    """The newest remote checkpoint that restores and verifies, as a local folder; None if there is none.
+
+    One whose bytes do not match its manifest is skipped for the next older. A storage failure (the service
+    unreachable or not answering, after the client's retries) is raised: starting from an older checkpoint, or from
+    scratch, because the bucket did not answer would throw away the training the newest one holds."""
     for prefix, manifest in remote_checkpoints(storage, task, model):
         try:
             return restore(storage, prefix, manifest, run_dir)
         except RestoreFailed as exc:
             log.warning("skipping %s: %s", storage.display(prefix), exc)
-        except Exception as exc:  # a download that failed after the client's retries
-            log.warning("skipping %s: %s", storage.display(prefix), describe_error(exc))
     return None
 
 
