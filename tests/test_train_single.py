@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import run_cli, run_rank
@@ -519,3 +520,48 @@ def test_a_damaged_local_checkpoint_is_named_repaired_from_the_bucket_or_stepped
     assert f"not resuming {ck / tag(6)}: {optim6} has CRC32C" in out, out[-4000:]
     assert f"resumed from {ck / tag(4)} at step 4" in out and "continuing as a new run" in out
     assert len(_run_roots(runs)) == 2 and model8.exists() and optim6.exists()  # nothing of the user's deleted
+
+
+def _small_disk(path: Path, size_mb: float):  # type: ignore[no-untyped-def]
+    """A tmpfs of `size_mb` mounted at `path` (a disk that fills), or a skip where this process may not mount."""
+    import contextlib
+    import subprocess
+
+    path.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size_mb * 1024)}k", "tmpfs", str(path)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (root needed): {r.stderr.strip()}")
+
+    @contextlib.contextmanager
+    def mounted():  # type: ignore[no-untyped-def]
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    return mounted()
+
+
+@pytest.mark.parametrize("how", ["background", "direct"])
+def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tiny_config: Path, tmp_path: Path, how: str) -> None:
+    """run_dir on a disk with room for two checkpoints and a bit: the third save runs out of space. One line names the
+    disk and the bytes missing, exit 2, no traceback; the partial folder is gone (never listed) and the two committed
+    checkpoints are intact (they verify and resume)."""
+    with _small_disk(tmp_path / "disk", 7.0) as disk:
+        cfg = _cfg(tiny_config, run_dir=str(disk / "runs"), train={"max_steps": 30, "log_every": 5},
+                   checkpoint={"save_every": 5, "keep_last": 5, "async": how == "background"}, eval={"enabled": False})
+        r = run_rank("--config", str(cfg))
+        out = r.stdout + r.stderr
+        assert r.returncode == 2 and "Traceback" not in out, out[-4000:]
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1, r.stderr[-3000:]
+        assert f"no space left on the disk mounted at {disk} (tmpfs)" in errors[0] and "more is needed" in errors[0], errors
+        (run_root,) = _run_roots(disk / "runs")
+        folders = sorted(p.name for p in (run_root / "checkpoints").iterdir() if p.is_dir())
+        from trainer.checkpoint.integrity import damaged_files
+        from trainer.checkpoint.store import CheckpointStore
+
+        committed = CheckpointStore(run_root).committed()
+        assert [c.tag for c in committed] == folders and len(folders) >= 2  # nothing partial left, nothing lost
+        assert f"newest: {folders[-1]}" in errors[0]
+        assert all(not damaged_files(c.path, c.metadata) for c in committed)

@@ -219,6 +219,14 @@ class CheckpointStore:
         return deleted
 
 
+def checkpoint_bytes(ckpt_dir: Path) -> int:
+    """What a checkpoint folder takes on disk, without its derived universal conversion."""
+    from trainer.checkpoint.universal import is_derived
+
+    d = Path(ckpt_dir)
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file() and not is_derived(str(p.relative_to(d))))
+
+
 def delete_checkpoint(ckpt_dir: Path) -> None:
     """Un-commit first (remove metadata.json), then delete: a crash in between leaves a partial."""
     (Path(ckpt_dir) / METADATA).unlink(missing_ok=True)

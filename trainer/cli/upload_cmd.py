@@ -60,15 +60,11 @@ def _rows(run_dir: Path) -> list[tuple[Path, object, dict]]:
     return [(run, c, read_upload_state(c.path)) for run in _runs(run_dir) for c in CheckpointStore(run).committed()]
 
 
-def _size(path: Path) -> int:
-    from trainer.checkpoint.universal import is_derived
-
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not is_derived(str(p.relative_to(path))))
-
-
 @app.command("list")
 def list_cmd(run_dir: RunDirArg) -> None:
     """Local checkpoints with their upload state."""
+    from trainer.checkpoint.store import checkpoint_bytes
+
     from rich.console import Console
     from rich.table import Table
 
@@ -76,7 +72,7 @@ def list_cmd(run_dir: RunDirArg) -> None:
     for run, c, st in _rows(run_dir):
         state = st["state"]
         note = st.get("url", "") if state == "uploaded" else st.get("error", "")
-        table.add_row(run.name[:12], c.tag, str(c.step), f"{_size(c.path) / 2**20:.1f}", state, note)
+        table.add_row(run.name[:12], c.tag, str(c.step), f"{checkpoint_bytes(c.path) / 2**20:.1f}", state, note)
     Console(width=160).print(table)
 
 
@@ -123,6 +119,8 @@ def upload_one(run_dir: RunDirArg, tag: Annotated[str, typer.Argument(help="Chec
 
 def upload_all(run_dir: RunDirArg, url: UrlOpt = None, timeout: TimeoutOpt = 30.0) -> int:
     """Upload every committed checkpoint not yet verified in the bucket (idempotent)."""
+    from trainer.checkpoint.store import checkpoint_bytes
+
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     from trainer.checkpoint.layout import is_uploaded, remote_prefix
@@ -140,7 +138,7 @@ def upload_all(run_dir: RunDirArg, url: UrlOpt = None, timeout: TimeoutOpt = 30.
             if is_uploaded(c.path) and verify_remote(up.storage, remote_prefix(c.metadata))[0]:  # type: ignore[attr-defined]
                 skipped += 1
                 continue
-            bar = progress.add_task(f"{run.name[:12]}/{c.tag}", total=_size(c.path))
+            bar = progress.add_task(f"{run.name[:12]}/{c.tag}", total=checkpoint_bytes(c.path))
             try:
                 state = up.upload(c.path, progress=lambda n, bar=bar: progress.advance(bar, n))  # type: ignore[attr-defined]
                 progress.update(bar, completed=progress.tasks[bar].total)

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from trainer.checkpoint.layout import UploadState, is_uploaded, read_upload_state, rng_file_name, tag_for, upload_wording, utc_now
-from trainer.checkpoint.store import CheckpointStore
+from trainer.checkpoint.store import CheckpointStore, checkpoint_bytes
 from trainer.engine import dist
 from trainer.engine.goodput import Goodput
-from trainer.engine.snapshot import SnapshotCheckpointEngine, WriteJob
+from trainer.engine.snapshot import DiskFull, SnapshotCheckpointEngine, WriteJob
 from trainer.errors import UserError
 from trainer.log import get_logger
 from trainer.progress import gb
@@ -47,7 +47,26 @@ WRITE_DONE, WRITE_BUSY, WRITE_FAILED = 0.0, 1.0, 2.0
 
 
 class CheckpointWriteFailed(RuntimeError):
-    """A rank could not write its checkpoint files (a full disk, say)."""
+    """A rank could not write its checkpoint files."""
+
+
+def is_disk_full(exc: Optional[BaseException]) -> bool:
+    import errno
+
+    return isinstance(exc, DiskFull) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+
+
+def disk_of(path: Path) -> str:
+    """The mount point holding `path`, and its device where known: `/mnt/disk (/dev/sdb1)`."""
+    import os
+
+    import psutil
+
+    p = Path(path).resolve()
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    device = next((part.device for part in psutil.disk_partitions(all=True) if part.mountpoint == str(p)), None)
+    return f"the disk mounted at {p}" + (f" ({device})" if device else "")
 
 
 def capture_rng() -> dict[str, Any]:
@@ -183,7 +202,12 @@ class CheckpointManager:
                 self.stall_s += stall
                 log.warning("the save of %s waited %.1f s for the write of the previous checkpoint to finish (saves come"
                             " faster than the disk takes them: raise checkpoint.save_every)", tag_for(step), stall)
-            pending = self._capture(step, reason, background, rng)
+            try:
+                pending = self._capture(step, reason, background, rng)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise self._disk_full(tag_for(step)) from exc
+                raise
             if background:
                 self.pending = pending
                 log.info("checkpoint %s (%s): state captured in %.2f s, writing %s in the background", pending.tag, reason,
@@ -228,8 +252,13 @@ class CheckpointManager:
         for rank_records in dist.all_gather_object(job.records):  # each file's size and CRC32C, from the rank that wrote it
             records.update(rank_records)
         if self.ranks.is_local_main:
-            self.store.commit(p.tag, {**p.metadata, "committed_at": utc_now(),
-                                      "save": self._save_record(p)}, self.side_files(), records)
+            try:
+                self.store.commit(p.tag, {**p.metadata, "committed_at": utc_now(),
+                                          "save": self._save_record(p)}, self.side_files(), records)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise self._disk_full(p.tag) from exc
+                raise
             if self.uploader is not None:
                 self._submit_upload(self.store.path(p.tag))
             self.retention()
@@ -257,9 +286,27 @@ class CheckpointManager:
         job = self.pending.job if self.pending else None
         tag = self.pending.tag if self.pending else "?"
         self.pending = None
+        if job is not None and is_disk_full(job.error):
+            raise self._disk_full(tag) from job.error
         if job is not None and job.error is not None:
             raise CheckpointWriteFailed(f"writing checkpoint {tag} failed on rank {self.ranks.rank}: {job.error}") from job.error
         raise CheckpointWriteFailed(f"writing checkpoint {tag} failed on another rank (its log names the error)")
+
+    def _disk_full(self, tag: str) -> UserError:
+        """One line for a save that did not fit: the disk, what a checkpoint takes there, what is free once the
+        partial folder is gone (removed here: it is never listed, and the committed checkpoints stay as they were)."""
+        folder = self.store.path(tag)
+        if self.ranks.is_local_main:
+            shutil.rmtree(folder, ignore_errors=True)
+        committed = self.store.committed()
+        need = checkpoint_bytes(committed[-1].path) if committed else (self.times.bytes or 0)
+        free = shutil.disk_usage(self.store.root).free
+        keep = self.cfg.checkpoint.keep_last
+        newest = committed[-1].tag if committed else "none"
+        return UserError(
+            f"checkpoint {tag}: no space left on {disk_of(self.store.root)}: a checkpoint takes {gb(need)} on this node,"
+            f" {gb(free)} is free, so {gb(max(0, need - free))} more is needed (checkpoint.keep_last {keep} keeps {keep} +"
+            f" the one being saved); the partial save was removed, the committed checkpoints are intact (newest: {newest})")
 
     def wait(self, deadline: Optional[float] = None) -> bool:
         """Wait for the write in flight (until `deadline`, monotonic), then commit it. Collective.

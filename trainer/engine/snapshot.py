@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import collections
 import copy
+import errno
 import os
+import shutil
 import queue
 import threading
 import time
@@ -36,18 +38,39 @@ log = get_logger("checkpoint")
 MEMORY_RESERVE_FRACTION = 0.05  # keep this much of the host's RAM free when sizing a snapshot
 
 
+class DiskFull(OSError):
+    """A checkpoint file did not fit on its disk (`errno` ENOSPC)."""
+
+
 def write_file(path: Path | str, obj: Any, zipfile: bool = True) -> dict:
     """`torch.save` then fsync: on disk for good when this returns. Returns the file's size and CRC32C
-    (`integrity.file_record`: read back while the file is still in the page cache, ~0.2 s per GB here)."""
+    (`integrity.file_record`: read back while the file is still in the page cache, ~0.2 s per GB here).
+
+    `DiskFull` when the disk ran out of space (torch's zip writer reports that as a RuntimeError without an errno,
+    so the free space decides)."""
     import torch
 
-    torch.save(obj, str(path), _use_new_zipfile_serialization=zipfile)
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        torch.save(obj, str(path), _use_new_zipfile_serialization=zipfile)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (OSError, RuntimeError) as exc:
+        if _out_of_space(exc, Path(path), tensor_bytes(obj)):
+            raise DiskFull(errno.ENOSPC, "no space left on device", str(path)) from exc
+        raise
     return file_record(path)
+
+
+def _out_of_space(exc: BaseException, path: Path, need: int) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(path.parent).free < max(need, 1 << 20)
+    except OSError:
+        return False
 
 
 HUGE_PAGE_MIN_BYTES = 2 << 20  # buffers at least this large are mapped with transparent huge pages

@@ -141,7 +141,9 @@ class Validator:
         bad = [n for n in saved if saved[n] != loaded[n]]
         if bad:
             raise UserError(f"{bad[0]} differs after loading the checkpoint back")
-        size = sum(f.stat().st_size for f in (root / tag).rglob("*") if f.is_file())
+        from trainer.checkpoint.store import checkpoint_bytes
+
+        size = checkpoint_bytes(root / tag)
         return f"{len(saved)} trainable tensors round-trip exactly ({size / 1e6:.1f} MB)"
 
     def mlflow_logging(self) -> str:

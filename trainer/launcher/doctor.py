@@ -117,8 +117,9 @@ def checkpoint_bytes(cfg: Any) -> tuple[Optional[int], str]:
     newest = sorted(Path(cfg.run_dir).glob("*/checkpoints/step-*/metadata.json"), key=lambda p: p.stat().st_mtime)
     if newest:
         ckpt = newest[-1].parent
-        size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file() and "universal" not in f.relative_to(ckpt).parts)
-        return size, f"{ckpt.name} of this run_dir"
+        from trainer.checkpoint.store import checkpoint_bytes as size_of
+
+        return size_of(ckpt), f"{ckpt.name} of this run_dir"
     from trainer.tasks import build_task
 
     try:
