@@ -92,13 +92,17 @@ def test_partial_upload_is_invisible_and_upload_all_completes_it(backend, tmp_pa
     a = fake_checkpoint(run_root, 10)
     b = fake_checkpoint(run_root, 20)
     storage = open_storage(url)
-    # A crashed upload: one stray part, no manifest.
+    # A crashed upload: one stray part, no manifest. And one of a checkpoint this machine no longer has (a VM replaced
+    # mid-upload): nothing will ever complete it, so upload-all removes it.
     storage.put_bytes("run1/step-00000010/part-000.tar", b"half of a tar")
+    storage.put_bytes("run1/step-00000005/part-000.tar", b"a part of a checkpoint lost with its VM")
+    storage.put_bytes("run1/step-00000005/part-001.tar", b"another")
     assert not verify_remote(storage, "run1/step-00000010")[0]
     env = {"STORAGE_EMULATOR_HOST": os.environ.get("STORAGE_EMULATOR_HOST", "")}
     r = run_cli("upload-all", str(run_root), "--url", url, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 uploaded, 0 already verified, 0 failed" in r.stdout
+    assert "2 uploaded, 0 already verified, 0 failed, 1 incomplete upload(s) of checkpoints no longer local removed" in r.stdout
+    assert not [n for n in storage.list("run1/") if "step-00000005" in n]
     for ckpt in (a, b):
         ok, why, _ = verify_remote(storage, f"run1/{ckpt.name}")
         assert ok, why

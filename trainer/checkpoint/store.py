@@ -334,7 +334,9 @@ def _damage(ckpt: Checkpoint, verify: str, repair: Optional[Callable[[Checkpoint
 
     if verify == "none" or not (bad := damaged_files(ckpt.path, ckpt.metadata, deep=verify == "full")):
         return None
-    log.warning("checkpoint %s is damaged: %s", ckpt.path, describe_damage(bad))
+    if repair is not None:
+        log.warning("checkpoint %s is damaged (%s): replacing the damaged files from the bucket", ckpt.path,
+                    describe_damage(bad))
     if repair is not None and repair(ckpt, [rel for rel, _ in bad]):
         if not (still := damaged_files(ckpt.path, ckpt.metadata, deep=verify == "full")):
             log.warning("repaired %s: %s replaced by verified copies", ckpt.path, ", ".join(rel for rel, _ in bad))

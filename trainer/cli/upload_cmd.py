@@ -125,6 +125,7 @@ def upload_all(run_dir: RunDirArg, url: UrlOpt = None, timeout: TimeoutOpt = 30.
 
     from trainer.checkpoint.layout import is_uploaded, remote_prefix
     from trainer.checkpoint.remote import verify_remote
+    from trainer.checkpoint.store import CheckpointStore
     from trainer.upload.uploader import UploadFailed
 
     rows = _rows(run_dir)
@@ -146,7 +147,17 @@ def upload_all(run_dir: RunDirArg, url: UrlOpt = None, timeout: TimeoutOpt = 30.
                 done += 0 if state.get("skipped") else 1
             except UploadFailed as exc:
                 failed.append(f"{c.tag}: {exc}")
-    typer.echo(f"upload-all: {done} uploaded, {skipped} already verified, {len(failed)} failed")
+    swept = []
+    for run in _runs(run_dir):  # incomplete uploads that no local checkpoint will finish cost storage forever
+        if run not in uploaders:
+            try:
+                uploaders[run] = _uploader(_upload_settings(run, url), timeout)
+            except UserError:  # a run that never uploaded (no upload.url, no --url): nothing of it in a bucket
+                continue
+        up = uploaders[run]
+        swept += up.sweep_incomplete(run.name, {c.tag for c in CheckpointStore(run).committed()})  # type: ignore[attr-defined]
+    typer.echo(f"upload-all: {done} uploaded, {skipped} already verified, {len(failed)} failed"
+               + (f", {len(swept)} incomplete upload(s) of checkpoints no longer local removed" if swept else ""))
     for line in failed:
         typer.echo(f"  failed {line}", err=True)
     return 1 if failed else 0

@@ -182,6 +182,24 @@ class CheckpointUploader:
                 log.info("remote retention: deleted %s", self.storage.display(prefix))
         return deleted
 
+    def sweep_incomplete(self, run_id: str, local_tags: set[str]) -> list[str]:
+        """Delete what uploads of `run_id` left without a manifest for checkpoints not in `local_tags` (their local
+        copy is gone: a VM replaced mid-upload), so nothing will ever complete them. Returns the prefixes."""
+        by_prefix: dict[str, list[str]] = {}
+        for name in self.storage.list(f"{run_id}/"):
+            prefix, _, base = name.rpartition("/")
+            by_prefix.setdefault(prefix, []).append(base)
+        swept = []
+        for prefix, bases in sorted(by_prefix.items()):
+            if MANIFEST in bases or prefix.rsplit("/", 1)[-1] in local_tags:
+                continue
+            for base in bases:
+                self.storage.delete(f"{prefix}/{base}")
+            swept.append(prefix)
+            log.info("removed %s: an upload that never completed, of a checkpoint no longer on this machine",
+                     self.storage.display(prefix))
+        return swept
+
     def _remove_stale_parts(self, prefix: str) -> None:
         """Parts left by an earlier failed attempt: no manifest refers to them, so they are ours to replace."""
         for name in self.storage.list(prefix + "/"):
