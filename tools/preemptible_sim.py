@@ -185,6 +185,12 @@ def main() -> int:
     setup_s = max(1.0, ref_s - train_s)
     print(f"reference: {max_steps} steps in {ref_s:.1f} s ({setup_s:.1f} s setup, {train_s:.1f} s training; {work})")
 
+    def extend(steps: int, ran: int) -> tuple[int, tuple[float, float]]:
+        """The run finished with trials still to run: go on to more steps (the reference too) rather than pass on fewer."""
+        steps += max(args.save_every * 2, args.max_steps // 2)
+        print(f"the run finished after {ran} of {args.trials} trials: extending it to {steps} steps (and the reference)")
+        return steps, reference_run(common, ref_dir, steps)
+
     trials: list[Trial] = []
     uploaded: set[int] = set()  # every step any start said was uploaded
     starts = 0
@@ -234,10 +240,7 @@ def main() -> int:
                 break
             # finished with trials still to run: extend the run (and the reference) rather than pass on fewer trials
             extended += 1
-            max_steps += max(args.save_every * 2, args.max_steps // 2)
-            print(f"the run finished after {len(trials)} of {args.trials} trials: extending it to {max_steps} steps"
-                  " (and the reference)")
-            ref_s, train_s = reference_run(common, ref_dir, max_steps)
+            max_steps, (ref_s, train_s) = extend(max_steps, len(trials))
             continue
         hard = rng.random() < args.sigkill_prob
         text = log.read_text()
@@ -272,7 +275,11 @@ def main() -> int:
             trial.problem = _sigterm_problems(trial, text, local, remote, said_local, sim_dir, args.grace + args.teardown)
         if trial.code == 0:  # the stop came on the last step: the run is complete
             trials.append(trial)
-            break
+            if len(trials) >= args.trials:
+                break
+            extended += 1
+            max_steps, (ref_s, train_s) = extend(max_steps, len(trials))
+            continue
         trial.fresh = rng.random() < args.fresh_prob
         if trial.fresh:
             remote = set(bucket_steps(bucket))
@@ -303,7 +310,7 @@ def main() -> int:
     print("\n| trial | signal | kill point | step | exit | SIGTERM->exit (s) | in bucket at exit | next start | resumed at | problem |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for t in trials:
-        resumed = t.resumed_at if t.resumed_at is not None else "- (stopped in setup)"
+        resumed = t.resumed_at if t.resumed_at is not None else "-" if t.code == 0 else "- (next start stopped in setup)"
         print(f"| {t.n} | {t.signal} | {t.point} | {t.step if t.step is not None else '-'} | {t.code} | "
               f"{f'{t.exit_s:.1f}' if t.exit_s is not None else '-'} | {t.in_bucket or '-'} | "
               f"{'fresh VM' if t.fresh else 'same VM'} | {resumed} | {t.problem} |")
