@@ -98,6 +98,11 @@ def tiny_config(tmp_path: Path, tiny_shards: Path) -> Path:
     return path
 
 
+# The contract a stopped job keeps, and so the only bound a test puts on a stop: exit within preemption.grace_s plus
+# the launcher's teardown, which the default grace (25 s) leaves of a preemptible VM's 30 s. Not a guess at how fast
+# this machine is: a busy machine that takes longer breaks the contract a VM would enforce.
+TEARDOWN_S = 5.0
+
 # Checkpoint uploads: the same tests run against file:// and two real GCS emulators.
 BACKENDS = ["file", "fake-gcs-server", "gcp-storage-emulator"]
 

@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 import yaml
 
-from conftest import REPO, fake_checkpoint
+from conftest import REPO, TEARDOWN_S, fake_checkpoint
 from storage_servers import BUCKET, Emulator, FaultProxy
 from trainer.checkpoint.layout import read_upload_state
 from trainer.checkpoint.remote import verify_remote
@@ -22,7 +22,6 @@ from trainer.upload.restore import restore_newest
 from trainer.upload.uploader import CheckpointUploader, UploadFailed
 
 URL = f"gs://{BUCKET}/ckpts"
-TEARDOWN_S = 5.0  # of a preemptible VM's 30 s, what the default 25 s grace leaves for the launcher's teardown
 
 
 @pytest.fixture

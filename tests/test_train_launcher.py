@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, TEARDOWN_S, run_cli
 
 
 def committed(run_dir: Path) -> list[Path]:
@@ -206,7 +206,7 @@ def _sigterm_one_process(tiny_config: Path, tmp_path: Path, target: str, url: st
     out, _ = proc.communicate(timeout=120)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 75, (seen + out)[-4000:]
-    assert elapsed < 20, elapsed
+    assert elapsed <= 20 + TEARDOWN_S, elapsed  # the grace, and the teardown it leaves out
     (ckpt,) = committed(tmp_path / "runs")
     meta = metadata(ckpt)
     assert meta["reason"] == "preemption" and meta["world_size"] == 2 and meta["step"] >= 10

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import crc32c_b64, fake_checkpoint, run_cli, run_rank
+from conftest import TEARDOWN_S, crc32c_b64, fake_checkpoint, run_cli, run_rank
 from storage_servers import BUCKET, Emulator
 from trainer.checkpoint.store import CheckpointStore
 from trainer.storage import open_storage
@@ -375,7 +375,7 @@ def test_storage_killed_during_the_drain_exit_by_the_deadline_naming_local_check
         out, _ = proc.communicate(timeout=120)
         elapsed = time.monotonic() - t0
         assert proc.returncode == 75, (seen + out)[-4000:]
-        assert elapsed < 8 + 2, elapsed  # the grace, plus process teardown
+        assert elapsed <= 8 + TEARDOWN_S, elapsed  # the grace, plus the teardown the contract allows
         local = [line for line in out.splitlines() if "still local" in line]
         metas = sorted((tmp_path / "runs").glob("*/checkpoints/step-*/metadata.json"))
         (emergency,) = [m.parent.name for m in metas if json.loads(m.read_text())["reason"] == "preemption"]
