@@ -312,3 +312,38 @@ def test_two_simulated_nodes_upload_one_complete_checkpoint(tiny_config: Path, t
     assert (a / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file() and (a / "universal" / "conversion.json").is_file()
     (a8,) = [p for p in committed(tmp_path / "node_a") if p.name == "step-00000008"]
     assert metadata(a8)["loss_history"] == m8["loss_history"]  # the same state on the same world size: the same run
+
+
+@pytest.mark.launcher
+@pytest.mark.parametrize("when", ["importing", "one rank in setup"])
+def test_a_stop_while_the_ranks_start_ends_the_job_at_once_with_75(tiny_config: Path, tmp_path: Path, when: str) -> None:
+    """Found by the preemption simulator. `importing`: SIGTERM to `trainer train` while the ranks are still importing
+    (no handler yet: they die of it) is the stop's exit code 75 and one line, not the launcher's 241. `one rank in
+    setup`: rank 1 alone stopped during setup leaves at once; rank 0, which may be blocked in a collective with it,
+    is signalled by the launcher and leaves from its signal thread, not 30 s later by the launcher's SIGKILL."""
+    import os
+    import signal
+    import time
+
+    cfg = write_config(tiny_config, tmp_path / "runs", train={"max_steps": 100000, "log_every": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli.main", "train", str(cfg), "--num-ranks", "2"], cwd=REPO,
+                            env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    needle = "process " if when == "importing" else "[rank0] run "
+    seen, deadline = "", time.monotonic() + 300
+    while needle not in seen and time.monotonic() < deadline and proc.poll() is None:
+        seen += proc.stdout.readline()  # type: ignore[union-attr]
+    assert needle in seen, seen[-3000:]
+    t0 = time.monotonic()
+    if when == "importing":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        _job_process(proc.pid, "worker").send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 75, (seen + out)[-4000:]
+    assert elapsed <= TEARDOWN_S, (elapsed, out[-3000:])  # nothing to save: only the teardown
+    if when == "importing":
+        assert "stopped by SIGTERM while the ranks were starting: nothing trained, nothing to save" in out, out[-3000:]
+    else:
+        assert "while the job was starting: nothing trained yet, nothing to save" in out, out[-3000:]
+    assert not committed(tmp_path / "runs")

@@ -46,6 +46,17 @@ log = get_logger("checkpoint")
 WRITE_DONE, WRITE_BUSY, WRITE_FAILED = 0.0, 1.0, 2.0
 
 
+def report_locations(ckpts: list[Any], uploaded_too: bool = True) -> None:
+    """Where each committed checkpoint is, as a job says when it leaves: uploaded (URL), or still local (why, path)."""
+    for c in ckpts:
+        st = read_upload_state(c.path)
+        if st["state"] == UploadState.UPLOADED:
+            if uploaded_too:
+                log.info("checkpoint %s: uploaded (%s)", c.tag, st.get("url", ""))
+        else:
+            log.warning("checkpoint %s: %s, still local (%s)", c.tag, upload_wording(st), c.path)
+
+
 class CheckpointWriteFailed(RuntimeError):
     """A rank could not write its checkpoint files."""
 
@@ -413,12 +424,7 @@ class CheckpointManager:
         if not self.uploader.close(timeout, abort=give_up):
             log.warning("stopped waiting for uploads: %s", "a second signal" if stop.urgent else "the time is up")
         self.retention()
-        for c in self.store.committed():
-            st = read_upload_state(c.path)
-            if st["state"] == UploadState.UPLOADED:
-                log.info("checkpoint %s: uploaded (%s)", c.tag, st.get("url", ""))
-            else:
-                log.warning("checkpoint %s: %s, still local (%s)", c.tag, upload_wording(st), c.path)
+        report_locations(self.store.committed())
 
     def requeue_unfinished_uploads(self) -> None:
         """Committed checkpoints whose upload a hard stop cut short (or that failed) go first."""

@@ -6,12 +6,14 @@ runs the task's training, and maps the outcome to the documented exit codes.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
+import threading
 import traceback
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 from trainer.errors import EXIT_BUG, EXIT_LINE, EXIT_PREEMPTED, STATUS_FILE_ENV, STATUS_TO_STDERR, UserError
 from trainer.log import to_log_files
@@ -47,13 +49,26 @@ def _leave(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _stopped_while_starting(reason: str) -> None:
-    """A stop before the first step (the StopFlag's `leave_now`): nothing trained since the checkpoint being resumed,
-    so nothing to save. Leave at once with the stop's exit code; whatever was half done (a restore, a conversion, a
-    download) is a hidden staging folder that the next start removes."""
+_leaving = threading.Lock()
+
+
+def _stopped_while_starting(trainer: Any, reason: str) -> None:
+    """A stop before the first step (the StopFlag's `leave_now`, from the signal handler or the signal-arrival
+    thread, whichever runs first): nothing trained since the checkpoint being resumed, so nothing to save. Says where
+    the run's checkpoints are, then leaves at once with the stop's exit code; whatever was half done (a restore, a
+    conversion, a download) is a hidden staging folder that the next start removes."""
+    if not _leaving.acquire(blocking=False):
+        return  # the other one is leaving
     logging.getLogger("trainer.signals").warning("stop requested (%s) while the job was starting: nothing trained yet,"
                                                  " nothing to save; leaving now (run the same command to start again)",
                                                  reason)
+    try:
+        trainer.say_where_checkpoints_are()
+        from trainer.engine.signals import reap_sibling_ranks_later
+
+        reap_sibling_ranks_later()  # (one stuck in a collective with this rank would otherwise hold the node 30 s)
+    except Exception:  # never let a report keep a stopped job from leaving
+        pass
     _leave(_epilogue(EXIT_PREEMPTED))
 
 
@@ -94,7 +109,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         from trainer.tasks import build_task
 
         trainer = Trainer(cfg, build_task(cfg), source=args.config)
-        trainer.stop.leave_now = _stopped_while_starting
+        trainer.stop.leave_now = functools.partial(_stopped_while_starting, trainer)
         trainer.setup()
         trainer.stop.leave_now = None  # from the first step on, a stop saves and drains within the grace period
         return trainer.train()

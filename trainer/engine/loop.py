@@ -219,6 +219,15 @@ class Trainer:
             return False
         return True
 
+    def say_where_checkpoints_are(self) -> None:
+        """For a job stopped while starting: the committed checkpoints under run_dir not in the bucket, each named as
+        still local (with its path), as the drain says them at the end of a run (first rank of each node)."""
+        from trainer.checkpoint.store import all_committed
+        from trainer.engine.checkpointing import report_locations
+
+        if self.ranks.is_local_main and self.cfg.upload.url:
+            report_locations(all_committed(Path(self.cfg.run_dir)), uploaded_too=False)
+
     def _restore_on_this_node(self, decision: dict) -> None:
         """Nodes without a shared filesystem: each node's first rank fetches the checkpoint rank 0 chose, and on the
         same world size the files its ranks load that another node wrote (the model states, under ZeRO-1/2)."""

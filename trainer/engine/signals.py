@@ -30,7 +30,9 @@ class StopFlag:
         """Handle `signums` (main thread). Python runs a handler only between bytecodes of the main
         thread, which can be seconds after the signal while it is inside one long call (a backward
         pass, a large copy); the grace period starts at the signal, so a thread reading the
-        interpreter's wakeup fd (written by the C-level handler at once) notes the arrival time."""
+        interpreter's wakeup fd (written by the C-level handler at once) notes the arrival time. While the
+        job starts (`leave_now` set) that thread also leaves: the main thread may be blocked for minutes in a
+        collective whose peer already left, where no Python handler runs."""
         for s in signums:
             signal.signal(s, self._handler)
         try:
@@ -43,8 +45,11 @@ class StopFlag:
 
         def watch() -> None:
             while data := os.read(r, 64):
-                if self._arrived is None and watched.intersection(data):
-                    self._arrived = time.monotonic()
+                if got := watched.intersection(data):
+                    if self._arrived is None:
+                        self._arrived = time.monotonic()
+                    if self.leave_now is not None:  # while starting: leave from here if the main thread is stuck
+                        self.leave_now(signal.Signals(min(got)).name)  # in a C call (a collective with a rank gone)
 
         threading.Thread(target=watch, name="signal-arrival", daemon=True).start()
         return self
@@ -128,3 +133,28 @@ def watch_launchers(stop: StopFlag, interval_s: float = 0.5) -> Optional[threadi
     t = threading.Thread(target=run, name="launcher-watch", daemon=True)
     t.start()
     return t
+
+
+def reap_sibling_ranks_later(wait_s: float = 2.0) -> int:
+    """For a rank leaving while the job starts: SIGKILL, `wait_s` from now, the other ranks of this node's DeepSpeed
+    launcher that are still there. While any rank is starting no rank has trained a step, so none has anything to
+    save; and those that got the stop leave on their own well before. But a sibling may be blocked in a collective
+    with this rank, in a call that holds the interpreter (DeepSpeed's shared-memory all-reduce on CPU spins in C),
+    where no signal handler or thread of it runs, and DeepSpeed's launcher SIGKILLs it only 30 s after this rank
+    left: past a preemptible VM's whole notice. A detached `sh` does the waiting, so this rank leaves at once (and
+    two ranks leaving together do not wait for each other). Returns how many siblings it watches."""
+    import subprocess
+
+    import psutil
+
+    try:
+        parent = psutil.Process().parent()
+        if parent is None or not _is_deepspeed_launcher(parent):
+            return 0
+        pids = [str(p.pid) for p in parent.children() if p.pid != os.getpid()]
+    except psutil.Error:
+        return 0
+    if pids:
+        subprocess.Popen(["sh", "-c", f"sleep {wait_s:g}; kill -KILL {' '.join(pids)} 2>/dev/null"], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return len(pids)

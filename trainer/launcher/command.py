@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from trainer.errors import STATUS_FILE_ENV
+from trainer.errors import EXIT_PREEMPTED, STATUS_FILE_ENV
 from trainer.launcher.hostfile import is_local
 
 REPO_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "train.py"
@@ -113,7 +113,10 @@ def run_process_group(cmd: list[str], env: dict[str, str], grace_s: float = 25.0
     os.unlink(status)  # rank 0 creates it when it exits
     proc = subprocess.Popen(cmd, env={**env, STATUS_FILE_ENV: status}, start_new_session=True)
 
+    stopped: list[int] = []
+
     def forward(signum: int, frame: object) -> None:
+        stopped.append(signum)
         workers = worker_processes(proc.pid)
         try:
             if workers:
@@ -134,6 +137,10 @@ def run_process_group(cmd: list[str], env: dict[str, str], grace_s: float = 25.0
     try:
         return int(Path(status).read_text())
     except (OSError, ValueError):
+        if stopped and code != 0:  # the ranks died of the signal before their handlers were in place (still importing)
+            print(f"trainer: stopped by {signal.Signals(stopped[0]).name} while the ranks were starting: nothing trained,"
+                  " nothing to save; run the same command again", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
         return 128 - code if code < 0 else code
     finally:
         Path(status).unlink(missing_ok=True)
