@@ -413,3 +413,19 @@ def test_a_restart_uploads_what_a_hard_stop_left_local(tiny_config: Path, tmp_pa
     for tag in ("step-00000004", "step-00000006"):
         assert verify_remote(storage, f"{ckpt.parent.parent.name}/{tag}")[0], tag
     assert not dead.exists() and live.exists()
+
+
+def test_a_file_damaged_after_the_save_is_never_published(tmp_path: Path) -> None:
+    """The bytes sent must be those the save recorded (size and CRC32C in metadata.json): a file damaged on the local
+    disk since is named, the checkpoint is marked failed, and no manifest makes the damaged copy look verified."""
+    ckpt = fake_checkpoint(tmp_path / "runs" / "run1", 5)
+    optim = ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    optim.write_bytes(bytes(data))
+    storage = open_storage(f"file://{tmp_path / 'bucket'}/ckpts")
+    with pytest.raises(UploadFailed, match="zero_pp_rank_0_mp_rank_00_optim_states.pt no longer matches"):
+        CheckpointUploader(storage, "none", workers=1).upload(ckpt)
+    st = read_state(ckpt)
+    assert st["state"] == "failed" and "damaged on this disk since" in st["error"]
+    assert not verify_remote(storage, "run1/step-00000005")[0] and MANIFEST not in " ".join(storage.list("run1/"))

@@ -79,6 +79,21 @@ class UploadFailed(Exception):
     pass
 
 
+def _check_against_metadata(meta: dict, results: list[PartResult]) -> None:
+    """Every file sent has the size and CRC32C its checkpoint recorded when it was saved (`integrity.FILES`): a file
+    damaged on this disk since then is never published as a verified checkpoint (its parts stay invisible)."""
+    from trainer.checkpoint.integrity import FILES
+
+    recorded = meta.get(FILES) or {}
+    for part in results:
+        for f in part.files:
+            rec = recorded.get(f.path)
+            if rec and (rec.get("size") != f.size or (rec.get("crc32c") and rec["crc32c"] != f.crc32c)):
+                raise UploadFailed(f"{f.path} no longer matches the size and CRC32C metadata.json recorded at the save"
+                                   f" ({f.size} bytes, CRC32C {f.crc32c}; recorded {rec.get('size')}, {rec.get('crc32c')}):"
+                                   " damaged on this disk since; not uploaded")
+
+
 class CheckpointUploader:
     """Uploads one checkpoint folder at a time; used by the background thread and the CLI."""
 
@@ -137,6 +152,7 @@ class CheckpointUploader:
                 results = [f.result() for f in futures]
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
+            _check_against_metadata(meta, results)
             manifest = self._publish(prefix, meta, results)
         except Exception as exc:
             reason = describe_error(exc)[:500]
