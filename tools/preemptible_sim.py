@@ -291,6 +291,8 @@ def main() -> int:
             trial.expected_at_least = max(uploaded | remote, default=0)
         else:
             trial.expected_at_least = max(local, default=0)
+        if prev is not None and prev.resumed_at is None:  # this start was stopped before it chose: the floor carries on
+            trial.expected_at_least = max(trial.expected_at_least, prev.expected_at_least)
         trials.append(trial)
 
     # After the last start: every committed checkpoint uploaded, and nothing in the bucket that no manifest names.

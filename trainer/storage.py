@@ -394,17 +394,20 @@ def _server_message(text: str) -> str:
 
 
 def is_storage_error(exc: BaseException) -> bool:
-    """A failure of the storage service or the way to it (after the client's retries), not a bug of ours."""
+    """A failure of the storage service or the network to it (after the client's retries): not a bug of ours, not
+    damaged data (a missing object is `NotFound`, which callers treat as such), not this machine's disk."""
     try:
         from google.api_core import exceptions as gexc
 
+        if isinstance(exc, gexc.NotFound):
+            return False
         if isinstance(exc, (gexc.GoogleAPICallError, gexc.RetryError)):
             return True
     except ImportError:  # pragma: no cover
         pass
     module = type(exc).__module__
-    return (module.startswith(("requests", "urllib3", "google.auth", "google.resumable_media", "google.cloud.storage"))
-            or isinstance(exc, (ConnectionError, TimeoutError, OSError)))
+    return (module.startswith(("requests", "urllib3", "google.auth", "google.resumable_media"))
+            or isinstance(exc, (ConnectionError, TimeoutError)))
 
 
 def is_permanent(exc: BaseException) -> bool:

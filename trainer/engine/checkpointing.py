@@ -43,7 +43,7 @@ from trainer.ranks import RankInfo
 log = get_logger("checkpoint")
 
 # The write state each rank contributes to the loop's all-reduce (MAX over ranks).
-WRITE_DONE, WRITE_BUSY, WRITE_FAILED = 0.0, 1.0, 2.0
+WRITE_DONE, WRITE_BUSY, WRITE_FAILED, WRITE_DISK_FULL = 0.0, 1.0, 2.0, 3.0  # (a full disk anywhere: one line everywhere)
 
 
 def report_locations(ckpts: list[Any], uploaded_too: bool = True) -> None:
@@ -186,14 +186,16 @@ class CheckpointManager:
         job = self.pending.job
         if not job.done.is_set():
             return WRITE_BUSY
-        return WRITE_FAILED if job.error is not None else WRITE_DONE
+        if job.error is None:
+            return WRITE_DONE
+        return WRITE_DISK_FULL if is_disk_full(job.error) else WRITE_FAILED
 
     def poll(self, write_state: float) -> None:
         """After the loop's all-reduce (the MAX of every rank's `write_state`): commit, or raise a failure."""
         if self.pending is None or write_state == WRITE_BUSY:
             return
-        if write_state == WRITE_FAILED:
-            self._raise_failed()
+        if write_state in (WRITE_FAILED, WRITE_DISK_FULL):
+            self._raise_failed(write_state)
         self._commit(self.pending)
 
     def maybe_save(self, step: int, reason: str, rng: Optional[dict] = None) -> Optional[str]:
@@ -293,17 +295,17 @@ class CheckpointManager:
         else:
             self.uploader.submit(path)
 
-    def _raise_failed(self) -> None:
+    def _raise_failed(self, state: float = WRITE_FAILED) -> None:
         job = self.pending.job if self.pending else None
         tag = self.pending.tag if self.pending else "?"
         self.pending = None
-        if job is not None and is_disk_full(job.error):
-            raise self._disk_full(tag) from job.error
+        if state == WRITE_DISK_FULL:  # on every rank, whichever ran out of space: the same line
+            raise self._disk_full(tag, shared=True) from (job.error if job is not None else None)
         if job is not None and job.error is not None:
             raise CheckpointWriteFailed(f"writing checkpoint {tag} failed on rank {self.ranks.rank}: {job.error}") from job.error
         raise CheckpointWriteFailed(f"writing checkpoint {tag} failed on another rank (its log names the error)")
 
-    def _disk_full(self, tag: str) -> UserError:
+    def _disk_full(self, tag: str, shared: bool = False) -> UserError:
         """One line for a save that did not fit: the disk, what a checkpoint takes there, what is free once the
         partial folder is gone (removed here: it is never listed, and the committed checkpoints stay as they were)."""
         folder = self.store.path(tag)
@@ -317,7 +319,8 @@ class CheckpointManager:
         return UserError(
             f"checkpoint {tag}: no space left on {disk_of(self.store.root)}: a checkpoint takes {gb(need)} on this node,"
             f" {gb(free)} is free, so {gb(max(0, need - free))} more is needed (checkpoint.keep_last {keep} keeps {keep} +"
-            f" the one being saved); the partial save was removed, the committed checkpoints are intact (newest: {newest})")
+            f" the one being saved); the partial save was removed, the committed checkpoints are intact (newest: {newest})",
+            shared=shared)
 
     def wait(self, deadline: Optional[float] = None) -> bool:
         """Wait for the write in flight (until `deadline`, monotonic), then commit it. Collective.
@@ -330,8 +333,8 @@ class CheckpointManager:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         p.job.done.wait(timeout)
         state = dist.all_reduce_max([self.write_state()])[0]
-        if state == WRITE_FAILED:
-            self._raise_failed()
+        if state in (WRITE_FAILED, WRITE_DISK_FULL):
+            self._raise_failed(state)
         if state == WRITE_BUSY:
             self.pending = None
             newest = tag_for(self.last_saved_step) if self.last_saved_step is not None else "none"

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any, Optional
 
 from trainer.checkpoint.catalog import trend_of
 from trainer.checkpoint.layout import MANIFEST, remote_prefix, tag_for, utc_now
-from trainer.checkpoint.store import Checkpoint, CheckpointStore, is_committed, read_metadata, resolve_resume
+from trainer.checkpoint.store import Checkpoint, CheckpointStore, atomic_write, is_committed, read_metadata, resolve_resume
 from trainer.checkpoint.universal import UNIVERSAL_DIR
 from trainer.config.batch import resolve_batch
 from trainer.config.deepspeed import render_ds_config, uses_ds_optimizer, zero_stage
@@ -188,6 +189,11 @@ class Trainer:
                                 " --resume none to start a new run") from None
             if path is not None:
                 ckpt, restored = Checkpoint(path, read_metadata(path)), remote_prefix(read_metadata(path))
+                from trainer.checkpoint.integrity import damaged_files, describe_damage
+
+                if bad := damaged_files(path, ckpt.metadata):  # (a local folder of that tag was there already)
+                    raise UserError(f"--resume auto: {path} is damaged ({describe_damage(bad)}) and could not be repaired"
+                                    " from the bucket; pass --resume with an older checkpoint, or --resume none")
         if ckpt is None:
             return {"run_id": self.cfg.run_id or new_run_id(), "resume": None, "metadata": None}
         meta = dict(ckpt.metadata)
@@ -204,19 +210,26 @@ class Trainer:
         """Replace the damaged files of a local checkpoint by their verified copies in the bucket (True), if it has them."""
         from trainer.upload.restore import fill_missing
 
-        storage, prefix = open_storage(self.cfg.upload.url), remote_prefix(ckpt.metadata)  # type: ignore[arg-type]
-        raw = storage.get_bytes(f"{prefix}/{MANIFEST}")
-        manifest = json.loads(raw) if raw else {}
-        if not raw or not set(damaged) <= {f["path"] for f in manifest.get("files", [])}:
-            log.warning("%s holds no complete copy of %s to repair it from", redact(self.cfg.upload.url), ckpt.tag)
-            return False
-        for rel in damaged:
-            (ckpt.path / rel).unlink(missing_ok=True)
+        aside = {rel: ckpt.path / f"{rel}.damaged" for rel in damaged}
         try:
+            storage, prefix = open_storage(self.cfg.upload.url), remote_prefix(ckpt.metadata)  # type: ignore[arg-type]
+            raw = storage.get_bytes(f"{prefix}/{MANIFEST}")
+            manifest = json.loads(raw) if raw else {}
+            if not raw or not set(damaged) <= {f["path"] for f in manifest.get("files", [])}:
+                log.warning("%s holds no complete copy of %s to repair it from", redact(self.cfg.upload.url), ckpt.tag)
+                return False
+            for rel, bad in aside.items():  # set aside, not deleted: put back if the bucket's copy does not come
+                if (ckpt.path / rel).exists():
+                    os.replace(ckpt.path / rel, bad)
             fill_missing(storage, prefix, manifest, ckpt.path, lambda name: name in damaged)
-        except Exception as exc:  # the copy in the bucket is damaged too, or it cannot be read now
+        except Exception as exc:  # the bucket cannot be read now, or its copy is damaged too
             log.warning("could not repair %s from %s: %s", ckpt.tag, redact(self.cfg.upload.url), describe_error(exc))
+            for rel, bad in aside.items():
+                if bad.exists() and not (ckpt.path / rel).exists():
+                    os.replace(bad, ckpt.path / rel)
             return False
+        for bad in aside.values():
+            bad.unlink(missing_ok=True)
         return True
 
     def say_where_checkpoints_are(self) -> None:
@@ -242,7 +255,9 @@ class Trainer:
         def fetch() -> None:
             damaged = ""
             if is_committed(src) and not r.is_main:  # (rank 0 verified its node's copy when it chose it)
-                if bad := damaged_files(src, read_metadata(src)):
+                same_world = int(meta.get("world_size", r.world_size)) == r.world_size
+                wanted = (lambda name: needed_by_ranks(name, mine, stage)) if same_world else None
+                if bad := damaged_files(src, read_metadata(src), wanted=wanted):
                     damaged = f"; its damaged files were removed ({describe_damage(bad)})"
                     log.warning("this node's copy of %s is damaged (%s): fetching the files again", src, describe_damage(bad))
                     for rel, _ in bad:
@@ -347,7 +362,7 @@ class Trainer:
         universal = self._convert_for_this_world(decision) if self.resumed_from_world_size else None
         if r.is_main:
             add_log_file(self.run_root / "train.log", r.rank)
-            (self.run_root / "config.yaml").write_text(config_to_yaml(cfg))
+            atomic_write(self.run_root / "config.yaml", config_to_yaml(cfg))
         self.report.open(self.run_root, self.run_id, (meta or {}).get("step", 0))
         source_root = Path(decision["resume"]).parent.parent if decision["resume"] else None
         self.goodput.begin(self.run_root, meta, source_root, attempt_id=uuid.uuid4().hex[:12], writer=r.is_main)
@@ -381,7 +396,6 @@ class Trainer:
             log.info("%s; %s, best checkpoint by %s", self.evaluator.describe(),
                      "every epoch" if self.plan.eval_every == "epoch" else f"every {self.plan.eval_every} steps", self.plan.best_metric)
         self.mlflow_run_id = dist.on_main_then_share(lambda: self._start_tracking(meta), r, "rank 0 starting MLflow tracking")
-        self.ckpt.requeue_unfinished_uploads()
         self.flops_per_token = self.task.flops_per_token(model)
         self.peak = peak_flops(accelerator_name()) if self._on_gpu() else None
 
@@ -485,6 +499,7 @@ class Trainer:
     def train(self) -> int:
         cfg, s, plan = self.cfg, self.state, self.plan
         assert self.ckpt is not None and plan is not None
+        self.ckpt.requeue_unfinished_uploads()  # (here, not in setup: a stop while starting leaves with os._exit)
         tokens_per_step = self.tokens_per_step()
         window = LossWindow()
         start_step, t_start = s.step, time.perf_counter()

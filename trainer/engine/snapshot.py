@@ -65,9 +65,9 @@ def write_file(path: Path | str, obj: Any, zipfile: bool = True) -> dict:
 
 
 def _out_of_space(exc: BaseException, path: Path, need: int) -> bool:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    try:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:  # torch's zip writer: a RuntimeError with no errno; the free space tells
         return shutil.disk_usage(path.parent).free < max(need, 1 << 20)
     except OSError:
         return False

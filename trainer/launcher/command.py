@@ -137,13 +137,19 @@ def run_process_group(cmd: list[str], env: dict[str, str], grace_s: float = 25.0
     try:
         return int(Path(status).read_text())
     except (OSError, ValueError):
-        if stopped and code != 0:  # the ranks died of the signal before their handlers were in place (still importing)
+        if stopped and code in _died_of(stopped[0]):  # a rank died of the signal before its handler was in place
             print(f"trainer: stopped by {signal.Signals(stopped[0]).name} while the ranks were starting: nothing trained,"
                   " nothing to save; run the same command again", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
         return 128 - code if code < 0 else code
     finally:
         Path(status).unlink(missing_ok=True)
+
+
+def _died_of(signum: int) -> set[int]:
+    """The launcher's exit codes for a rank killed by `signum`: -N from Popen, 256-N through DeepSpeed's
+    `sys.exit(returncode)`, 128+N from a shell."""
+    return {-signum, 256 - signum, 128 + signum}
 
 
 def _wait_for_group(pgid: int, timeout_s: float) -> None:

@@ -20,7 +20,9 @@ def preflight(cfg: RunConfig, world_size: int, source: str) -> Optional[Checkpoi
     render_ds_config(resolve_batch(cfg, world_size, source), world_size, hidden, source)
     sizes = task.preflight()  # None: remote shards not downloaded yet; the ranks resolve the plan then
     model = model_identity(cfg)
-    ckpt = resolve_resume(cfg.run_dir, cfg.checkpoint.resume, task=cfg.task, model=model, verify="sizes")  # (rank 0: CRC32Cs)
+    # sizes only (rank 0 checks CRC32Cs); with a bucket none: rank 0 may repair a damaged checkpoint from it
+    ckpt = resolve_resume(cfg.run_dir, cfg.checkpoint.resume, task=cfg.task, model=model,
+                          verify="none" if cfg.upload.url else "sizes")
     cfg = resolve_batch(cfg, world_size, source, ckpt.metadata if ckpt else None)  # a resumed run keeps its global batch
     stage = zero_stage(render_ds_config(cfg, world_size, hidden, source))
     plan = resolve_plan(cfg, sizes, world_size) if sizes is not None else None

@@ -170,12 +170,21 @@ class _Checksummed:
 def _fetch_part(storage: Storage, prefix: str, part: dict, compression: str, files: dict[str, dict], dest: Path) -> set[str]:
     """Stream one part into `dest`: exactly its manifest files, each checked as written; then the part's own
     size and CRC32C. Returns the files written."""
+    import gzip
+
     label = part["name"]
     expected = {p for p, f in files.items() if f["part"] == label}
-    with storage.reader(f"{prefix}/{label}") as raw:
-        counted = _Checksummed(raw)
-        seen = _unpack(counted, label, compression, expected, files, dest)
-        counted.drain()  # the tar's end-of-archive padding: the part checksum covers every byte
+    try:
+        with storage.reader(f"{prefix}/{label}") as raw:
+            counted = _Checksummed(raw)
+            seen = _unpack(counted, label, compression, expected, files, dest)
+            counted.drain()  # the tar's end-of-archive padding: the part checksum covers every byte
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, FileNotFoundError) as exc:  # a damaged or missing part
+        raise RestoreFailed(f"part {label} is damaged or missing ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:
+        if type(exc).__name__ in ("ZstdError", "NotFound"):  # zstandard's; google.api_core's (the part is gone)
+            raise RestoreFailed(f"part {label} is damaged or missing ({type(exc).__name__}: {exc})") from None
+        raise
     if counted.size != part["size"] or b64_crc(counted.crc) != part["crc32c"]:
         raise RestoreFailed(f"part {label} does not match the manifest (size {counted.size} crc32c {b64_crc(counted.crc)},"
                             f" manifest {part['size']} {part['crc32c']})")

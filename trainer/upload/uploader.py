@@ -200,14 +200,20 @@ class CheckpointUploader:
 
     def sweep_incomplete(self, run_id: str, local_tags: set[str]) -> list[str]:
         """Delete what uploads of `run_id` left without a manifest for checkpoints not in `local_tags` (their local
-        copy is gone: a VM replaced mid-upload), so nothing will ever complete them. Returns the prefixes."""
+        copy is gone: a VM replaced mid-upload), so nothing will ever complete them. Returns the prefixes.
+
+        Only tags older than the newest local one: an upload still in flight elsewhere (another node's part of the
+        newest checkpoint, which that node may already have deleted locally) is left alone."""
+        newest = max((int(t.split("-", 1)[1]) for t in local_tags if t.split("-", 1)[-1].isdigit()), default=-1)
         by_prefix: dict[str, list[str]] = {}
         for name in self.storage.list(f"{run_id}/"):
             prefix, _, base = name.rpartition("/")
             by_prefix.setdefault(prefix, []).append(base)
         swept = []
         for prefix, bases in sorted(by_prefix.items()):
-            if MANIFEST in bases or prefix.rsplit("/", 1)[-1] in local_tags:
+            tag = prefix.rsplit("/", 1)[-1]
+            step = int(tag.split("-", 1)[1]) if tag.split("-", 1)[-1].isdigit() else newest
+            if MANIFEST in bases or tag in local_tags or step >= newest:
                 continue
             for base in bases:
                 self.storage.delete(f"{prefix}/{base}")
