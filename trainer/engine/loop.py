@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 from trainer.checkpoint.catalog import trend_of
 from trainer.checkpoint.layout import MANIFEST, remote_prefix, tag_for, utc_now
-from trainer.checkpoint.store import Checkpoint, CheckpointStore, atomic_write, is_committed, read_metadata, resolve_resume
+from trainer.checkpoint.store import (Checkpoint, CheckpointStore, all_committed, atomic_write, is_committed, read_metadata,
+                                     resolve_resume)
 from trainer.checkpoint.universal import UNIVERSAL_DIR
 from trainer.config.batch import resolve_batch
 from trainer.config.deepspeed import render_ds_config, uses_ds_optimizer, zero_stage
@@ -178,6 +179,7 @@ class Trainer:
         restored = None
         if ckpt is None and self.cfg.checkpoint.resume == "auto" and self.cfg.upload.url:
             log.info("no local checkpoint: looking for the newest complete one in %s", redact(self.cfg.upload.url))
+            damaged_here = {c.path for c in all_committed(Path(self.cfg.run_dir))}  # (all stepped past above)
             try:
                 with self.clock.phase_of("restore"):
                     path = restore_newest(open_storage(self.cfg.upload.url), self.cfg.run_dir, self.cfg.task, model)
@@ -189,11 +191,9 @@ class Trainer:
                                 " --resume none to start a new run") from None
             if path is not None:
                 ckpt, restored = Checkpoint(path, read_metadata(path)), remote_prefix(read_metadata(path))
-                from trainer.checkpoint.integrity import damaged_files, describe_damage
-
-                if bad := damaged_files(path, ckpt.metadata):  # (a local folder of that tag was there already)
-                    raise UserError(f"--resume auto: {path} is damaged ({describe_damage(bad)}) and could not be repaired"
-                                    " from the bucket; pass --resume with an older checkpoint, or --resume none")
+                if path in damaged_here:  # restore() keeps a local folder of that tag, and this one failed its check
+                    raise UserError(f"--resume auto: {path} is damaged (named above) and could not be repaired from the"
+                                    " bucket; pass --resume with an older checkpoint, or --resume none")
         if ckpt is None:
             return {"run_id": self.cfg.run_id or new_run_id(), "resume": None, "metadata": None}
         meta = dict(ckpt.metadata)
@@ -235,7 +235,6 @@ class Trainer:
     def say_where_checkpoints_are(self) -> None:
         """For a job stopped while starting: the committed checkpoints under run_dir not in the bucket, each named as
         still local (with its path), as the drain says them at the end of a run (first rank of each node)."""
-        from trainer.checkpoint.store import all_committed
         from trainer.engine.checkpointing import report_locations
 
         if self.ranks.is_local_main and self.cfg.upload.url:
