@@ -347,3 +347,13 @@ def test_a_stop_while_the_ranks_start_ends_the_job_at_once_with_75(tiny_config: 
     else:
         assert "while the job was starting: nothing trained yet, nothing to save" in out, out[-3000:]
     assert not committed(tmp_path / "runs")
+
+
+def test_deepspeed_is_imported_without_mlflow_and_mlflow_stays_importable() -> None:
+    """The launcher and the ranks import DeepSpeed without the MLflow its autotuner pulls in (over a second per
+    process); a rank that tracks imports MLflow afterwards as usual."""
+    code = ("import sys; from trainer.dsimport import import_deepspeed; ds = import_deepspeed(); "
+            "assert 'mlflow' not in sys.modules, sorted(m for m in sys.modules if 'mlflow' in m); "
+            "import mlflow; from deepspeed.autotuning import autotuner; print(ds.__version__, mlflow.__version__)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and len(r.stdout.split()) == 2, r.stdout + r.stderr[-2000:]

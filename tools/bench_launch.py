@@ -5,6 +5,8 @@
 
 Alternating, round by round, the same 2-step job (a fresh run each time):
 - `trainer train --num-ranks 2`: the config checks, then DeepSpeed's per-node launcher started directly;
+- `trainer train --num-ranks 2` with neither DS_ACCELERATOR nor OMP_NUM_THREADS set: the command imports torch to look
+  for a GPU before it starts the launcher (with both set, as here and in the tests, it does not);
 - `deepspeed --hostfile H --no_ssh_check --master_addr 127.0.0.1 ... launch/train.py` (DeepSpeed's runner, then its
   launcher: what `trainer train` ran on one machine before), without the config checks.
 Prints the wall time of each and the medians. Every preempted job pays this once per restart.
@@ -53,6 +55,8 @@ def main() -> None:
     ways = {
         "trainer train": lambda: [sys.executable, "-m", "trainer.cli.main", "train", str(path), "--num-ranks", "2",
                                   "--resume", "none"],
+        "trainer train, GPU check": lambda: [sys.executable, "-m", "trainer.cli.main", "train", str(path), "--num-ranks",
+                                            "2", "--resume", "none"],
         "deepspeed runner": lambda: [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(root / "hostfile"),
                                      "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                                      str(REPO / "launch" / "train.py"), "--config", str(path), "--resume", "none"],
@@ -62,7 +66,10 @@ def main() -> None:
         for name, cmd in ways.items():
             shutil.rmtree(root / "runs", ignore_errors=True)
             t0 = time.monotonic()
-            done = subprocess.run(cmd(), cwd=REPO, capture_output=True, text=True)
+            env = dict(os.environ)
+            if name == "trainer train, GPU check":
+                env.pop("DS_ACCELERATOR"), env.pop("OMP_NUM_THREADS")
+            done = subprocess.run(cmd(), cwd=REPO, capture_output=True, text=True, env=env)
             times[name].append(time.monotonic() - t0)
             if done.returncode != 0:
                 sys.exit(f"{name} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -71,7 +78,9 @@ def main() -> None:
     print("\n| way | wall time of a 2-step job, median (range), s |\n|---|---|")
     for name, xs in times.items():
         print(f"| {name} | {statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f}) |")
+    c = statistics.median(times["trainer train, GPU check"])
     print(f"\ntrainer train / deepspeed runner: {a / b:.2f}x the time ({b - a:.1f} s less per start)")
+    print(f"trainer train / the same with the GPU check: {a / c:.2f}x the time ({c - a:.1f} s less per start)")
 
 
 if __name__ == "__main__":

@@ -33,31 +33,32 @@ def generate(
     runs: Annotated[str, typer.Option("--runs", "-r", help="Folder of runs where references are looked up.")] = "runs",
 ) -> None:
     """Generate with a trained model: lora answers media + an instruction (or a JSONL of them), pretrain continues a prompt."""
-    import torch
-
     from trainer.errors import UserError
     from trainer.tasks.generate import open_generator, open_source, sampling, samples_of
 
-    kwargs = sampling(temperature, top_p, max_new_tokens, seed)
     if jsonl is not None and (image or audio or text or prompt is not None):
         raise UserError("--jsonl and --image/--audio/--text/--prompt: give one (the JSONL lines name their own)")
     if out is not None and jsonl is None:
         raise UserError("--out goes with --jsonl (a single answer is printed)")
     if out is not None and out.exists():
         raise UserError(f"--out {out}: exists (nothing was written; remove it or name another file)")
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     task, src, info = open_source(source, runs)
     if task != "lora" and (jsonl or image or audio or text):
         raise UserError(f"{source}: a {task} model takes --prompt or --prompt-ids, not media or --jsonl")
     if task == "lora" and (prompt_ids or tokenizer):
         raise UserError(f"{source}: a lora model takes --prompt and media (its tokenizer is the LLM's), not --prompt-ids/--tokenizer")
+    if task != "lora" and (prompt is None) == (prompt_ids is None):
+        raise UserError("give the prompt: --prompt TEXT (with --tokenizer) or --prompt-ids '5 17 9'")
+    if task != "lora" and prompt is not None and tokenizer is None:
+        raise UserError("--prompt needs --tokenizer (a tokenizer.json or tokenizer folder; pretraining data comes"
+                        " tokenized), or give token ids with --prompt-ids")
+    kwargs = sampling(temperature, top_p, max_new_tokens, seed)  # (the checks above need no torch: they answer at once)
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if task != "lora":
-        if (prompt is None) == (prompt_ids is None):
-            raise UserError("give the prompt: --prompt TEXT (with --tokenizer) or --prompt-ids '5 17 9'")
-        if prompt is not None and tokenizer is None:
-            raise UserError("--prompt needs --tokenizer (a tokenizer.json or tokenizer folder; pretraining data comes"
-                            " tokenized), or give token ids with --prompt-ids")
-        gen = open_generator(task, src, info, dev, tokenizer)
+        gen = open_generator(task, src, info, device, tokenizer)
         try:
             ids = gen.encode(prompt) if prompt is not None else [int(x) for x in prompt_ids.replace(",", " ").split()]  # type: ignore[union-attr]
         except ValueError:
@@ -66,7 +67,7 @@ def generate(
         words = gen.decode(new)
         typer.echo(words if words is not None else " ".join(map(str, new)))
         return
-    gen = open_generator(task, src, info, dev, None)
+    gen = open_generator(task, src, info, device, None)
     samples = samples_of(gen, jsonl, {"image": image, "audio": audio, "text": text}, prompt)
     if gen.trained_sha256 and gen.frozen_sha256 != gen.trained_sha256:
         typer.echo(f"warning: the base LLM and Phase 1 weights hash to {gen.frozen_sha256[:16]}..., the adapter was trained on"

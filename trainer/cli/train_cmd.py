@@ -69,9 +69,7 @@ def train(
         return 0
     env = dict(os.environ)
     env[SHARDS_CHECKED_ENV] = "1"
-    if not _has_gpu():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        env.setdefault("OMP_NUM_THREADS", "1")
+    _default_to_cpu(env)
     if plan.uses_ssh:
         from trainer.launcher.over_ssh import run_over_ssh
 
@@ -93,7 +91,14 @@ def _check_nodes(hosts: list[str], hostfile: Optional[Path]) -> None:
         raise UserError("\n".join(f"{hostfile}: host {h} is not reachable by ssh without a password: {why}" for h, why in bad.items()))
 
 
-def _has_gpu() -> bool:
+def _default_to_cpu(env: dict[str, str]) -> None:
+    """No GPU here: DeepSpeed's CPU accelerator and one thread per rank, unless the environment says otherwise.
+
+    torch is imported (about 2 s before the launcher starts) only when the environment has not set both already."""
+    if {"DS_ACCELERATOR", "OMP_NUM_THREADS"} <= env.keys():
+        return
     import torch
 
-    return torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", "1")

@@ -318,7 +318,9 @@ class Trainer:
         return src / UNIVERSAL_DIR
 
     def setup(self) -> None:
-        import deepspeed
+        from trainer.dsimport import import_deepspeed
+
+        deepspeed = import_deepspeed()
 
         self.stop.install()  # from here on a signal stops the job at the next step boundary
         watch_launchers(self.stop)  # ... and so does the loss of the launcher (its runner forwards no signal)

@@ -26,9 +26,9 @@ class _Mask(logging.Filter):
 
 
 def main() -> None:
-    import sys
+    from trainer.dsimport import import_deepspeed
 
-    sys.modules.setdefault("mlflow", None)  # type: ignore[arg-type]  # as in ds_launch: the runner never uses it
+    import_deepspeed()  # as in ds_launch: the runner never uses MLflow
     from deepspeed.launcher import runner
     from deepspeed.utils import logger
 

@@ -16,11 +16,11 @@ from trainer.errors import UserError
 
 def sampling(temperature: float, top_p: float, max_new_tokens: int, seed: int) -> dict[str, Any]:
     """transformers `generate` arguments: greedy at temperature 0, else sampled (seeded) with temperature and top-p."""
-    import torch
-
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
         raise UserError(f"--temperature {temperature:g} (>= 0), --top-p {top_p:g} (in (0, 1]), --max-new-tokens {max_new_tokens}"
                         " (>= 1): one is out of range")
+    import torch
+
     torch.manual_seed(seed)
     if temperature == 0:
         return {"do_sample": False, "max_new_tokens": max_new_tokens, "temperature": None, "top_p": None, "top_k": None}
