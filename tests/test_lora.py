@@ -547,6 +547,14 @@ def test_generate_gives_the_memorised_responses_from_the_checkpoint_and_its_expo
     assert not (tmp_path / "x.jsonl").exists()
     r = run_cli("generate", str(tmp_path / "data"), "--prompt", "hi")
     assert r.returncode == 2 and "neither a checkpoint nor an export folder" in r.stderr, r.stderr
+    # a model without a text encoder says so before it loads anything
+    no_text = tmp_path / "export-no-text"
+    shutil.copytree(tmp_path / "export", no_text)
+    record = json.loads((no_text / "trainer_export.json").read_text())
+    del record["soft_tokens"]["text"]
+    (no_text / "trainer_export.json").write_text(json.dumps(record))
+    r = run_cli("generate", str(no_text), "--text", str(data / "train.jsonl"))
+    assert r.returncode == 2 and "--text: this model has no text encoder (it takes --image, --audio)" in r.stderr, r.stderr
 
 
 def test_phase1_checkpoint_glob_takes_the_newest_and_a_torch_file_names_the_import_command(tiny_mm: Path, tmp_path: Path) -> None:

@@ -67,8 +67,8 @@ def generate(
         words = gen.decode(new)
         typer.echo(words if words is not None else " ".join(map(str, new)))
         return
+    samples = samples_of(info, jsonl, {"image": image, "audio": audio, "text": text}, prompt)
     gen = open_generator(task, src, info, device, None)
-    samples = samples_of(gen, jsonl, {"image": image, "audio": audio, "text": text}, prompt)
     if gen.trained_sha256 and gen.frozen_sha256 != gen.trained_sha256:
         typer.echo(f"warning: the base LLM and Phase 1 weights hash to {gen.frozen_sha256[:16]}..., the adapter was trained on"
                    f" {gen.trained_sha256[:16]}...: answers come from other base weights than trained", err=True)

@@ -69,15 +69,27 @@ def open_generator(task: str, src: Path, info: dict, device: str, tokenizer: Opt
     return PretrainGenerator(model, tokenizer, device)
 
 
-def samples_of(gen: Any, jsonl: Optional[Path], media: dict[str, Optional[Path]], prompt: Optional[str]) -> list[Any]:
+def prompt_inputs(info: dict[str, Any]) -> tuple[tuple[str, ...], str, dict[str, str]]:
+    """What a Phase 2 model's prompts are made of, from its metadata (or export record) alone: its modalities, its
+    default instruction and the JSONL field names it was trained with."""
+    from trainer.config.schema import DataConfig
+
+    soft = info.get("soft_tokens") or {}
+    if not soft:
+        raise UserError("its metadata lacks soft_tokens (a lora checkpoint from an older trainer?)")
+    return (tuple(m for m in ("image", "audio", "text") if m in soft),
+            str(info.get("default_instruction") or DataConfig().default_instruction), dict(info.get("fields") or {}))
+
+
+def samples_of(info: dict[str, Any], jsonl: Optional[Path], media: dict[str, Optional[Path]], prompt: Optional[str]) -> list[Any]:
     """The samples to answer: every line of `jsonl` (checked as training lines are; a line needs no response), or
-    one sample of the media files given."""
+    one sample of the media files given. Checked before any model is loaded: bad input is answered at once."""
     from trainer.data.multimodal import Sample, check_media, first_problems, scan_index
 
-    f = gen.featurizer
+    mods, default_instruction, fields = prompt_inputs(info)
     if jsonl is not None:
-        samples, problems = scan_index(jsonl.parent, jsonl.name, f.mods, gen.default_instruction, field="--jsonl",
-                                       names=gen.fields, need_response=False)
+        samples, problems = scan_index(jsonl.parent, jsonl.name, mods, default_instruction, field="--jsonl",
+                                       names=fields, need_response=False)
         if problems:
             raise UserError(f"{len(problems)} bad line(s) in {jsonl}: {first_problems(problems)} (nothing was generated)")
         if not samples:
@@ -87,10 +99,10 @@ def samples_of(gen: Any, jsonl: Optional[Path], media: dict[str, Optional[Path]]
     for kind, path in media.items():
         if path is None:
             continue
-        if kind not in f.mods:
-            raise UserError(f"--{kind}: this model has no {kind} encoder (it takes {', '.join('--' + m for m in f.mods)})")
+        if kind not in mods:
+            raise UserError(f"--{kind}: this model has no {kind} encoder (it takes {', '.join('--' + m for m in mods)})")
         bad = check_media(kind, path)
         if bad:
             raise UserError(f"--{kind} {path}: unreadable ({bad})")
         given[kind] = path
-    return [Sample(0, "prompt", prompt or gen.default_instruction, "", given)]
+    return [Sample(0, "prompt", prompt or default_instruction, "", given)]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainer.config.plan import DataSizes
-from trainer.config.schema import DataConfig, RunConfig
+from trainer.config.schema import RunConfig
 from trainer.data.multimodal import Featurizer, Sample, check_vocab, collate, first_problems, response_room, scan_index
 from trainer.data.prefetch import Prefetcher, default_workers
 from trainer.data.sampler import ResumableSampler
@@ -24,6 +24,7 @@ from trainer.models.multimodal import (adapter_expected_shapes, build_multimodal
 from trainer.tensors import tensors_sha256
 from trainer.ranks import RankInfo
 from trainer.tasks.base import TaskHooks
+from trainer.tasks.generate import prompt_inputs
 
 log = get_logger("lora")
 
@@ -464,10 +465,8 @@ class LoraGenerator:
         self.trained_sha256 = info.get("frozen_sha256")
         tok = AutoTokenizer.from_pretrained(str(info["llm_path"]))
         text_tok = AutoTokenizer.from_pretrained(str(info["text_tokenizer"])) if info.get("text_tokenizer") else tok
-        modalities = tuple(m for m in ("image", "audio", "text") if m in soft)
+        modalities, _, _ = prompt_inputs(info)
         self.featurizer = Featurizer(phase1.architecture, modalities, tok, text_tok, int(info.get("max_length") or 512))
-        self.default_instruction = str(info.get("default_instruction") or DataConfig().default_instruction)
-        self.fields = dict(info.get("fields") or {})
 
     def answer(self, sample: Sample, **generate: Any) -> list[int]:
         """The token ids the model writes for `sample` (its media and instruction; its response is not read)."""
