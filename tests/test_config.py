@@ -370,7 +370,9 @@ def test_render_fills_every_auto(tiny_config: Path, template: str, world: int, h
     if hidden:
         zo = ds["zero_optimization"]
         if "reduce_bucket_size" in zo:
-            assert zo["reduce_bucket_size"] == hidden * hidden
+            assert zo["reduce_bucket_size"] == 50_000_000  # not 64^2: hundreds of tiny buckets cost 1.2x the step
+    wide = render_ds_config(cfg, world, 8192)["zero_optimization"]  # hidden^2 once it is the larger
+    assert wide.get("reduce_bucket_size", 8192 ** 2) == 8192 ** 2
     json.dumps(ds)  # a valid JSON document
 
 

@@ -6,6 +6,7 @@
     python tools/bench_train.py lora-tiny                      # Phase 2 LoRA, tiny fixtures
     python tools/bench_train.py lora-qwen2.5-0.5b --precision bf16 --zero 2 --micro-batch 8   # GPU
     python tools/bench_train.py lora-tiny --micro-batch 16 --compare-workers 0,2 --rounds 2     # data.num_workers
+    python tools/bench_train.py neox-tiny --micro-batch 8 --steps 150 --compare-bare --rounds 3  # against bare DeepSpeed
 
 Runs the real engine (the same `Trainer` setup and step as `trainer train`) on one rank with
 random tokens in a temporary shard folder (LoRA: fixtures from tools/make_tiny_multimodal.py, random
@@ -13,6 +14,12 @@ weights), MLflow and uploads off, no checkpoints. Reports the median step time o
 steps, tokens/s and MFU (FLOPs per token: 6N + 12*L*d*T for pretraining; 4N + 8*L*d*T for LoRA,
 whose frozen weights need no weight gradients; over the device's bf16 peak; GPUs only). For
 several ranks, start it with the deepspeed launcher.
+
+`--compare-bare` (pretraining presets): the project's step against a bare DeepSpeed engine around the same model
+class (built by the same task, so the same initialisation and attention), fed the same batches and loss, with
+DeepSpeed's defaults for everything the run config does not set (`deepspeed.initialize` with only the batch size,
+ZeRO stage, precision, gradient clipping and an AdamW optimizer section). Blocks of --warmup + --steps alternate,
+--rounds times; the ratio of the medians is printed.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,7 +54,9 @@ def main() -> int:
     p.add_argument("--no-header", action="store_true")
     p.add_argument("--compare-workers", default=None, help="LoRA: data.num_workers values, e.g. 0,2, measured in alternating"
                    " blocks of --steps on the same engine (side by side)")
-    p.add_argument("--rounds", type=int, default=2, help="with --compare-workers: blocks per value")
+    p.add_argument("--rounds", type=int, default=2, help="with --compare-workers/--compare-bare: blocks per value")
+    p.add_argument("--compare-bare", action="store_true", help="pretraining: alternate with a bare DeepSpeed engine (side by"
+                   " side) and print the ratio")
     args = p.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -89,6 +99,8 @@ def main() -> int:
         sync = torch.cuda.synchronize if gpu else (lambda: None)
         if args.compare_workers:
             return compare_workers(trainer, [int(w) for w in args.compare_workers.split(",")], args, sync)
+        if args.compare_bare:
+            return compare_bare(trainer, args, sync)
         times = []
         for i in range(total_steps):
             sync()
@@ -145,6 +157,57 @@ def compare_workers(trainer: "object", workers: list[int], args: argparse.Namesp
     for w in workers:
         med = statistics.median(rows[w])
         print(f"| {w} | {', '.join(f'{t:.4f}' for t in rows[w])} | {med:.4f} | {med / base:.2f}x |")
+    return 0
+
+
+def bare_engine(trainer: Any) -> Any:
+    """DeepSpeed around the task's model with DeepSpeed's defaults: what a minimal training script would write."""
+    import deepspeed
+
+    cfg, t = trainer.cfg, trainer.cfg.train
+    model = trainer.task.build_model()
+    config = {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum,
+              "gradient_clipping": cfg.optim.grad_clip, "zero_optimization": {"stage": trainer.stage},
+              "bf16": {"enabled": t.precision == "bf16"}, "fp16": {"enabled": t.precision == "fp16"},
+              "optimizer": {"type": "AdamW", "params": {"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}},
+              "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=config)
+    return engine
+
+
+def compare_bare(trainer: Any, args: argparse.Namespace, sync: Any) -> int:
+    """Median step time of `trainer.train_step()` and of the bare loop, in alternating blocks."""
+    task, accum = trainer.task, trainer.cfg.train.grad_accum
+    bare = bare_engine(trainer)
+    step = {"bare": 0}
+
+    def bare_step() -> None:
+        for m in range(accum):
+            loss = task.loss(bare, task.batch(step["bare"], m, bare.device))
+            bare.backward(loss)
+            bare.step()
+        step["bare"] += 1
+
+    ways = {"trainer": trainer.train_step, "bare": bare_step}
+    rows: dict[str, list[float]] = {w: [] for w in ways}
+    for r in range(args.rounds):
+        for name, fn in ways.items():
+            times = []
+            for i in range(args.warmup + args.steps):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            rows[name].append(statistics.median(times))
+            print(f"round {r + 1}, {name}: median step {rows[name][-1]:.4f} s over {args.steps} steps", flush=True)
+    print("| engine | median step (s) per round | median | tokens/s vs bare |\n|---|---|---|---|")
+    base = statistics.median(rows["bare"])
+    for name in ways:
+        med = statistics.median(rows[name])
+        print(f"| {name} | {', '.join(f'{t:.4f}' for t in rows[name])} | {med:.4f} | {base / med:.3f}x |")
     return 0
 
 

@@ -78,6 +78,7 @@ def _fill(node: Any, values: dict[str, Any], path: str = "") -> Any:
 
 
 _DROP = object()
+BUCKET_FLOOR = 50_000_000  # elements: see render_ds_config
 # Size hints that DeepSpeed chooses well itself when the model's hidden size is not known.
 _DROP_IF_UNKNOWN = {
     "zero_optimization.reduce_bucket_size",
@@ -119,11 +120,16 @@ def render_ds_config(cfg: RunConfig, world_size: int, hidden_size: Optional[int]
         "optimizer.params.weight_decay": o.weight_decay,
     }
     if hidden_size:
+        # Buckets of at least BUCKET_FLOOR elements. hidden^2 alone (Hugging Face's "auto") is 4,096 elements at
+        # neox-tiny, 4.2M at neox-1.2b: DeepSpeed then copies and reduces gradients in hundreds of small buckets per
+        # step, 1.2x the bare engine's step at neox-tiny (tools/bench_train.py --compare-bare). DeepSpeed's own default
+        # is 5e8; the floor keeps a 1.2B model's gradients in ~24 buckets (100 MB each in bf16) to overlap with the
+        # backward pass, and the double buffers ZeRO-2 allocates at 400 MB in bf16.
         h2 = hidden_size * hidden_size
         values.update(
             {
-                "zero_optimization.reduce_bucket_size": h2,
-                "zero_optimization.allgather_bucket_size": max(h2, 50_000_000),
+                "zero_optimization.reduce_bucket_size": max(h2, BUCKET_FLOOR),
+                "zero_optimization.allgather_bucket_size": max(h2, BUCKET_FLOOR),
                 "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * h2),
                 "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
             }
