@@ -32,6 +32,17 @@ def init_distributed(timeout_s: float = 600) -> None:
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), timeout=timedelta(seconds=timeout_s), verbose=False)
     if accel.device_name() == "cpu":
         _unlink_shm_buffers()
+    global _HOST_GROUP
+    if int(os.environ["WORLD_SIZE"]) > 1:
+        import torch.distributed
+
+        _HOST_GROUP = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+# A gloo group over all ranks for the few floats the ranks agree on (a stop request, a write's state, a loss sum):
+# host values, reduced on the host. On a GPU the same all-reduce through NCCL would read its result back every step,
+# waiting for the step's kernels to finish and keeping the host from queuing the next step's ahead.
+_HOST_GROUP: Any = None
 
 
 def _unlink_shm_buffers() -> None:
@@ -87,12 +98,20 @@ def all_reduce_max(values: list[float]) -> list[float]:
 
 
 def _all_reduce(values: list[float], op: str) -> list[float]:
+    if world_size() == 1:
+        return [float(v) for v in values]
     import torch
-    import deepspeed.comm as dist
-    from deepspeed.accelerator import get_accelerator
+    import torch.distributed
 
-    t = torch.tensor(values, dtype=torch.float64, device=get_accelerator().current_device_name())
-    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    reduce_op = getattr(torch.distributed.ReduceOp, op)
+    if _HOST_GROUP is not None:
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=reduce_op, group=_HOST_GROUP)
+    else:  # a process group joined without init_distributed (a tool): on its backend's device
+        from deepspeed.accelerator import get_accelerator
+
+        t = torch.tensor(values, dtype=torch.float64, device=get_accelerator().current_device_name())
+        torch.distributed.all_reduce(t, op=reduce_op)
     return t.tolist()
 
 
