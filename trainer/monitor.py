@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainer.errors import UserError
-from trainer.runstatus import RUNNING, STATUS_FILE, process_alive, read_status
+from trainer.checkpoint.layout import UploadState
+from trainer.runstatus import STATUS_FILE, JobState, process_alive, read_status
 
 LOG_FILE = "train.log"
 
@@ -113,7 +114,7 @@ def _state(status: Optional[dict]) -> tuple[str, str]:
     age = time.time() - float(status.get("updated_at") or status.get("started_at") or 0)
     state = str(status.get("state", "unknown"))
     where = f"pid {status.get('pid')} on {status.get('host')}"
-    if state != RUNNING:
+    if state not in (JobState.RUNNING, JobState.STOPPING):
         extra = f"by {status['stop_signal']}, " if status.get("stop_signal") else ""
         return state, f"{extra}{_ago(age)} ({where})"
     alive = process_alive(status)
@@ -122,7 +123,7 @@ def _state(status: Optional[dict]) -> tuple[str, str]:
     step_time = float(status.get("step_time_s") or 0)
     if alive is None and age > max(120.0, 20 * step_time * max(1, int(status.get("log_every") or 1))):
         return "stalled?", f"no update for {_ago(age)[:-4]} ({where}, not this machine: cannot check the process)"
-    return RUNNING, f"updated {_ago(age)} ({where})"
+    return state, f"updated {_ago(age)} ({where})"
 
 
 def _fmt_eta(seconds: Optional[float]) -> str:
@@ -146,7 +147,8 @@ def render(s: Snapshot, wrap_log: bool = False) -> Any:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    color = {"running": "green", "finished": "blue", "stopped": "yellow"}.get(s.state, "red")
+    color = {JobState.RUNNING.value: "green", JobState.FINISHED.value: "blue", JobState.STOPPED.value: "yellow",
+             JobState.STOPPING.value: "yellow"}.get(s.state, "red")
     last = s.checkpoints[-1] if s.checkpoints else {}
     task, world = st.get("task") or last.get("task"), st.get("world_size") or last.get("world_size")
     about = ", ".join(x for x in (task, f"{world} rank(s)" if world else "") if x)
@@ -178,7 +180,7 @@ def render(s: Snapshot, wrap_log: bool = False) -> Any:
         from trainer.engine.goodput import describe
 
         grid.add_row("goodput", describe(good).removeprefix("goodput "))
-    if s.state == RUNNING and st.get("eta_s") is not None:
+    if s.state == JobState.RUNNING and st.get("eta_s") is not None:
         age = time.time() - float(st.get("updated_at") or time.time())
         grid.add_row("ETA", _fmt_eta(max(0.0, float(st["eta_s"]) - age)))
     if s.checkpoints:
@@ -186,8 +188,9 @@ def render(s: Snapshot, wrap_log: bool = False) -> Any:
         loss = f", loss {c['loss']:.4f}" if c.get("loss") is not None else ""
         grid.add_row("last checkpoint", f"{c['tag']} (step {c['step']}{loss}, {c.get('reason')}, {c.get('committed_at')}, upload {c['upload']})")
         up = s.uploads
-        queue = [f"{len(up[k])} {k}" + (f" ({', '.join(up[k][-3:])})" if k in ("uploading", "pending", "failed") else "")
-                 for k in ("uploading", "pending", "failed", "uploaded", "local") if up.get(k)]
+        busy = (UploadState.UPLOADING, UploadState.PENDING, UploadState.FAILED)
+        queue = [f"{len(up[k.value])} {k.word}" + (f" ({', '.join(up[k.value][-3:])})" if k in busy else "")
+                 for k in (*busy, UploadState.UPLOADED, UploadState.LOCAL) if up.get(k.value)]
         grid.add_row("uploads", "; ".join(queue))
         grid.add_row("checkpoints", f"{len(s.checkpoints)} committed")
     else:

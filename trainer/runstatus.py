@@ -9,12 +9,21 @@ import json
 import os
 import platform
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 STATUS_FILE = "status.json"
 
-RUNNING, FINISHED, STOPPED, FAILED = "running", "finished", "stopped", "failed"
+
+class JobState(str, Enum):
+    """`state` in status.json (written as its value)."""
+
+    RUNNING = "running"
+    STOPPING = "stopping"  # a stop was agreed: saving and draining uploads before the exit
+    FINISHED = "finished"
+    STOPPED = "stopped"  # by a signal; the same command resumes
+    FAILED = "failed"
 
 
 class StatusWriter:

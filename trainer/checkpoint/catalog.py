@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.checkpoint.layout import MANIFEST, METADATA, TAG_PREFIX, read_upload_state, remote_prefix, tag_for
+from trainer.checkpoint.layout import MANIFEST, METADATA, TAG_PREFIX, UploadState, read_upload_state, remote_prefix, tag_for
 from trainer.checkpoint.remote import read_manifests, verify_remote
 from trainer.checkpoint.store import CheckpointStore, best_checkpoint, newest, read_metadata, recency, run_roots
 from trainer.checkpoint.universal import is_derived
@@ -159,7 +159,7 @@ def _scan_local(path: Path) -> Catalog:
         ckpts = [(c.path, c.metadata) for r in run_roots(path) for c in CheckpointStore(r).committed(cat.problems)]
     for d, meta in ckpts:
         state = read_upload_state(d)
-        detail = state.get("url", "") if state["state"] == "uploaded" else state.get("error", "")
+        detail = state.get("url", "") if state["state"] == UploadState.UPLOADED.value else state.get("error", "")
         files = sorted((rel, p.stat().st_size) for p in d.rglob("*")
                        if p.is_file() and not is_derived(rel := str(p.relative_to(d))))
         cat.entries.append(Entry(meta, str(d), files, {"state": state["state"], "detail": detail or ""},

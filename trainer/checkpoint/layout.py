@@ -56,6 +56,11 @@ class UploadState(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    @property
+    def word(self) -> str:
+        """How the CLI and the monitor say it."""
+        return {"local": "local only", "pending": "queued", "failed": "FAILED"}.get(self.value, self.value)
+
 
 def read_upload_state(ckpt_dir: Path) -> dict:
     """The upload state record of a checkpoint folder; `{"state": "local"}` when there is none."""

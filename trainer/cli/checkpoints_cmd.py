@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from trainer.checkpoint.layout import UploadState
 from trainer.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,8 +27,7 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", min=1, help="Seconds to 
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Check each checkpoint in its bucket: manifest, parts, sizes, CRC32C.")]
 UrlOpt = Annotated[Optional[str], typer.Option("--url", help="Bucket to verify local checkpoints against (default: each run's upload.url).")]
 
-UPLOAD_WORDS = {"local": "local only", "pending": "queued", "uploading": "uploading", "uploaded": "uploaded",
-                "verified": "verified", "failed": "FAILED", "unverified": "NOT VERIFIED"}
+UPLOAD_WORDS = {**{s.value: s.word for s in UploadState}, "verified": "verified", "unverified": "NOT VERIFIED"}
 
 
 def _console() -> Any:

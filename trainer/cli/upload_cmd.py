@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from trainer.checkpoint.layout import UploadState
 from trainer.errors import UserError
 
 app = typer.Typer(help="Checkpoint uploads: state, and uploading by hand.", no_args_is_help=True)
@@ -71,7 +72,7 @@ def list_cmd(run_dir: RunDirArg) -> None:
     table = Table("run", "tag", "step", "size (MB)", "upload", "where / why")
     for run, c, st in _rows(run_dir):
         state = st["state"]
-        note = st.get("url", "") if state == "uploaded" else st.get("error", "")
+        note = st.get("url", "") if state == UploadState.UPLOADED.value else st.get("error", "")
         table.add_row(run.name[:12], c.tag, str(c.step), f"{checkpoint_bytes(c.path) / 2**20:.1f}", state, note)
     Console(width=160).print(table)
 
@@ -92,9 +93,8 @@ def status(run_dir: RunDirArg) -> None:
                       st.get("updated_at", ""), st.get("error", "") or st.get("url", ""))
     console = Console(width=160)
     console.print(table)
-    order = ["uploading", "pending", "uploaded", "failed", "local"]
-    console.print(", ".join(f"{counts.get(k, 0)} {'in flight' if k == 'uploading' else 'queued' if k == 'pending' else k}"
-                            for k in order))
+    order = (UploadState.UPLOADING, UploadState.PENDING, UploadState.UPLOADED, UploadState.FAILED, UploadState.LOCAL)
+    console.print(", ".join(f"{counts.get(k.value, 0)} {k.word}" for k in order))
 
 
 @app.command("upload")

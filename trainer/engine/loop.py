@@ -117,6 +117,17 @@ class RunState:
         )
 
 
+@dataclass(frozen=True)
+class RunDecision:
+    """Rank 0's choice at the start, shared with every rank: the run id and the checkpoint to resume (if any)."""
+
+    run_id: str
+    resume: Optional[str] = None  # the checkpoint folder
+    metadata: Optional[dict] = None  # its metadata.json (mlflow_run_id cleared on a branch)
+    branched_from: Optional[str] = None  # set when the checkpoint has newer ones: a new run continues it
+    restored: Optional[str] = None  # the bucket prefix it was restored from on this start
+
+
 class LossWindow:
     """Sums losses on the device between log points; one all-reduce turns them into a global mean."""
 
@@ -168,7 +179,7 @@ class Trainer:
         self._grace_warned: set[str] = set()
 
     # ----------------------------------------------------------------------------------- setup
-    def _decide_run(self) -> dict:
+    def _decide_run(self) -> RunDecision:
         """On rank 0: which checkpoint to resume (if any) and the run id. Shared with all ranks."""
         from trainer.upload.restore import restore_newest
 
@@ -195,7 +206,7 @@ class Trainer:
                     raise UserError(f"--resume auto: {path} is damaged (named above) and could not be repaired from the"
                                     " bucket; pass --resume with an older checkpoint, or --resume none")
         if ckpt is None:
-            return {"run_id": self.cfg.run_id or new_run_id(), "resume": None, "metadata": None}
+            return RunDecision(self.cfg.run_id or new_run_id())
         meta = dict(ckpt.metadata)
         newer = [c.tag for c in CheckpointStore(ckpt.path.parent.parent).committed() if c.step > ckpt.step]
         if newer:  # never overwrite the later checkpoints of that run: continue as a new run
@@ -203,8 +214,8 @@ class Trainer:
             log.warning("resuming from %s, which has newer checkpoints (%s): continuing as a new run %s", ckpt.tag,
                         ", ".join(newer), run_id)
             meta["mlflow_run_id"] = None
-            return {"run_id": run_id, "resume": str(ckpt.path), "metadata": meta, "branched_from": str(ckpt.path)}
-        return {"run_id": ckpt.run_id, "resume": str(ckpt.path), "metadata": meta, "restored": restored}
+            return RunDecision(run_id, str(ckpt.path), meta, branched_from=str(ckpt.path))
+        return RunDecision(ckpt.run_id, str(ckpt.path), meta, restored=restored)
 
     def _repair_from_bucket(self, ckpt: Checkpoint, damaged: list[str]) -> bool:
         """Replace the damaged files of a local checkpoint by their verified copies in the bucket (True), if it has them."""
@@ -240,14 +251,14 @@ class Trainer:
         if self.ranks.is_local_main and self.cfg.upload.url:
             report_locations(all_committed(Path(self.cfg.run_dir)), uploaded_too=False)
 
-    def _restore_on_this_node(self, decision: dict) -> None:
+    def _restore_on_this_node(self, decision: RunDecision) -> None:
         """Nodes without a shared filesystem: each node's first rank fetches the checkpoint rank 0 chose, and on the
         same world size the files its ranks load that another node wrote (the model states, under ZeRO-1/2)."""
         from trainer.checkpoint.integrity import damaged_files, describe_damage
         from trainer.checkpoint.universal import missing_for_ranks, needed_by_ranks
         from trainer.upload.restore import fill_missing, restore
 
-        src, meta, r = Path(decision["resume"]), decision["metadata"], self.ranks
+        src, meta, r = Path(decision.resume), decision.metadata, self.ranks
         mine = range(r.rank, r.rank + max(1, r.local_world_size))
         stage = int(meta.get("zero_stage", self.stage))
 
@@ -261,11 +272,11 @@ class Trainer:
                     log.warning("this node's copy of %s is damaged (%s): fetching the files again", src, describe_damage(bad))
                     for rel, _ in bad:
                         (src / rel).unlink(missing_ok=True)
-            if decision.get("restored") and not is_committed(src):
+            if decision.restored and not is_committed(src):
                 storage = open_storage(self.cfg.upload.url)  # type: ignore[arg-type]
-                manifest = json.loads(storage.get_bytes(f"{decision['restored']}/{MANIFEST}") or b"{}")
+                manifest = json.loads(storage.get_bytes(f"{decision.restored}/{MANIFEST}") or b"{}")
                 with self.clock.phase_of("restore"):
-                    restore(storage, decision["restored"], manifest, self.cfg.run_dir)
+                    restore(storage, decision.restored, manifest, self.cfg.run_dir)
             if is_committed(src) and (int(meta.get("world_size", r.world_size)) != r.world_size
                                       or not missing_for_ranks(src, mine, stage)):
                 return  # (another world size: the conversion fetches what it needs)
@@ -283,23 +294,23 @@ class Trainer:
                 else:
                     fill_missing(storage, prefix, manifest, src, lambda name: needed_by_ranks(name, mine, stage))
 
-        dist.agree(fetch, dist.local_mains(self.ranks), f"each node restoring {Path(str(decision.get('resume'))).name}")
+        dist.agree(fetch, dist.local_mains(self.ranks), f"each node restoring {Path(str(decision.resume)).name}")
 
-    def _convert_for_this_world(self, decision: dict) -> Path:
+    def _convert_for_this_world(self, decision: RunDecision) -> Path:
         """The resumed checkpoint in DeepSpeed's universal format (converted once on each node that lacks it; a
         conversion already beside it is reused). Said in one line: what was resumed, from how many ranks onto how many."""
         from trainer.checkpoint.universal import ensure_universal, missing_states, missing_states_error
         from trainer.upload.restore import fill_missing
 
-        src, r, url = Path(decision["resume"]), self.ranks, self.cfg.upload.url
-        saved_world = int(decision["metadata"]["world_size"])
+        src, r, url = Path(decision.resume), self.ranks, self.cfg.upload.url
+        saved_world = int(decision.metadata["world_size"])
         done: dict = {}
 
         def convert() -> None:
             with self.clock.phase_of("restore"):
                 if (missing := missing_states(src, saved_world)) and url:  # a node of a run without a shared filesystem
                     storage = open_storage(url)
-                    prefix = remote_prefix(decision["metadata"])
+                    prefix = remote_prefix(decision.metadata)
                     raw = storage.get_bytes(f"{prefix}/{MANIFEST}")
                     if raw:
                         fill_missing(storage, prefix, json.loads(raw), src)
@@ -335,25 +346,25 @@ class Trainer:
             dist.on_main_then_share(lambda: open_storage(cfg.upload.url).check(), r, "rank 0 checking upload.url")
         decision = dist.on_main_then_share(self._decide_run, r, "rank 0 choosing (and restoring) the checkpoint to resume")
         node = node_identity(r)  # each node's log, from here on (what each node restores or fetches is in it)
-        add_node_log(Path(cfg.run_dir), Path(cfg.run_dir) / decision["run_id"], node.node_rank, node.host, r.is_local_main,
+        add_node_log(Path(cfg.run_dir), Path(cfg.run_dir) / decision.run_id, node.node_rank, node.host, r.is_local_main,
                      r.rank, node.hosts)
-        meta = decision["metadata"]
+        meta = decision.metadata
         # the global batch on this world size (a checkpoint saved on another one keeps its own), then what follows from it
         self.cfg = cfg = resolve_batch(cfg, r.world_size, self.source, meta)
         self.ds_config = render_ds_config(cfg, r.world_size, self.task.model_hints().get("hidden_size"), self.source)
         self.stage = zero_stage(self.ds_config)
         self.plan = resolve_plan(cfg, sizes or DataSizes(1), r.world_size)
         self.report = Reporter(cfg, r, self.plan)
-        if decision["resume"]:
-            resume = Checkpoint(Path(decision["resume"]), meta)
+        if decision.resume:
+            resume = Checkpoint(Path(decision.resume), meta)
             dist.on_main_then_share(lambda: resume.check_resumable(str(cfg.checkpoint.resume), r.world_size, cfg.task,
                                                                    self.plan.max_steps, model_identity(cfg), self.stage),
                                     r, "rank 0 checking the checkpoint to resume")
             self._restore_on_this_node(decision)
             if int(meta.get("world_size", r.world_size)) != r.world_size:
                 self.resumed_from_world_size = int(meta["world_size"])
-        self.run_id = decision["run_id"]
-        self.branched_from = decision.get("branched_from")
+        self.run_id = decision.run_id
+        self.branched_from = decision.branched_from
         self.run_root = Path(cfg.run_dir) / self.run_id
         self.store = CheckpointStore(self.run_root)
         if r.is_local_main:
@@ -365,7 +376,7 @@ class Trainer:
             add_log_file(self.run_root / "train.log", r.rank)
             atomic_write(self.run_root / "config.yaml", config_to_yaml(cfg))
         self.report.open(self.run_root, self.run_id, (meta or {}).get("step", 0))
-        source_root = Path(decision["resume"]).parent.parent if decision["resume"] else None
+        source_root = Path(decision.resume).parent.parent if decision.resume else None
         self.goodput.begin(self.run_root, meta, source_root, attempt_id=uuid.uuid4().hex[:12], writer=r.is_main)
         self.config_hash = config_hash(self.written_cfg)  # as written: the same on any world size
         log.info("run %s: %d rank(s), ZeRO stage %d, %s, config %s (hash %s)", self.run_id, r.world_size, self.stage,
@@ -384,13 +395,13 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg, self.plan, r, self.store, self.task, self.goodput, self._metadata, self._side_files,
                                       uploader=self.uploader, on_commit=self._on_commit)
         self.ckpt.attach(self.engine)
-        if decision["resume"]:
-            self.ckpt.load(Path(decision["resume"]), meta, universal)
+        if decision.resume:
+            self.ckpt.load(Path(decision.resume), meta, universal)
             self.state = RunState.from_metadata(meta)
             if meta.get("config_hash") != self.config_hash:
                 log.warning("resuming %s saved with config hash %s; this config hashes to %s (training settings changed)",
-                            Path(decision["resume"]).name, meta.get("config_hash"), self.config_hash)
-            log.info("resumed from %s at step %d (run %s)", decision["resume"], self.state.step, self.run_id)
+                            Path(decision.resume).name, meta.get("config_hash"), self.config_hash)
+            log.info("resumed from %s at step %d (run %s)", decision.resume, self.state.step, self.run_id)
         self.task.setup_data(r, cfg.train.micro_batch_size, cfg.train.grad_accum)
         if self.plan.evaluates:
             self.evaluator = Evaluator(self.task, self.engine, r, cfg.train.micro_batch_size, cfg.eval.batches)

@@ -18,7 +18,7 @@ from trainer.engine.evaluate import EvalResult
 from trainer.engine.goodput import describe
 from trainer.log import get_logger, redact
 from trainer.ranks import RankInfo
-from trainer.runstatus import FAILED, FINISHED, RUNNING, STOPPED, StatusWriter
+from trainer.runstatus import JobState, StatusWriter
 from trainer.tracking.mlflow_tracker import NullTracker, make_tracker
 from trainer.tracking.plots import Curve, save_curves
 from trainer.tracking.tensorboard import make_tensorboard
@@ -47,7 +47,7 @@ class Reporter:
             self.status = StatusWriter(run_root, run_id=run_id, task=self.cfg.task, world_size=self.ranks.world_size,
                                        max_steps=self.plan.max_steps, log_every=self.cfg.train.log_every,
                                        epochs=self.plan.epochs, steps_per_epoch=round(self.plan.steps_per_epoch, 4))
-            self.status.update(state=RUNNING, step=step, epoch=round(self.plan.epoch_of(step), 4))
+            self.status.update(state=JobState.RUNNING, step=step, epoch=round(self.plan.epoch_of(step), 4))
 
     def start_tracking(self, meta: Optional[dict], params: dict[str, Any], tags: dict[str, str]) -> Optional[str]:
         """Rank 0: the MLflow run (continued on a resume) with params, tags and the config; TensorBoard. Returns the
@@ -109,7 +109,7 @@ class Reporter:
         self.update_status(last_checkpoint=tag)
 
     def stopping(self, step: int, signal_name: Optional[str]) -> None:
-        self.update_status(state="stopping", step=step, stop_signal=signal_name, eta_s=None)
+        self.update_status(state=JobState.STOPPING, step=step, stop_signal=signal_name, eta_s=None)
 
     # ------------------------------------------------------------------------------------- end
     def finish(self, s: Any, steps: int, elapsed: float, tokens_per_step: int, stopped: bool, stop: Any, good: dict,
@@ -134,7 +134,7 @@ class Reporter:
         self.tracker.finish("KILLED" if stopped else "FINISHED")
         if self.tensorboard is not None:
             self.tensorboard.finish()
-        self.update_status(state=STOPPED if stopped else FINISHED, stop_signal=stop.signal_name if stopped else None, eta_s=None,
+        self.update_status(state=JobState.STOPPED if stopped else JobState.FINISHED, stop_signal=stop.signal_name if stopped else None, eta_s=None,
                            goodput=good)
         tps = steps * tokens_per_step / elapsed if elapsed > 0 else 0.0
         first = s.loss_history[0][1] if s.loss_history else float("nan")
@@ -160,7 +160,7 @@ class Reporter:
         self.tracker.finish("FAILED")
         if self.tensorboard is not None:
             self.tensorboard.finish()
-        self.update_status(state=FAILED, eta_s=None)
+        self.update_status(state=JobState.FAILED, eta_s=None)
 
 
 def curve_of(run_id: str, s: Any) -> Curve:

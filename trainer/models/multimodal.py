@@ -446,6 +446,3 @@ def check_adapter_tensors(state: dict, expected: dict[str, tuple[int, ...]], whe
     if want != have:
         raise RuntimeError(f"{where}: LoRA tensor shapes {have[:3]}... differ from the configured {want[:3]}...")
 
-
-def trainable_state(model: Any, prefix: Optional[str] = None) -> dict:
-    return {k: v for k, v in model.named_parameters() if v.requires_grad and (prefix is None or k.startswith(prefix))}

@@ -320,7 +320,7 @@ class BackgroundUploader:
         self._in_flight: Optional[Path] = None
         self._requeue: Optional[Path] = None  # an upload stopped to let a newer one go first
         self._closed = False
-        self.results: dict[str, str] = {}
+        self.results: dict[str, str] = {}  # tag -> final state, in completion order
         self._thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
         self._thread.start()
 
@@ -440,14 +440,12 @@ class SyncUploader:
 
     def __init__(self, uploader: CheckpointUploader):
         self.uploader = uploader
-        self.results: dict[str, str] = {}
 
     def submit(self, ckpt_dir: Path) -> None:
         write_upload_state(ckpt_dir, UploadState.PENDING, queued_at=utc_now())
         try:
-            self.results[Path(ckpt_dir).name] = self.uploader.upload(ckpt_dir)["state"]
+            self.uploader.upload(ckpt_dir)
         except UploadFailed as exc:
-            self.results[Path(ckpt_dir).name] = "failed"
             log.error("upload failed: %s (the checkpoint stays local; `trainer upload-all` retries)", exc)
 
     def pending(self) -> list[Path]:
@@ -455,9 +453,6 @@ class SyncUploader:
 
     def prioritize_newest(self) -> None:
         pass
-
-    def drain(self, timeout: Optional[float] = None, abort: Optional[Callable[[], bool]] = None) -> bool:
-        return True
 
     def close(self, timeout: Optional[float] = None, abort: Optional[Callable[[], bool]] = None) -> bool:
         return True
