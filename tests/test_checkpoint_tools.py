@@ -325,3 +325,19 @@ def test_bad_input_is_one_line_and_exit_2(runs: Runs, tmp_path: Path) -> None:
     r = cli(runs, "checkpoints", "plot", str(bare), "--save", str(tmp_path / "none.png"))
     assert_user_error(r, "no logged loss to plot")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_a_stopping_job_shows_as_stopping_while_its_process_lives() -> None:
+    """status.json says "stopping" between the agreed stop and the exit (saving, draining uploads): the monitor
+    shows that state, not a failure, and "not running" once the process is gone without a final state."""
+    import platform
+
+    from trainer.monitor import _state
+    from trainer.runstatus import JobState
+
+    alive = {"state": JobState.STOPPING.value, "pid": os.getpid(), "host": platform.node(), "updated_at": time.time()}
+    assert _state(alive)[0] == "stopping"
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # exited and reaped: its pid names no process
+    assert _state({**alive, "pid": ended.pid})[0] == "not running"
+    assert _state({**alive, "state": JobState.STOPPED.value, "stop_signal": "SIGTERM"})[0] == "stopped"
