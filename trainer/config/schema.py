@@ -1,6 +1,6 @@
 """The typed run configuration.
 
-Every field carries a docstring (shown by `trainer config show --help-fields` and in error
+Every field carries a docstring (shown by `trainer config fields` and in error
 messages), unknown keys are rejected, and cross-field rules live in one validator per section so
 that all problems of a file are collected in one pass.
 """
