@@ -6,7 +6,7 @@ RANKS   ?= 2
 # DeepSpeed JIT-compiles a few ops on first use (~1-2 min here): keep them in the ignored build folder.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
-.PHONY: setup sysdeps run run-lora test bench clean
+.PHONY: setup sysdeps run run-lora test lint bench clean
 
 $(VENV)/.installed: setup.py requirements-lock.txt constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,6 +49,10 @@ sysdeps:
 
 test: setup sysdeps
 	$(BIN)/python -m pytest -q
+
+# pyflakes and syntax errors over the code (ruff.toml); seconds
+lint: setup
+	$(BIN)/ruff check trainer tests tools launch setup.py
 
 bench: setup data/tiny_shards/shard_00000.npy
 	$(BIN)/python tools/bench_train.py neox-tiny
