@@ -16,7 +16,7 @@ import datetime as dt
 import enum
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 METADATA = "metadata.json"
 METADATA_FORMAT = 1
@@ -29,6 +29,12 @@ MB = 1024 * 1024
 
 def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
+
+
+def step_of(tag: str) -> Optional[int]:
+    """The step of a checkpoint tag (`tag_for`'s inverse); None for a name that is not one."""
+    rest = tag.removeprefix(TAG_PREFIX)
+    return int(rest) if rest != tag and rest.isdigit() else None
 
 
 def rng_file_name(rank: int) -> str:
@@ -87,7 +93,9 @@ def is_uploaded(ckpt_dir: Path) -> bool:
 
 def upload_wording(state: dict) -> str:
     """How a checkpoint's upload state reads in a log line: `uploaded`, `upload FAILED`, `not uploaded`, ..."""
-    s = state.get("state")
+    s = str(state.get("state"))
     if s == UploadState.FAILED.value:
-        return "upload interrupted" if str(state.get("error", "")).startswith("interrupted") else "upload FAILED"
-    return {UploadState.LOCAL.value: "not uploaded"}.get(str(s), str(s))
+        return "upload interrupted" if str(state.get("error", "")).startswith("interrupted") else f"upload {UploadState.FAILED.word}"
+    if s == UploadState.LOCAL.value:
+        return "not uploaded"
+    return UploadState(s).word if s in UploadState._value2member_map_ else s

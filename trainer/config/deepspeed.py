@@ -78,7 +78,6 @@ def _fill(node: Any, values: dict[str, Any], path: str = "") -> Any:
 
 
 _DROP = object()
-BUCKET_FLOOR = 50_000_000  # elements: see render_ds_config
 # Size hints that DeepSpeed chooses well itself when the model's hidden size is not known.
 _DROP_IF_UNKNOWN = {
     "zero_optimization.reduce_bucket_size",
@@ -95,6 +94,9 @@ def _autos_left(node: Any, path: str = "") -> list[str]:
             out += _autos_left(v, f"{path}.{k}" if path else k)
         return out
     return [path] if node == AUTO else []
+
+
+BUCKET_FLOOR = 50_000_000  # elements: the smallest gradient bucket rendered (see render_ds_config)
 
 
 def render_ds_config(cfg: RunConfig, world_size: int, hidden_size: Optional[int] = None, source: str = "config") -> dict:
@@ -124,7 +126,7 @@ def render_ds_config(cfg: RunConfig, world_size: int, hidden_size: Optional[int]
         # neox-tiny, 4.2M at neox-1.2b: DeepSpeed then copies and reduces gradients in hundreds of small buckets per
         # step, 1.2x the bare engine's step at neox-tiny (tools/bench_train.py --compare-bare). DeepSpeed's own default
         # is 5e8; the floor keeps a 1.2B model's gradients in ~24 buckets (100 MB each in bf16) to overlap with the
-        # backward pass, and the double buffers ZeRO-2 allocates at 400 MB in bf16.
+        # backward pass, and the two buffers ZeRO-2 allocates at 200 MB in bf16.
         h2 = hidden_size * hidden_size
         values.update(
             {

@@ -15,11 +15,19 @@ log = get_logger("dist")
 
 T = TypeVar("T")
 
+# A gloo group over all ranks for the few floats the ranks agree on (a stop request, a write's state, a loss sum):
+# host values, reduced on the host. On a GPU the same all-reduce through NCCL would read its result back every step,
+# waiting for the step's kernels to finish and keeping the host from queuing the next step's ahead.
+_HOST_GROUP: Any = None
+
 
 def init_distributed(timeout_s: float = 600) -> None:
     """Join the process group (gloo on CPU, nccl on CUDA), also for a single process."""
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
+
+    from trainer.dsimport import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
@@ -38,11 +46,6 @@ def init_distributed(timeout_s: float = 600) -> None:
 
         _HOST_GROUP = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
-
-# A gloo group over all ranks for the few floats the ranks agree on (a stop request, a write's state, a loss sum):
-# host values, reduced on the host. On a GPU the same all-reduce through NCCL would read its result back every step,
-# waiting for the step's kernels to finish and keeping the host from queuing the next step's ahead.
-_HOST_GROUP: Any = None
 
 
 def _unlink_shm_buffers() -> None:

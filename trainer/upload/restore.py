@@ -172,6 +172,9 @@ def _fetch_part(storage: Storage, prefix: str, part: dict, compression: str, fil
     size and CRC32C. Returns the files written."""
     import gzip
 
+    import zstandard
+    from google.api_core.exceptions import NotFound
+
     label = part["name"]
     expected = {p for p, f in files.items() if f["part"] == label}
     try:
@@ -179,12 +182,8 @@ def _fetch_part(storage: Storage, prefix: str, part: dict, compression: str, fil
             counted = _Checksummed(raw)
             seen = _unpack(counted, label, compression, expected, files, dest)
             counted.drain()  # the tar's end-of-archive padding: the part checksum covers every byte
-    except (tarfile.TarError, EOFError, gzip.BadGzipFile, FileNotFoundError) as exc:  # a damaged or missing part
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zstandard.ZstdError, FileNotFoundError, NotFound) as exc:
         raise RestoreFailed(f"part {label} is damaged or missing ({type(exc).__name__}: {exc})") from None
-    except Exception as exc:
-        if type(exc).__name__ in ("ZstdError", "NotFound"):  # zstandard's; google.api_core's (the part is gone)
-            raise RestoreFailed(f"part {label} is damaged or missing ({type(exc).__name__}: {exc})") from None
-        raise
     if counted.size != part["size"] or b64_crc(counted.crc) != part["crc32c"]:
         raise RestoreFailed(f"part {label} does not match the manifest (size {counted.size} crc32c {b64_crc(counted.crc)},"
                             f" manifest {part['size']} {part['crc32c']})")

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from trainer.checkpoint.layout import (MANIFEST, MANIFEST_FORMAT, MB, METADATA, UPLOAD_STATE_FILE, UploadState, read_upload_state,
+from trainer.checkpoint.layout import (MANIFEST, MANIFEST_FORMAT, MB, METADATA, UPLOAD_STATE_FILE, UploadState, read_upload_state, step_of,
                                        remote_prefix, utc_now, write_upload_state)
 from trainer.checkpoint.remote import verify_remote
 from trainer.checkpoint.store import Checkpoint, best_checkpoint, read_metadata
@@ -204,7 +204,7 @@ class CheckpointUploader:
 
         Only tags older than the newest local one: an upload still in flight elsewhere (another node's part of the
         newest checkpoint, which that node may already have deleted locally) is left alone."""
-        newest = max((int(t.split("-", 1)[1]) for t in local_tags if t.split("-", 1)[-1].isdigit()), default=-1)
+        newest = max((s for t in local_tags if (s := step_of(t)) is not None), default=-1)
         by_prefix: dict[str, list[str]] = {}
         for name in self.storage.list(f"{run_id}/"):
             prefix, _, base = name.rpartition("/")
@@ -212,8 +212,8 @@ class CheckpointUploader:
         swept = []
         for prefix, bases in sorted(by_prefix.items()):
             tag = prefix.rsplit("/", 1)[-1]
-            step = int(tag.split("-", 1)[1]) if tag.split("-", 1)[-1].isdigit() else newest
-            if MANIFEST in bases or tag in local_tags or step >= newest:
+            step = step_of(tag)
+            if MANIFEST in bases or tag in local_tags or step is None or step >= newest:
                 continue
             for base in bases:
                 self.storage.delete(f"{prefix}/{base}")
