@@ -516,8 +516,11 @@ class Trainer:
         window = LossWindow()
         start_step, t_start = s.step, time.perf_counter()
         log.info("training steps %d -> %d (%s tokens per step)", s.step, plan.max_steps, f"{tokens_per_step:,}")
-        if self.evaluator is not None and s.step == 0 and cfg.eval.at_start and not s.val_history:
+        if self.evaluator is not None and not s.val_history and s.step == 0 and cfg.eval.at_start:
             self._evaluate()
+            window.restart_clock()
+        elif self.evaluator is not None and s.step > 0 and plan.eval_due(s.step) and s.val_at(s.step) is None:
+            self._evaluate()  # a stop on an evaluation step saves before evaluating: the evaluation it skipped
             window.restart_clock()
         self.clock.switch("productive")
         stopped = False
