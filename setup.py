@@ -3,6 +3,7 @@
 Install torch first (the build that matches your machine), then `pip install -e .`.
 `requirements-lock.txt` pins every dependency to the versions the tests ran with.
 """
+
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -20,7 +21,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["trainer", "trainer.*"]),
     package_data={"trainer": ["py.typed"]},
-    data_files=[("share/trainer/ds_configs", [str(p.relative_to(here)) for p in sorted((here / "ds_configs").glob("*.json"))])],
+    data_files=[
+        ("share/trainer/ds_configs", [str(p.relative_to(here)) for p in sorted((here / "ds_configs").glob("*.json"))])
+    ],
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.19.8,<0.20",

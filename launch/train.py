@@ -5,6 +5,7 @@
 
 Thin on purpose: everything happens in `trainer.engine.entry`.
 """
+
 import sys
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Shared test fixtures: CPU DeepSpeed environment, tiny shards, and helpers to run the real CLI."""
+
 from __future__ import annotations
 
 import base64
@@ -47,25 +48,64 @@ def no_shared_memory_left_behind():
     assert not left, f"left in /dev/shm: {left}"
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run `trainer ARGS...` as a user would (a fresh process) and capture its output."""
-    return subprocess.run([sys.executable, "-m", "trainer.cli.main", *args], cwd=cwd or REPO, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.cli.main", *args],
+        cwd=cwd or REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def run_rank(*args: str, cwd: Path | None = None, env: dict | None = None, port: int | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_rank(
+    *args: str, cwd: Path | None = None, env: dict | None = None, port: int | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run launch/train.py as a single rank (RANK/WORLD_SIZE set by hand: the fast single-process path)."""
     from trainer.launcher.command import free_port
 
-    e = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-         "MASTER_PORT": str(port or free_port()), **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], cwd=cwd or REPO, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    e = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port or free_port()),
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), *args],
+        cwd=cwd or REPO,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def make_shards(out: Path, vocab: int = 512, tokens: int = 200_000, shards: int = 2, fmt: str = "npy") -> Path:
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic_shards.py"), "--out", str(out), "--vocab", str(vocab),
-                    "--tokens", str(tokens), "--shards", str(shards), "--format", fmt], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "make_synthetic_shards.py"),
+            "--out",
+            str(out),
+            "--vocab",
+            str(vocab),
+            "--tokens",
+            str(tokens),
+            "--shards",
+            str(shards),
+            "--format",
+            fmt,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -78,8 +118,12 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_mm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny multimodal fixtures (Qwen2 folder, Phase 1 checkpoint, JSONL with images, audio, text), made offline."""
     out = tmp_path_factory.mktemp("tiny_mm")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_multimodal.py"), "--out", str(out), "--samples", "32"],
-                   check=True, capture_output=True, cwd=REPO)
+    subprocess.run(
+        [sys.executable, str(REPO / "tools" / "make_tiny_multimodal.py"), "--out", str(out), "--samples", "32"],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
     return out
 
 
@@ -122,7 +166,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
         emu.stop()
 
 
-def fake_checkpoint(run_root: Path, step: int, world: int = 1, size: int = 300_000, loss: float = 1.0, **meta: object) -> Path:
+def fake_checkpoint(
+    run_root: Path, step: int, world: int = 1, size: int = 300_000, loss: float = 1.0, **meta: object
+) -> Path:
     """A committed checkpoint folder with DeepSpeed-like file names and random bytes (`meta`: more metadata)."""
     store = CheckpointStore(run_root)
     d = store.path(f"step-{step:08d}")
@@ -131,8 +177,20 @@ def fake_checkpoint(run_root: Path, step: int, world: int = 1, size: int = 300_0
     for r in range(world):
         (d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(size // 2))
         (d / f"rng_state_rank{r:05d}.pt").write_bytes(os.urandom(100))
-    store.commit(d.name, {"step": step, "tag": d.name, "run_id": run_root.name, "loss": loss, "world_size": world,
-                          "zero_stage": 2, "config_hash": "abc", **meta}, {"config.yaml": "task: pretrain\n"})
+    store.commit(
+        d.name,
+        {
+            "step": step,
+            "tag": d.name,
+            "run_id": run_root.name,
+            "loss": loss,
+            "world_size": world,
+            "zero_stage": 2,
+            "config_hash": "abc",
+            **meta,
+        },
+        {"config.yaml": "task: pretrain\n"},
+    )
     return d
 
 

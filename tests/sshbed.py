@@ -13,6 +13,7 @@ the venv, the data under other paths) is shared, like a VM image. The ssh client
 ssh config of the bed's own: a `ssh` wrapper first on PATH passes `-F` (DeepSpeed's runner and pdsh both run
 plain `ssh`), with a throwaway key and no known_hosts.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,9 @@ def unavailable() -> Optional[str]:
     if not os.path.exists(SSHD):
         missing.insert(0, SSHD)
     if missing:
-        return f"the ssh test bed needs {', '.join(missing)} (Debian: apt-get install openssh-server pdsh; `make sysdeps`)"
+        return (
+            f"the ssh test bed needs {', '.join(missing)} (Debian: apt-get install openssh-server pdsh; `make sysdeps`)"
+        )
     if os.geteuid() != 0:
         return "the ssh test bed needs root (sshd's privilege separation, a private mount namespace for node-b)"
     return None
@@ -78,25 +81,60 @@ class SshBed:
         lines: list[str] = []
         for host, addr in HOSTS.items():
             lines += [f"Host {host}", f"  HostName {addr}"]
-        lines += ["Host *", f"  Port {self.port}", f"  IdentityFile {r / 'user_key'}", "  IdentitiesOnly yes",
-                  "  StrictHostKeyChecking no", "  UserKnownHostsFile /dev/null", "  BatchMode yes", "  LogLevel ERROR",
-                  "  ConnectTimeout 10"]
+        lines += [
+            "Host *",
+            f"  Port {self.port}",
+            f"  IdentityFile {r / 'user_key'}",
+            "  IdentitiesOnly yes",
+            "  StrictHostKeyChecking no",
+            "  UserKnownHostsFile /dev/null",
+            "  BatchMode yes",
+            "  LogLevel ERROR",
+            "  ConnectTimeout 10",
+        ]
         (r / "ssh_config").write_text("\n".join(lines) + "\n")
         wrapper = self.bin / "ssh"
-        wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('ssh')} -F {r / 'ssh_config'} \"$@\"\n")
+        wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {r / "ssh_config"} "$@"\n')
         wrapper.chmod(0o755)
         for host, addr in HOSTS.items():
             cfg = r / f"sshd_{host}.conf"
-            cfg.write_text("\n".join([
-                f"Port {self.port}", f"ListenAddress {addr}", f"HostKey {r / 'host_key'}",
-                f"AuthorizedKeysFile {r / 'authorized_keys'}", "PermitRootLogin prohibit-password", "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PrintMotd no", "LogLevel ERROR",
-                f"PidFile {r / f'sshd_{host}.pid'}", ""]))
+            cfg.write_text(
+                "\n".join(
+                    [
+                        f"Port {self.port}",
+                        f"ListenAddress {addr}",
+                        f"HostKey {r / 'host_key'}",
+                        f"AuthorizedKeysFile {r / 'authorized_keys'}",
+                        "PermitRootLogin prohibit-password",
+                        "PasswordAuthentication no",
+                        "KbdInteractiveAuthentication no",
+                        "UsePAM no",
+                        "StrictModes no",
+                        "PrintMotd no",
+                        "LogLevel ERROR",
+                        f"PidFile {r / f'sshd_{host}.pid'}",
+                        "",
+                    ]
+                )
+            )
             sshd = [SSHD, "-D", "-e", "-f", str(cfg)]
             # its own processes (a PID namespace) and, but for node-a, its own disk over the shared path
             mount = f'mount --bind "{self.node_disk(host)}" "{self.disk}" && ' if host != "node-a" else ""
-            cmd = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child", "--propagation", "private",
-                   "sh", "-c", f'{mount}exec "$@"', "sh", *sshd]
+            cmd = [
+                "unshare",
+                "--mount",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--kill-child",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f'{mount}exec "$@"',
+                "sh",
+                *sshd,
+            ]
             log = open(r / f"sshd_{host}.log", "wb")
             self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True))
         deadline = time.monotonic() + 20
@@ -118,7 +156,9 @@ class SshBed:
         return subprocess.run(["ssh", host, command], env=self.env(), capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:
-        for p in self.procs:  # unshare --kill-child: its sshd, and with it everything left in that node's namespace, dies
+        for (
+            p
+        ) in self.procs:  # unshare --kill-child: its sshd, and with it everything left in that node's namespace, dies
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=10)

@@ -1,4 +1,5 @@
 """Real GCS emulators on 127.0.0.1 for the tests: fake-gcs-server (Go) and gcp-storage-emulator (Python)."""
+
 from __future__ import annotations
 
 import shutil
@@ -39,12 +40,38 @@ class Emulator:
 
             root = self.workdir / "data"
             (root / BUCKET).mkdir(parents=True, exist_ok=True)
-            cmd = [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), "-backend",
-                   "filesystem", "-filesystem-root", str(root), "-external-url", self.url, "-log-level", "error"]
+            cmd = [
+                str(_get_binary_path()),
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(self.port),
+                "-backend",
+                "filesystem",
+                "-filesystem-root",
+                str(root),
+                "-external-url",
+                self.url,
+                "-log-level",
+                "error",
+            ]
         else:
             exe = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent)) or "gcp-storage-emulator"
-            cmd = [exe, "-d", str(self.workdir / "data"), "start", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--default-bucket", BUCKET, "-q"]
+            cmd = [
+                exe,
+                "-d",
+                str(self.workdir / "data"),
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--default-bucket",
+                BUCKET,
+                "-q",
+            ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -141,8 +168,15 @@ class FaultProxy:
             return
         if h.command in self.deny:
             self.denied += 1
-            msg = _json.dumps({"error": {"code": 403, "message": "caller does not have storage.objects.create access",
-                                         "errors": [{"reason": "forbidden", "message": "denied by the test proxy"}]}}).encode()
+            msg = _json.dumps(
+                {
+                    "error": {
+                        "code": 403,
+                        "message": "caller does not have storage.objects.create access",
+                        "errors": [{"reason": "forbidden", "message": "denied by the test proxy"}],
+                    }
+                }
+            ).encode()
             h.send_response(403)
             h.send_header("Content-Type", "application/json")
             h.send_header("Content-Length", str(len(msg)))

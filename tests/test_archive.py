@@ -1,4 +1,5 @@
 """Tar parts: the streamed archive is a real tar, seekable, with every file's CRC32C; parts are balanced."""
+
 from __future__ import annotations
 
 import base64
@@ -24,8 +25,15 @@ def crc32c_b64(data: bytes) -> str:
 @pytest.fixture
 def folder(tmp_path: Path) -> tuple[Path, list[tuple[str, int]]]:
     """Files whose sizes hit the tar block edges, a nested path and a name too long for a ustar header."""
-    sizes = {"empty.pt": 0, "b511.pt": 511, "b512.pt": 512, "b513.pt": 513, "sub/dir/meta.json": 100_000,
-             "x" * 140 + ".bin": 7_777, "mp_rank_00_model_states.pt": 3 * MB + 5}
+    sizes = {
+        "empty.pt": 0,
+        "b511.pt": 511,
+        "b512.pt": 512,
+        "b513.pt": 513,
+        "sub/dir/meta.json": 100_000,
+        "x" * 140 + ".bin": 7_777,
+        "mp_rank_00_model_states.pt": 3 * MB + 5,
+    }
     for rel, size in sizes.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(os.urandom(size))
@@ -52,7 +60,9 @@ def test_tar_stream_is_byte_for_byte_what_tarfile_writes(folder) -> None:
         assert sorted(m.name for m in tar.getmembers()) == [rel for rel, _ in files]
         for m in tar.getmembers():
             assert tar.extractfile(m).read() == (root / m.name).read_bytes()  # type: ignore[union-attr]
-    assert [(e.path, e.size, e.crc32c) for e in entries] == [(rel, size, crc32c_b64((root / rel).read_bytes())) for rel, size in files]
+    assert [(e.path, e.size, e.crc32c) for e in entries] == [
+        (rel, size, crc32c_b64((root / rel).read_bytes())) for rel, size in files
+    ]
 
 
 def test_seeking_back_and_reading_again_gives_the_same_bytes_and_checksums(folder) -> None:
@@ -89,7 +99,10 @@ def test_a_file_that_changes_while_archived_is_an_error(folder) -> None:
 
 
 def test_parts_two_per_stream_bounded_and_balanced() -> None:
-    big = [(f"zero_pp_rank_{i}_optim_states.pt", 32 * MB) for i in range(8)] + [("metadata.json", 2_000), ("rng.pt", 100)]
+    big = [(f"zero_pp_rank_{i}_optim_states.pt", 32 * MB) for i in range(8)] + [
+        ("metadata.json", 2_000),
+        ("rng.pt", 100),
+    ]
     parts = plan_parts(big, workers=4)
     assert len(parts) == 8  # two per stream
     assert sorted(f for p in parts for f in p) == sorted(big)  # every file exactly once

@@ -1,5 +1,6 @@
 """User mistakes through the real CLI: exit code 2, one `error: ` line per problem naming the file/line or
 field, no traceback, and nothing written."""
+
 from __future__ import annotations
 
 import base64
@@ -49,8 +50,9 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str, problems: i
         assert line.startswith("error: "), line
     for needle in needles:
         assert needle in r.stderr, f"{needle!r} not in {r.stderr!r}"
-    assert "launcher.ds_launch" not in r.stdout and "launcher.ds_runner" not in r.stdout, \
+    assert "launcher.ds_launch" not in r.stdout and "launcher.ds_runner" not in r.stdout, (
         "nothing may be launched or printed as a command"
+    )
     return lines
 
 
@@ -60,8 +62,11 @@ def check_nothing_written(tiny_config: Path, tmp_path: Path):
     before = snapshot(tmp_path)
     yield
     assert not run_dir_of(tiny_config).exists(), "run_dir was created"
-    new = {p for p in snapshot(tmp_path) - before
-           if not any(part.startswith("made-") for part in p.relative_to(tmp_path).parts)}  # made by the test itself
+    new = {
+        p
+        for p in snapshot(tmp_path) - before
+        if not any(part.startswith("made-") for part in p.relative_to(tmp_path).parts)
+    }  # made by the test itself
     assert not new, f"files written: {sorted(new)}"
 
 
@@ -116,7 +121,9 @@ def test_unknown_top_level_key(tiny_config: Path, via: str) -> None:
 
 @pytest.mark.parametrize("via", BOTH)
 def test_unknown_key_via_set(tiny_config: Path, via: str) -> None:
-    assert_user_error(invoke(via, tiny_config, "--set", "optim.lrr=0.1"), "--set optim.lrr=0.1", "optim.lrr", "unknown key")
+    assert_user_error(
+        invoke(via, tiny_config, "--set", "optim.lrr=0.1"), "--set optim.lrr=0.1", "optim.lrr", "unknown key"
+    )
 
 
 @pytest.mark.parametrize("via", BOTH)
@@ -126,11 +133,14 @@ def test_wrong_type_in_file(tiny_config: Path, via: str) -> None:
 
 
 @pytest.mark.parametrize("via", BOTH)
-@pytest.mark.parametrize("sets,field,says", [
-    (["model.num_heads=5"], "model.num_heads", "5 does not divide hidden_size 64"),
-    (["model.hidden_size=48"], "model.hidden_size", "head size 12, whose rotary part"),
-    (["model.num_layers=0"], "model.num_layers", "greater than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    "sets,field,says",
+    [
+        (["model.num_heads=5"], "model.num_heads", "5 does not divide hidden_size 64"),
+        (["model.hidden_size=48"], "model.hidden_size", "head size 12, whose rotary part"),
+        (["model.num_layers=0"], "model.num_layers", "greater than or equal to 1"),
+    ],
+)
 def test_model_sizes_that_cannot_be_built(tiny_config: Path, via: str, sets: list[str], field: str, says: str) -> None:
     """Sizes over the preset are checked before anything starts: one line naming the field and what is wrong."""
     args = [a for s in sets for a in ("--set", s)]
@@ -139,8 +149,12 @@ def test_model_sizes_that_cannot_be_built(tiny_config: Path, via: str, sets: lis
 
 @pytest.mark.parametrize("via", BOTH)
 def test_wrong_type_via_set(tiny_config: Path, via: str) -> None:
-    assert_user_error(invoke(via, tiny_config, "--set", "train.max_steps=many"), "--set train.max_steps=many",
-                      "train.max_steps", "'many'")
+    assert_user_error(
+        invoke(via, tiny_config, "--set", "train.max_steps=many"),
+        "--set train.max_steps=many",
+        "train.max_steps",
+        "'many'",
+    )
 
 
 @pytest.mark.parametrize("via", BOTH)
@@ -157,13 +171,19 @@ def test_micro_batch_size_zero_in_file(tiny_config: Path, via: str) -> None:
 
 @pytest.mark.parametrize("via", BOTH)
 def test_micro_batch_size_zero_via_flag(tiny_config: Path, via: str) -> None:
-    assert_user_error(invoke(via, tiny_config, "--batch-size", "0"), "--batch-size 0", "train.micro_batch_size",
-                      "greater than or equal to 1")
+    assert_user_error(
+        invoke(via, tiny_config, "--batch-size", "0"),
+        "--batch-size 0",
+        "train.micro_batch_size",
+        "greater than or equal to 1",
+    )
 
 
 @pytest.mark.parametrize("via", BOTH)
 def test_negative_learning_rate_via_set(tiny_config: Path, via: str) -> None:
-    assert_user_error(invoke(via, tiny_config, "--set", "optim.lr=-0.1"), "--set optim.lr=-0.1", "optim.lr", "greater than 0")
+    assert_user_error(
+        invoke(via, tiny_config, "--set", "optim.lr=-0.1"), "--set optim.lr=-0.1", "optim.lr", "greater than 0"
+    )
 
 
 @pytest.mark.parametrize("via", BOTH)
@@ -177,13 +197,21 @@ def test_global_batch_size_inconsistent_with_world(tiny_config: Path, via: str) 
 
 @pytest.mark.parametrize("via", BOTH)
 def test_deepspeed_train_batch_size_override_inconsistent(tiny_config: Path, via: str) -> None:
-    assert_user_error(invoke(via, tiny_config, "--set", "deepspeed.overrides.train_batch_size=99"), "train_batch_size", "99")
+    assert_user_error(
+        invoke(via, tiny_config, "--set", "deepspeed.overrides.train_batch_size=99"), "train_batch_size", "99"
+    )
 
 
 @pytest.mark.parametrize("via", BOTH)
 def test_bf16_and_fp16_both_enabled(tiny_config: Path, via: str) -> None:
-    r = invoke(via, tiny_config, "--set", "deepspeed.overrides.bf16.enabled=true",
-               "--set", "deepspeed.overrides.fp16.enabled=true")
+    r = invoke(
+        via,
+        tiny_config,
+        "--set",
+        "deepspeed.overrides.bf16.enabled=true",
+        "--set",
+        "deepspeed.overrides.fp16.enabled=true",
+    )
     assert_user_error(r, "bf16", "fp16", "both")
 
 
@@ -195,7 +223,9 @@ def test_warmup_longer_than_max_steps_in_file(tiny_config: Path, via: str) -> No
 
 @pytest.mark.parametrize("via", BOTH)
 def test_warmup_longer_than_max_steps_via_flags(tiny_config: Path, via: str) -> None:
-    assert_user_error(invoke(via, tiny_config, "--set", "optim.warmup_steps=5", "--max-steps", "3"), "optim.warmup_steps")
+    assert_user_error(
+        invoke(via, tiny_config, "--set", "optim.warmup_steps=5", "--max-steps", "3"), "optim.warmup_steps"
+    )
 
 
 @pytest.mark.parametrize("via", BOTH)
@@ -232,27 +262,37 @@ def test_set_without_equals(tiny_config: Path, via: str) -> None:
 
 @pytest.mark.parametrize("via", BOTH)
 def test_set_into_a_non_section(tiny_config: Path, via: str) -> None:
-    assert_user_error(invoke(via, tiny_config, "--set", "train.max_steps.x=1"), "--set train.max_steps.x=1", "max_steps")
+    assert_user_error(
+        invoke(via, tiny_config, "--set", "train.max_steps.x=1"), "--set train.max_steps.x=1", "max_steps"
+    )
 
 
 @pytest.mark.parametrize("via", BOTH)
 def test_unknown_template_name(tiny_config: Path, via: str) -> None:
-    lines = assert_user_error(invoke(via, tiny_config, "--set", "deepspeed.template=zero9"), "deepspeed.template", "zero9")
+    lines = assert_user_error(
+        invoke(via, tiny_config, "--set", "deepspeed.template=zero9"), "deepspeed.template", "zero9"
+    )
     assert "zero2" in lines[0] and "zero3_offload" in lines[0]  # lists what exists
 
 
 @pytest.mark.parametrize("via", BOTH)
 def test_missing_template_json_path(tiny_config: Path, tmp_path: Path, via: str) -> None:
     missing = tmp_path / "nope.json"
-    assert_user_error(invoke(via, tiny_config, "--set", f"deepspeed.template={missing}"), "deepspeed.template", str(missing))
+    assert_user_error(
+        invoke(via, tiny_config, "--set", f"deepspeed.template={missing}"), "deepspeed.template", str(missing)
+    )
 
 
 @pytest.mark.parametrize("via", BOTH)
 def test_each_problem_is_its_own_error_line(tiny_config: Path, via: str) -> None:
     text = tiny_config.read_text().replace("\noptim:\n", "\noptim:\n  lrr: 1\n  betaz: 2\n", 1)
     path = edit(tiny_config, text)
-    assert_user_error(invoke(via, path), f"{path.name}:{line_of(text, 'lrr')}: optim.lrr",
-                      f"{path.name}:{line_of(text, 'betaz')}: optim.betaz", problems=2)
+    assert_user_error(
+        invoke(via, path),
+        f"{path.name}:{line_of(text, 'lrr')}: optim.lrr",
+        f"{path.name}:{line_of(text, 'betaz')}: optim.betaz",
+        problems=2,
+    )
 
 
 @pytest.mark.parametrize("via", BOTH)
@@ -274,7 +314,9 @@ def test_every_problem_of_a_file_is_reported(tiny_config: Path, via: str) -> Non
 
 def test_missing_shard_folder(tiny_config: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-shards"
-    assert_user_error(invoke("train", tiny_config, "--set", f"data.path={missing}"), "data.path", str(missing), "does not exist")
+    assert_user_error(
+        invoke("train", tiny_config, "--set", f"data.path={missing}"), "data.path", str(missing), "does not exist"
+    )
     assert not missing.exists()
 
 
@@ -282,7 +324,9 @@ def test_empty_shard_folder(tiny_config: Path, tmp_path: Path) -> None:
     empty = tmp_path / "made-empty"
     empty.mkdir()
     (empty / "made-README.txt").write_text("not a shard")
-    assert_user_error(invoke("train", tiny_config, "--set", f"data.path={empty}"), "data.path", str(empty), "no .npy or .npz")
+    assert_user_error(
+        invoke("train", tiny_config, "--set", f"data.path={empty}"), "data.path", str(empty), "no .npy or .npz"
+    )
 
 
 @pytest.mark.parametrize("fmt", ["npy", "npz"])
@@ -339,8 +383,13 @@ def test_hostfile_zero_slots(tiny_config: Path, tmp_path: Path, via: str) -> Non
 def test_duplicate_hosts(tiny_config: Path, tmp_path: Path, via: str) -> None:
     hostfile = tmp_path / "made-hostfile"
     hostfile.write_text("worker-1 slots=2\nworker-2 slots=2  # second\nworker-1 slots=4\n")
-    assert_user_error(invoke(via, tiny_config, "--hostfile", str(hostfile), ranks=None), f"{hostfile}:3:", "duplicate",
-                      "worker-1", "line 1")
+    assert_user_error(
+        invoke(via, tiny_config, "--hostfile", str(hostfile), ranks=None),
+        f"{hostfile}:3:",
+        "duplicate",
+        "worker-1",
+        "line 1",
+    )
 
 
 @pytest.mark.parametrize("via", BOTH)
@@ -360,8 +409,9 @@ def test_hostfile_and_num_ranks_together(tiny_config: Path, tmp_path: Path) -> N
 
 
 def test_resume_tag_that_does_not_exist(tiny_config: Path) -> None:
-    assert_user_error(invoke("train", tiny_config, "--resume", "step-00000999"), "--resume step-00000999",
-                      "no committed checkpoint")
+    assert_user_error(
+        invoke("train", tiny_config, "--resume", "step-00000999"), "--resume step-00000999", "no committed checkpoint"
+    )
 
 
 def test_resume_latest_without_checkpoints(tiny_config: Path) -> None:
@@ -371,7 +421,9 @@ def test_resume_latest_without_checkpoints(tiny_config: Path) -> None:
 def test_resume_partial_checkpoint_folder(tiny_config: Path, tmp_path: Path) -> None:
     partial = tmp_path / "made-partial" / "checkpoints" / "step-00000010"
     partial.mkdir(parents=True)
-    assert_user_error(invoke("train", tiny_config, "--resume", str(partial)), str(partial), "not a committed checkpoint")
+    assert_user_error(
+        invoke("train", tiny_config, "--resume", str(partial)), str(partial), "not a committed checkpoint"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +459,9 @@ def test_dry_run_across_nodes_prints_the_deepspeed_runner_command(tiny_config: P
     assert "world size 4 on 2 host(s)" in r.stdout
     cmd = shlex.split(next(line for line in r.stdout.splitlines() if "trainer.launcher.ds_runner" in line))
     assert cmd[cmd.index("--hostfile") + 1] == str(hostfile) and cmd[cmd.index("--master_port") + 1] == "29500"
-    r = invoke("train", tiny_config, "--hostfile", str(hostfile), "--node-rank", "1", "--master-addr", "gpu-node-1", ranks=None)
+    r = invoke(
+        "train", tiny_config, "--hostfile", str(hostfile), "--node-rank", "1", "--master-addr", "gpu-node-1", ranks=None
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     cmd = shlex.split(next(line for line in r.stdout.splitlines() if "trainer.launcher.ds_launch" in line))
     for needle in ("--node_rank=1", "--master_addr=gpu-node-1", "--master_port=29500"):
@@ -418,7 +472,6 @@ def test_dry_run_world_size_from_num_ranks(tiny_config: Path) -> None:
     r = invoke("train", tiny_config, ranks="2")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "world size 2 on 1 host(s)" in r.stdout
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,10 +494,14 @@ def test_epochs_flag_replaces_max_steps_of_the_file(tiny_config: Path) -> None:
 
 
 def test_both_length_flags_are_one_error(tiny_config: Path, check_nothing_written: None) -> None:
-    assert_user_error(invoke("train", tiny_config, "--max-steps", "5", "--num-epochs", "1"), "--max-steps and --num-epochs")
+    assert_user_error(
+        invoke("train", tiny_config, "--max-steps", "5", "--num-epochs", "1"), "--max-steps and --num-epochs"
+    )
 
 
-def test_missing_val_path_is_named_before_launch(tiny_config: Path, tmp_path: Path, check_nothing_written: None) -> None:
+def test_missing_val_path_is_named_before_launch(
+    tiny_config: Path, tmp_path: Path, check_nothing_written: None
+) -> None:
     missing = tmp_path / "no-such-val"
     path, _ = with_value(tiny_config, "data", "val_fraction", "null")
     path, _ = with_value(path, "data", "val_path", str(missing))
@@ -457,8 +514,12 @@ def test_val_set_smaller_than_one_eval_batch(tiny_config: Path, tmp_path: Path, 
     np.save(val / "v.npy", np.arange(3 * 128 + 1, dtype=np.int32) % 500)  # 3 windows; micro batch 8 x 2 ranks = 16
     path, _ = with_value(tiny_config, "data", "val_fraction", "null")
     path, _ = with_value(path, "data", "val_path", str(val))
-    assert_user_error(invoke("train", path, ranks="2"), "data.val_path", "3 validation sample(s), fewer than one evaluation batch",
-                      "micro_batch_size 8 x 2 rank(s) = 16")
+    assert_user_error(
+        invoke("train", path, ranks="2"),
+        "data.val_path",
+        "3 validation sample(s), fewer than one evaluation batch",
+        "micro_batch_size 8 x 2 rank(s) = 16",
+    )
 
 
 def test_val_fraction_and_val_path_together(tiny_config: Path, tiny_shards: Path, check_nothing_written: None) -> None:
@@ -472,9 +533,19 @@ def test_best_metric_val_loss_without_validation_data(tiny_config: Path, check_n
     assert_user_error(invoke("train", path), "checkpoint.best_metric val_loss: this run has no validation data")
 
 
-@pytest.mark.parametrize("section,key,raw", [("eval", "every", "0"), ("eval", "every", "epochs"),
-                                             ("checkpoint", "save_every", "-5"), ("checkpoint", "save_every", "true")])
-def test_a_bad_cadence_is_one_line_naming_the_field(tiny_config: Path, section: str, key: str, raw: str,
-                                                    check_nothing_written: None) -> None:
+@pytest.mark.parametrize(
+    "section,key,raw",
+    [
+        ("eval", "every", "0"),
+        ("eval", "every", "epochs"),
+        ("checkpoint", "save_every", "-5"),
+        ("checkpoint", "save_every", "true"),
+    ],
+)
+def test_a_bad_cadence_is_one_line_naming_the_field(
+    tiny_config: Path, section: str, key: str, raw: str, check_nothing_written: None
+) -> None:
     path, line = with_value(tiny_config, section, key, raw)
-    assert_user_error(invoke("train", path), f"{path.name}:{line}: {section}.{key}: expected a number of steps >= 1, or `epoch`")
+    assert_user_error(
+        invoke("train", path), f"{path.name}:{line}: {section}.{key}: expected a number of steps >= 1, or `epoch`"
+    )

@@ -1,4 +1,5 @@
 """The local checkpoint store: atomic writes, commit, listing, retention, deletion and resume lookup."""
+
 from __future__ import annotations
 
 import json
@@ -11,20 +12,39 @@ import pytest
 
 from trainer.checkpoint import store as store_mod
 from trainer.checkpoint.layout import METADATA, tag_for
-from trainer.checkpoint.store import (CheckpointStore, all_committed, atomic_write, delete_checkpoint, is_committed, read_metadata,
-                                      resolve_resume)
+from trainer.checkpoint.store import (
+    CheckpointStore,
+    all_committed,
+    atomic_write,
+    delete_checkpoint,
+    is_committed,
+    read_metadata,
+    resolve_resume,
+)
 from trainer.errors import UserError
 
 
-def make_ckpt(run_dir: Path, run_id: str, step: int, loss: Optional[float] = 1.0, committed_at: Optional[str] = None,
-              committed: bool = True, **extra: object) -> Path:
+def make_ckpt(
+    run_dir: Path,
+    run_id: str,
+    step: int,
+    loss: Optional[float] = 1.0,
+    committed_at: Optional[str] = None,
+    committed: bool = True,
+    **extra: object,
+) -> Path:
     """A fake checkpoint folder (a weights file, and metadata.json when committed)."""
     d = run_dir / run_id / "checkpoints" / tag_for(step)
     d.mkdir(parents=True)
     (d / "mp_rank_00_model_states.pt").write_bytes(b"weights")
     if committed:
-        meta = {"step": step, "run_id": run_id, "loss": loss,
-                "committed_at": committed_at or f"2024-01-01T00:{step // 60 % 60:02d}:{step % 60:02d}+00:00", **extra}
+        meta = {
+            "step": step,
+            "run_id": run_id,
+            "loss": loss,
+            "committed_at": committed_at or f"2024-01-01T00:{step // 60 % 60:02d}:{step % 60:02d}+00:00",
+            **extra,
+        }
         (d / METADATA).write_text(json.dumps(meta))
     return d
 
@@ -87,8 +107,11 @@ def test_commit_writes_side_files_then_metadata_last(tmp_path: Path, monkeypatch
         real(path, data)
 
     monkeypatch.setattr(store_mod, "atomic_write", recording)
-    d = store.commit(tag_for(10), {"step": 10, "run_id": "run1", "loss": 2.5, "committed_at": "2024-01-01T00:00:00+00:00"},
-                     {"config.yaml": "a: 1\n", "rng_rank0.json": "{}"})
+    d = store.commit(
+        tag_for(10),
+        {"step": 10, "run_id": "run1", "loss": 2.5, "committed_at": "2024-01-01T00:00:00+00:00"},
+        {"config.yaml": "a: 1\n", "rng_rank0.json": "{}"},
+    )
     assert d == tmp_path / "run1" / "checkpoints" / "step-00000010"
     assert order[-1] == METADATA
     assert sorted(order[:-1]) == ["config.yaml", "rng_rank0.json"]
@@ -220,7 +243,14 @@ def test_retention_never_keeps_a_nan_loss_as_best(tmp_path: Path) -> None:
 def test_retention_keeps_the_best_by_val_loss_measured_at_its_step(tmp_path: Path) -> None:
     """best_metric val_loss: the lowest held-out loss wins although another has the lowest training loss; a checkpoint
     saved between evaluations (val_loss None: not measured at its step) is never the best by val_loss."""
-    for step, loss, val in [(10, 5.0, 4.0), (20, 1.0, 3.5), (30, 4.0, 2.0), (40, 3.0, None), (50, 2.0, 3.0), (60, 2.5, 3.1)]:
+    for step, loss, val in [
+        (10, 5.0, 4.0),
+        (20, 1.0, 3.5),
+        (30, 4.0, 2.0),
+        (40, 3.0, None),
+        (50, 2.0, 3.0),
+        (60, 2.5, 3.1),
+    ]:
         make_ckpt(tmp_path, "run1", step, loss, val_loss=val, best_metric="val_loss")
     store = CheckpointStore(tmp_path / "run1")
     store.retention(keep_last=1, keep_best=True)  # the metric the checkpoints were saved with
@@ -372,7 +402,8 @@ def test_resume_auto_of_a_complete_run_is_nothing_to_do(tmp_path: Path) -> None:
         ckpt.check_resumable("auto", 1, "pretrain", 300)
     assert exc.value.exit_code == 0 and exc.value.lines() == [
         "nothing to do: run run-a is complete (step-00000300, train.max_steps 300); raise --max-steps to train further,"
-        " or pass --resume none for a new run"]
+        " or pass --resume none for a new run"
+    ]
     with pytest.raises(UserError) as exc2:
         ckpt.check_resumable("latest", 1, "pretrain", 300)
     assert exc2.value.exit_code == 2 and not isinstance(exc2.value, NothingToDo)
@@ -396,8 +427,14 @@ def test_resume_refuses_other_model_sizes_and_accepts_metadata_from_before_sizes
     assert "holds a different model than this config (num_layers 3 there, 2 here)" in str(exc.value)
     assert resolve_resume(tmp_path, "auto", task="pretrain", model=two) is None  # auto never picks another model
 
-    old = {"preset": "neox-tiny", "vocab_size": None, "pad_vocab_to": 128, "seq_len": None, "attn_implementation": "sdpa",
-           "gradient_checkpointing": False}
+    old = {
+        "preset": "neox-tiny",
+        "vocab_size": None,
+        "pad_vocab_to": 128,
+        "seq_len": None,
+        "attn_implementation": "sdpa",
+        "gradient_checkpointing": False,
+    }
     (d / METADATA).write_text(json.dumps({**meta, "model": old, "world_size": 1, "task": "pretrain"}))
     resolve_resume(tmp_path, "latest").check_resumable("latest", 1, "pretrain", 100, two)
     with pytest.raises(UserError, match="num_layers 2 there, 3 here"):

@@ -1,6 +1,7 @@
 """`trainer checkpoints list/show/compare/plot`, `trainer monitor` and the MLflow artifacts, against
 two real runs: run A (2 CPU ranks under the launcher, ZeRO-3, MLflow on, export logged) and run B
 (one rank, ZeRO-2, another learning rate), both uploading to a GCS emulator."""
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path):
     cfg_a["deepspeed"] = {"template": "zero3"}
     cfg_a["tracking"] = {"enabled": True, "log_export": True}
     (tmp / "a.yaml").write_text(yaml.safe_dump(cfg_a))
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli.main", "train", str(tmp / "a.yaml"), "--num-ranks", "2"],
-                            cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli.main", "train", str(tmp / "a.yaml"), "--num-ranks", "2"],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     live = []
     while proc.poll() is None:  # what `trainer monitor` sees while the run trains
         for run in root.glob("*_*"):
@@ -101,7 +108,9 @@ def test_list_groups_runs_newest_first_with_their_numbers(runs: Runs) -> None:
     r = cli(runs, "checkpoints", "list", str(runs.root), "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
-    assert [(x["run_id"], x["step"]) for x in rows] == [(runs.b.name, s) for s in (8, 16, 24)] + [(runs.a.name, s) for s in (8, 16, 24)]
+    assert [(x["run_id"], x["step"]) for x in rows] == [(runs.b.name, s) for s in (8, 16, 24)] + [
+        (runs.a.name, s) for s in (8, 16, 24)
+    ]
     for x in rows:
         meta = _meta(runs.root / x["run_id"], x["step"])
         assert x["loss"] == meta["loss"] and x["epoch"] == meta["epoch"] and x["committed_at"] == meta["committed_at"]
@@ -159,10 +168,19 @@ def test_show_prints_the_metadata_and_loss_statistics(runs: Runs) -> None:
     r = cli(runs, "checkpoints", "show", f"{runs.b.name[:10]}/16", "-r", str(runs.root))
     assert r.returncode == 0, r.stderr
     values = [v for _, v in meta["loss_history"]]
-    for expected in (f"step-00000016 of run {runs.b.name}", f"{meta['loss']:.4f}", f"{meta['best_loss']:.4f} at step {meta['best_step']}",
-                     f"{statistics.fmean(values):.4f} over {len(values)} logged points", f"{statistics.pstdev(values):.4f}",
-                     f"{meta['lr_history'][-1][1]:.3e}", f"{meta['tokens_seen']:,}", meta["config_hash"],
-                     f"deepspeed {meta['system']['deepspeed']}", "mp_rank_00_model_states.pt", f"uploaded {runs.url}/{runs.b.name}/step-00000016"):
+    for expected in (
+        f"step-00000016 of run {runs.b.name}",
+        f"{meta['loss']:.4f}",
+        f"{meta['best_loss']:.4f} at step {meta['best_step']}",
+        f"{statistics.fmean(values):.4f} over {len(values)} logged points",
+        f"{statistics.pstdev(values):.4f}",
+        f"{meta['lr_history'][-1][1]:.3e}",
+        f"{meta['tokens_seen']:,}",
+        meta["config_hash"],
+        f"deepspeed {meta['system']['deepspeed']}",
+        "mp_rank_00_model_states.pt",
+        f"uploaded {runs.url}/{runs.b.name}/step-00000016",
+    ):
         assert expected in r.stdout, expected
     assert re.search(r"^world size +1 *$", r.stdout, re.M) and re.search(r"^ZeRO stage +2 *$", r.stdout, re.M), r.stdout
 
@@ -170,9 +188,15 @@ def test_show_prints_the_metadata_and_loss_statistics(runs: Runs) -> None:
     assert_user_error(r, "latest", "2 runs", "RUN/latest")
     r = cli(runs, "checkpoints", "show", str(runs.a), "--json")  # a run folder: its newest checkpoint
     shown = json.loads(r.stdout)
-    assert shown["metadata"]["step"] == 24 and shown["metadata"]["zero_stage"] == 3 and shown["metadata"]["world_size"] == 2
+    assert (
+        shown["metadata"]["step"] == 24
+        and shown["metadata"]["zero_stage"] == 3
+        and shown["metadata"]["world_size"] == 2
+    )
     assert shown["loss_stats"]["trend"] == "improving"
-    r = cli(runs, "checkpoints", "show", f"{runs.url}/{runs.a.name}/step-00000008", "--json")  # straight from the bucket
+    r = cli(
+        runs, "checkpoints", "show", f"{runs.url}/{runs.a.name}/step-00000008", "--json"
+    )  # straight from the bucket
     assert json.loads(r.stdout)["metadata"] == _meta(runs.a, 8)
 
 
@@ -183,8 +207,18 @@ def test_compare_shows_deltas_and_only_the_config_keys_that_differ(runs: Runs) -
     out = r.stdout
     assert f"{mb['loss']:.4f} ({mb['loss'] - ma['loss']:+.4f})" in out
     assert "1 (-1)" in out  # world size 2 -> 1
-    diff = json.loads(cli(runs, "checkpoints", "compare", f"{runs.a.name[:8]}/24", f"{runs.b.name[:8]}/24", "-r", str(runs.root),
-                          "--json").stdout)["config_differences"]
+    diff = json.loads(
+        cli(
+            runs,
+            "checkpoints",
+            "compare",
+            f"{runs.a.name[:8]}/24",
+            f"{runs.b.name[:8]}/24",
+            "-r",
+            str(runs.root),
+            "--json",
+        ).stdout
+    )["config_differences"]
     assert diff["optim.lr"] == [ma["config"]["optim"]["lr"], 1.0e-3]
     assert diff["deepspeed.template"] == ["zero3", "zero2"] and "tracking.enabled" in diff
     assert "train.max_steps" not in diff and "optim.warmup_steps" not in diff
@@ -235,7 +269,16 @@ def test_monitor_shows_the_run_live_and_after_it_ended(runs: Runs) -> None:
     r = cli(runs, "monitor", str(runs.root), "--once")  # the folder of runs: the one active last is shown (B)
     assert r.returncode == 0, r.stderr
     status = json.loads((runs.b / "status.json").read_text())
-    for expected in (runs.b.name, "finished", "step 24/24", f"{status['loss']:.4f}", "step-00000024", "3 uploaded", "done: 24 steps", "goodput"):
+    for expected in (
+        runs.b.name,
+        "finished",
+        "step 24/24",
+        f"{status['loss']:.4f}",
+        "step-00000024",
+        "3 uploaded",
+        "done: 24 steps",
+        "goodput",
+    ):
         assert expected in r.stdout, expected
     r = cli(runs, "monitor", str(runs.a), "--once", "--logs-only", "-n", "6")
     assert r.returncode == 0, r.stderr
@@ -289,16 +332,28 @@ def test_mlflow_has_the_curves_config_and_export_of_run_a(runs: Runs) -> None:
 
 def test_bad_input_is_one_line_and_exit_2(runs: Runs, tmp_path: Path) -> None:
     root = str(runs.root)
-    assert_user_error(cli(runs, "checkpoints", "show", "step-00000099", "-r", root), "step-00000099", "no such checkpoint")
+    assert_user_error(
+        cli(runs, "checkpoints", "show", "step-00000099", "-r", root), "step-00000099", "no such checkpoint"
+    )
     assert_user_error(cli(runs, "checkpoints", "show", "zzzz/8", "-r", root), "zzzz", "no run")
-    assert_user_error(cli(runs, "checkpoints", "show", f"{runs.a.name[:8]}/12", "-r", root), "no checkpoint '12'", "it has step-00000008")
+    assert_user_error(
+        cli(runs, "checkpoints", "show", f"{runs.a.name[:8]}/12", "-r", root),
+        "no checkpoint '12'",
+        "it has step-00000008",
+    )
     (tmp_path / "empty").mkdir()
     assert_user_error(cli(runs, "checkpoints", "list", str(tmp_path / "empty")), "no committed checkpoints")
     assert_user_error(cli(runs, "checkpoints", "list", str(tmp_path / "nothing")), "no such file or folder")
     assert_user_error(cli(runs, "monitor", str(tmp_path / "empty"), "--once"), "no run")
     assert_user_error(cli(runs, "checkpoints", "list", f"gs://no-such-bucket-{os.getpid()}/x"), "does not exist")
-    closed = run_cli("checkpoints", "list", f"gs://{BUCKET}/ckpts", "--timeout", "2",
-                     env={"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}"})
+    closed = run_cli(
+        "checkpoints",
+        "list",
+        f"gs://{BUCKET}/ckpts",
+        "--timeout",
+        "2",
+        env={"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}"},
+    )
     assert_user_error(closed, "cannot reach")
 
     # A corrupt metadata file: the other checkpoints are still listed; the bad one is named, exit 2.

@@ -1,4 +1,5 @@
 """Config loading: defaults, `--set` and flag overrides, the config hash, and DeepSpeed rendering."""
+
 from __future__ import annotations
 
 import json
@@ -144,8 +145,15 @@ def test_set_lr_scientific_notation_gives_float(tiny_config: Path) -> None:
 
 
 def test_set_nested_dict_into_deepspeed_overrides(tiny_config: Path) -> None:
-    cfg = load_config(tiny_config, Overrides(sets=["deepspeed.overrides.zero_optimization.stage=1",
-                                                   "deepspeed.overrides.zero_optimization.overlap_comm=false"]))
+    cfg = load_config(
+        tiny_config,
+        Overrides(
+            sets=[
+                "deepspeed.overrides.zero_optimization.stage=1",
+                "deepspeed.overrides.zero_optimization.overlap_comm=false",
+            ]
+        ),
+    )
     assert cfg.deepspeed.overrides == {"zero_optimization": {"stage": 1, "overlap_comm": False}}
     ds = render_ds_config(cfg, 1, 64)
     assert zero_stage(ds) == 1
@@ -171,19 +179,33 @@ def leaf_annotations(model: type = RunConfig, prefix: str = "") -> dict[str, obj
 
 # Leaves whose other valid value cannot be derived from the type alone (ranges, formats), and the leaves that
 # cross-field rules change with them (`KEY=VALUE` sets, given as they would be on the command line).
-LORA = ['task="lora"', 'lora={"llm_path": "/models/qwen", "phase1_checkpoint": "/models/p1.safetensors"}',
-        "data.val_fraction=null"]
+LORA = [
+    'task="lora"',
+    'lora={"llm_path": "/models/qwen", "phase1_checkpoint": "/models/p1.safetensors"}',
+    "data.val_fraction=null",
+]
 OTHER_VALUES: dict[str, tuple[object, list[str]]] = {
-    "task": ("lora", LORA[1:]), "lora": ({"llm_path": "/models/qwen", "phase1_checkpoint": "/models/p1.safetensors"},
-                                        [LORA[0], LORA[2]]),
-    "model.preset": ("neox-410m", []), "model.hidden_size": (128, []), "model.num_heads": (8, []),
-    "model.seq_len": (256, []), "optim.betas": ([0.8, 0.99], []), "optim.min_lr_ratio": (0.2, []),
-    "optim.warmup_ratio": (0.1, ["optim.warmup_steps=null"]), "train.epochs": (2.0, ["train.max_steps=null"]),
-    "train.global_batch_size": (16, []), "train.max_steps": (200, []), "eval.every": (25, []),
-    "data.val_path": ("/data/val", ["data.val_fraction=null"]), "data.val_file": ("val.jsonl", LORA),
-    "data.fields": ({"response": "answer"}, LORA), "data.num_workers": (2, LORA),
-    "checkpoint.resume": ("latest", []), "upload.url": ("file:///tmp/uploads", []),
-    "tracking.uri": ("http://mlflow:5000", []), "run_dir": ("/tmp/elsewhere", []),
+    "task": ("lora", LORA[1:]),
+    "lora": ({"llm_path": "/models/qwen", "phase1_checkpoint": "/models/p1.safetensors"}, [LORA[0], LORA[2]]),
+    "model.preset": ("neox-410m", []),
+    "model.hidden_size": (128, []),
+    "model.num_heads": (8, []),
+    "model.seq_len": (256, []),
+    "optim.betas": ([0.8, 0.99], []),
+    "optim.min_lr_ratio": (0.2, []),
+    "optim.warmup_ratio": (0.1, ["optim.warmup_steps=null"]),
+    "train.epochs": (2.0, ["train.max_steps=null"]),
+    "train.global_batch_size": (16, []),
+    "train.max_steps": (200, []),
+    "eval.every": (25, []),
+    "data.val_path": ("/data/val", ["data.val_fraction=null"]),
+    "data.val_file": ("val.jsonl", LORA),
+    "data.fields": ({"response": "answer"}, LORA),
+    "data.num_workers": (2, LORA),
+    "checkpoint.resume": ("latest", []),
+    "upload.url": ("file:///tmp/uploads", []),
+    "tracking.uri": ("http://mlflow:5000", []),
+    "run_dir": ("/tmp/elsewhere", []),
     "deepspeed.overrides": ({"gradient_clipping": 2.0}, []),
 }
 
@@ -241,15 +263,20 @@ def test_every_schema_field_can_be_set(tiny_config: Path) -> None:
             failures.append(f"{key}: set to {new!r}, reads {read!r}")
         got = flatten(doc)
         also = {c.split("=", 1)[0] for c in companions}
-        changed = sorted(k for k in leaves if k != key and got.get(k) != leaves[k]
-                         and not any(k == a or k.startswith(a + ".") for a in also))
+        changed = sorted(
+            k
+            for k in leaves
+            if k != key and got.get(k) != leaves[k] and not any(k == a or k.startswith(a + ".") for a in also)
+        )
         if changed:
             failures.append(f"{key}: also changed {changed}")
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("item, dotted, expected", [("run_id=1234", "run_id", "1234"),
-                                                    ("tracking.experiment=2024", "tracking.experiment", "2024")])
+@pytest.mark.parametrize(
+    "item, dotted, expected",
+    [("run_id=1234", "run_id", "1234"), ("tracking.experiment=2024", "tracking.experiment", "2024")],
+)
 def test_set_numeric_looking_value_into_string_field(tiny_config: Path, item: str, dotted: str, expected: str) -> None:
     cfg = load_config(tiny_config, Overrides(sets=[item]))
     value = cfg
@@ -271,7 +298,9 @@ def test_overrides_flags_set_their_fields(tiny_config: Path) -> None:
 
 
 def test_flags_apply_after_set(tiny_config: Path) -> None:
-    cfg = load_config(tiny_config, Overrides(sets=["train.max_steps=70", "optim.lr=0.5"], max_steps=50, learning_rate=1e-3))
+    cfg = load_config(
+        tiny_config, Overrides(sets=["train.max_steps=70", "optim.lr=0.5"], max_steps=50, learning_rate=1e-3)
+    )
     assert cfg.train.max_steps == 50
     assert cfg.optim.lr == 1e-3
 
@@ -281,16 +310,42 @@ def test_no_overrides_leave_file_values(tiny_config: Path) -> None:
 
 
 def test_overrides_to_argv_round_trip() -> None:
-    ov = Overrides(sets=["optim.lr=3e-4", "train.seed=7"], max_steps=50, batch_size=2, learning_rate=1e-3, resume="step-00000100")
+    ov = Overrides(
+        sets=["optim.lr=3e-4", "train.seed=7"], max_steps=50, batch_size=2, learning_rate=1e-3, resume="step-00000100"
+    )
     argv = ov.to_argv()
-    assert argv == ["--set", "optim.lr=3e-4", "--set", "train.seed=7", "--max-steps", "50", "--batch-size", "2",
-                    "--learning-rate", "0.001", "--resume", "step-00000100"]
+    assert argv == [
+        "--set",
+        "optim.lr=3e-4",
+        "--set",
+        "train.seed=7",
+        "--max-steps",
+        "50",
+        "--batch-size",
+        "2",
+        "--learning-rate",
+        "0.001",
+        "--resume",
+        "step-00000100",
+    ]
     assert float(argv[argv.index("--learning-rate") + 1]) == 1e-3
 
 
 def test_flags_via_cli(tiny_config: Path) -> None:
-    r = run_cli("config", "show", str(tiny_config), "--json", "--max-steps", "50", "--batch-size", "2",
-                "--learning-rate", "0.001", "--set", "train.grad_accum=3")
+    r = run_cli(
+        "config",
+        "show",
+        str(tiny_config),
+        "--json",
+        "--max-steps",
+        "50",
+        "--batch-size",
+        "2",
+        "--learning-rate",
+        "0.001",
+        "--set",
+        "train.grad_accum=3",
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["train"]["max_steps"] == 50
@@ -316,22 +371,35 @@ def test_config_hash_same_in_another_process(tiny_config: Path) -> None:
     assert json.loads(r.stdout)["resolved"]["config_hash"] == config_hash(load_config(tiny_config))
 
 
-@pytest.mark.parametrize("ov", [
-    Overrides(max_steps=1000),
-    Overrides(sets=["train.max_steps=25"]),
-    Overrides(resume="latest"),
-    Overrides(sets=["checkpoint.resume=step-00000100"]),
-    Overrides(sets=["run_dir=/tmp/another/place"]),
-    Overrides(sets=["run_id=some-run"]),
-    Overrides(sets=["upload.url=file:///tmp/up"]),
-    Overrides(sets=["tracking.enabled=true"]),
-], ids=["max-steps", "set-max-steps", "resume", "set-resume", "run_dir", "run_id", "upload", "tracking"])
+@pytest.mark.parametrize(
+    "ov",
+    [
+        Overrides(max_steps=1000),
+        Overrides(sets=["train.max_steps=25"]),
+        Overrides(resume="latest"),
+        Overrides(sets=["checkpoint.resume=step-00000100"]),
+        Overrides(sets=["run_dir=/tmp/another/place"]),
+        Overrides(sets=["run_id=some-run"]),
+        Overrides(sets=["upload.url=file:///tmp/up"]),
+        Overrides(sets=["tracking.enabled=true"]),
+    ],
+    ids=["max-steps", "set-max-steps", "resume", "set-resume", "run_dir", "run_id", "upload", "tracking"],
+)
 def test_config_hash_ignores_run_length_resume_and_outputs(tiny_config: Path, ov: Overrides) -> None:
     assert config_hash(load_config(tiny_config, ov)) == config_hash(load_config(tiny_config))
 
 
-@pytest.mark.parametrize("item", ["optim.lr=0.001", "train.seed=7", "train.micro_batch_size=2", "model.seq_len=64",
-                                  "deepspeed.template=zero1", "train.precision=bf16"])
+@pytest.mark.parametrize(
+    "item",
+    [
+        "optim.lr=0.001",
+        "train.seed=7",
+        "train.micro_batch_size=2",
+        "model.seq_len=64",
+        "deepspeed.template=zero1",
+        "train.precision=bf16",
+    ],
+)
 def test_config_hash_changes_with_trajectory_settings(tiny_config: Path, item: str) -> None:
     assert config_hash(load_config(tiny_config, Overrides(sets=[item]))) != config_hash(load_config(tiny_config))
 
@@ -349,8 +417,17 @@ def test_all_expected_templates_exist() -> None:
 @pytest.mark.parametrize("hidden", [64, None], ids=["hidden", "no-hidden"])
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_render_fills_every_auto(tiny_config: Path, template: str, world: int, hidden) -> None:
-    cfg = load_config(tiny_config, Overrides(sets=[f"deepspeed.template={template}", "train.micro_batch_size=2",
-                                                   "train.grad_accum=3", "optim.grad_clip=0.5"]))
+    cfg = load_config(
+        tiny_config,
+        Overrides(
+            sets=[
+                f"deepspeed.template={template}",
+                "train.micro_batch_size=2",
+                "train.grad_accum=3",
+                "optim.grad_clip=0.5",
+            ]
+        ),
+    )
     ds = render_ds_config(cfg, world, hidden)
     assert autos(ds) == []
     assert "auto" not in json.dumps(ds)
@@ -372,7 +449,7 @@ def test_render_fills_every_auto(tiny_config: Path, template: str, world: int, h
         if "reduce_bucket_size" in zo:
             assert zo["reduce_bucket_size"] == 50_000_000  # not 64^2: hundreds of tiny buckets cost 1.2x the step
     wide = render_ds_config(cfg, world, 8192)["zero_optimization"]  # hidden^2 once it is the larger
-    assert wide.get("reduce_bucket_size", 8192 ** 2) == 8192 ** 2
+    assert wide.get("reduce_bucket_size", 8192**2) == 8192**2
     json.dumps(ds)  # a valid JSON document
 
 
@@ -384,7 +461,9 @@ def test_offload_templates_keep_offload_and_optimizer(tiny_config: Path, templat
     assert ds["optimizer"]["type"] == "AdamW"
 
 
-@pytest.mark.parametrize("precision, bf16, fp16", [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)])
+@pytest.mark.parametrize(
+    "precision, bf16, fp16", [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)]
+)
 def test_render_precision_switches(tiny_config: Path, precision: str, bf16: bool, fp16: bool) -> None:
     cfg = load_config(tiny_config, Overrides(sets=[f"train.precision={precision}"]))
     ds = render_ds_config(cfg, 1, 64)
@@ -394,19 +473,36 @@ def test_render_precision_switches(tiny_config: Path, precision: str, bf16: bool
 
 def test_render_accepts_a_json_path(tiny_config: Path, tmp_path: Path) -> None:
     custom = tmp_path / "custom.json"
-    custom.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-                                  "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 1}}))
-    cfg = load_config(tiny_config, Overrides(sets=[f"deepspeed.template={custom}", "train.micro_batch_size=8",
-                                                   "train.grad_accum=1"]))
+    custom.write_text(
+        json.dumps(
+            {
+                "train_batch_size": "auto",
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "zero_optimization": {"stage": 1},
+            }
+        )
+    )
+    cfg = load_config(
+        tiny_config, Overrides(sets=[f"deepspeed.template={custom}", "train.micro_batch_size=8", "train.grad_accum=1"])
+    )
     ds = render_ds_config(cfg, 2, 64)
     # The keys the run config owns are filled even when a custom template leaves them out.
-    assert ds == {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
-                  "gradient_clipping": cfg.optim.grad_clip, "bf16": {"enabled": False}, "fp16": {"enabled": False},
-                  "zero_optimization": {"stage": 1}}
+    assert ds == {
+        "train_batch_size": 16,
+        "train_micro_batch_size_per_gpu": 8,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "zero_optimization": {"stage": 1},
+    }
 
 
 def test_render_global_batch_size_matching_world_is_accepted(tiny_config: Path) -> None:
-    cfg = load_config(tiny_config, Overrides(sets=["train.global_batch_size=16", "train.micro_batch_size=8", "train.grad_accum=1"]))
+    cfg = load_config(
+        tiny_config, Overrides(sets=["train.global_batch_size=16", "train.micro_batch_size=8", "train.grad_accum=1"])
+    )
     assert render_ds_config(cfg, 2, 64)["train_batch_size"] == 16
     with pytest.raises(UserError, match="global_batch_size"):
         render_ds_config(cfg, 1, 64)

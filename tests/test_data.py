@@ -1,4 +1,5 @@
 """Token shards and the resumable sampler."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -90,14 +91,14 @@ def test_each_epoch_is_a_permutation_of_all_windows(n: int, world: int, micro: i
     steps = -(-3 * n // global_batch)  # enough steps for three whole epochs
     order = global_order(n, 5, world, micro, accum, steps)
     for epoch in range(3):
-        chunk = order[epoch * n:(epoch + 1) * n]
+        chunk = order[epoch * n : (epoch + 1) * n]
         assert sorted(chunk.tolist()) == list(range(n)), f"epoch {epoch} does not cover every window exactly once"
 
 
 def test_epochs_have_different_orders() -> None:
     n = 64
     order = global_order(n, 5, world=2, micro=4, accum=2, steps=3 * n // 16)
-    e0, e1, e2 = order[:n], order[n:2 * n], order[2 * n:3 * n]
+    e0, e1, e2 = order[:n], order[n : 2 * n], order[2 * n : 3 * n]
     assert not np.array_equal(e0, e1)
     assert not np.array_equal(e1, e2)
     assert not np.array_equal(e0, np.arange(n))  # shuffled, not the file order
@@ -157,7 +158,7 @@ def expected_windows(arrays: list[np.ndarray], seq_len: int) -> list[np.ndarray]
     out = []
     for a in arrays:
         for i in range((len(a) - 1) // seq_len):
-            out.append(np.asarray(a[i * seq_len:i * seq_len + seq_len + 1], dtype=np.int64))
+            out.append(np.asarray(a[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64))
     return out
 
 
@@ -234,7 +235,12 @@ def test_open_shard_rejects_bad_arrays(tmp_path: Path) -> None:
     np.save(tmp_path / "2d.npy", np.zeros((3, 3), dtype=np.int64))
     np.savez(tmp_path / "two.npz", a=np.arange(3), b=np.arange(3))
     (tmp_path / "junk.npy").write_text("not numpy")
-    for name, needle in [("float.npy", "integer"), ("2d.npy", "1-D"), ("two.npz", "one array"), ("junk.npy", "junk.npy")]:
+    for name, needle in [
+        ("float.npy", "integer"),
+        ("2d.npy", "1-D"),
+        ("two.npz", "one array"),
+        ("junk.npy", "junk.npy"),
+    ]:
         with pytest.raises(UserError, match=needle) as exc:
             open_shard(tmp_path / name)
         assert name in str(exc.value)

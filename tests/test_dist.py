@@ -1,4 +1,5 @@
 """Ranks waiting for one rank's long I/O: no collective timeout, progress in the log, a crash named at once."""
+
 from __future__ import annotations
 
 import os
@@ -50,10 +51,24 @@ def _two_ranks(tmp_path: Path, mode: str) -> list[subprocess.CompletedProcess]:
     port = str(free_port())
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(rank), mode], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), str(rank), mode],
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     outs = [p.communicate(timeout=120)[0] for p in procs]
     return [subprocess.CompletedProcess(p.args, p.returncode, out, "") for p, out in zip(procs, outs)]
 
@@ -71,4 +86,6 @@ def test_a_rank_that_crashes_during_the_wait_is_named_at_once(tmp_path: Path) ->
     r0, r1 = _two_ranks(tmp_path, "crash")
     assert r1.returncode == 1 and "rank 1 raised OSError: disk gone" in r1.stdout, r1.stdout
     assert r0.returncode == 1, r0.stdout
-    assert "rank 0 raised RuntimeError: rank 1 failed while rank 1 downloading shards: OSError: disk gone" in r0.stdout, r0.stdout
+    assert (
+        "rank 0 raised RuntimeError: rank 1 failed while rank 1 downloading shards: OSError: disk gone" in r0.stdout
+    ), r0.stdout

@@ -4,6 +4,7 @@ The launcher tests chain three real runs per ZeRO stage: A trains 30 steps on 2 
 step 4 on 1 rank (converted to DeepSpeed's universal format) and trains to 30; C resumes B's step 8 on
 2 ranks. B must continue A, and C must continue B: the first step after a resume within 1e-5 (same
 weights, same samples), the next 20 within 1e-3 (the reduction order differs)."""
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,9 @@ def _continues(resumed: Path, reference: Path, after: int, steps: int = 21) -> N
     worst = max(abs(a[s] - b[s]) for s in span)
     assert worst < 1e-3, {s: (a[s], b[s]) for s in span}
     assert all(b[s] == a[s] for s in range(1, after + 1))  # the history before the resume is carried over
-    assert {s: v for s, v in _lrs(resumed).items() if s in span} == {s: v for s, v in _lrs(reference).items() if s in span}
+    assert {s: v for s, v in _lrs(resumed).items() if s in span} == {
+        s: v for s, v in _lrs(reference).items() if s in span
+    }
 
 
 def _same(x: object, y: object) -> bool:
@@ -65,8 +68,12 @@ def _same_as_deepspeed(ckpt: Path, tmp: Path) -> None:
     inputs.mkdir()
     for f in ckpt.glob("*_states.pt"):
         (inputs / f.name).symlink_to(f)
-    subprocess.run([sys.executable, "-m", "trainer.checkpoint.universal", str(inputs), str(tmp / "ds_out"), "--workers", "1"],
-                   check=True, capture_output=True, cwd=REPO)
+    subprocess.run(
+        [sys.executable, "-m", "trainer.checkpoint.universal", str(inputs), str(tmp / "ds_out"), "--workers", "1"],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
     ours, theirs = ckpt / "universal", tmp / "ds_out"
     names = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*.pt"))
     assert names == sorted(str(p.relative_to(ours)) for p in ours.rglob("*.pt")) and len(names) > 10
@@ -91,10 +98,15 @@ def test_resume_on_fewer_and_more_ranks_continues_the_run(tiny_config: Path, tmp
     from trainer.checkpoint.universal import RECORD, ensure_universal
 
     runs = tmp_path / "runs"
-    cfg = write_config(tiny_config, runs, train={"max_steps": 30, "log_every": 1, "micro_batch_size": 4,
-                                                "global_batch_size": GLOBAL},
-                       optim={"decay_steps": 30, "warmup_steps": 2}, eval={"enabled": False},
-                       checkpoint={"save_every": 4, "keep_last": 10}, deepspeed={"template": f"zero{stage}"})
+    cfg = write_config(
+        tiny_config,
+        runs,
+        train={"max_steps": 30, "log_every": 1, "micro_batch_size": 4, "global_batch_size": GLOBAL},
+        optim={"decay_steps": 30, "warmup_steps": 2},
+        eval={"enabled": False},
+        checkpoint={"save_every": 4, "keep_last": 10},
+        deepspeed={"template": f"zero{stage}"},
+    )
     doc = yaml.safe_load(cfg.read_text())
     doc["train"].pop("grad_accum", None)  # derived from the global batch on each world size
     cfg.write_text(yaml.safe_dump(doc))
@@ -106,9 +118,16 @@ def test_resume_on_fewer_and_more_ranks_continues_the_run(tiny_config: Path, tmp
     b8, b30 = _ckpt(runs, "step-00000008", 1), _ckpt(runs, "step-00000030", 1)
     _continues(b30, a30, after=4)
     mb = metadata(b30)
-    assert (mb["world_size"], mb["resumed_from_world_size"], mb["grad_accum"], mb["global_batch_size"]) == (1, 2, 2, GLOBAL)
+    assert (mb["world_size"], mb["resumed_from_world_size"], mb["grad_accum"], mb["global_batch_size"]) == (
+        1,
+        2,
+        2,
+        GLOBAL,
+    )
     assert metadata(a30)["grad_accum"] == 1
-    assert mb["config_hash"] == metadata(a30)["config_hash"] and "training settings changed" not in r.stdout  # the same config
+    assert (
+        mb["config_hash"] == metadata(a30)["config_hash"] and "training settings changed" not in r.stdout
+    )  # the same config
     assert mb["data_position"]["samples_seen"] == metadata(a30)["data_position"]["samples_seen"] == 30 * GLOBAL
     # the conversion sits inside its source, whole, and is reused rather than redone
     assert (a4 / "universal" / RECORD).is_file() and not list(a4.parent.glob(".universal-*"))
@@ -147,7 +166,9 @@ def test_global_batch_size_derives_grad_accum_and_a_resume_keeps_its_batch(tiny_
     plain = yaml.safe_load(tiny_config.read_text())
     plain["train"].pop("grad_accum", None)
     path = tiny_config.parent / "derived.yaml"
-    path.write_text(yaml.safe_dump({**plain, "train": {**plain["train"], "global_batch_size": 32, "micro_batch_size": 4}}))
+    path.write_text(
+        yaml.safe_dump({**plain, "train": {**plain["train"], "global_batch_size": 32, "micro_batch_size": 4}})
+    )
     cfg = load_config(path)
     assert [resolve_batch(cfg, w).train.grad_accum for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
     with pytest.raises(UserError) as e:
@@ -171,21 +192,34 @@ def test_global_batch_size_derives_grad_accum_and_a_resume_keeps_its_batch(tiny_
 
 
 @pytest.mark.parametrize("case", ["zero3", "batch", "states"])
-def test_a_resume_that_cannot_continue_on_this_world_size_is_one_line(tiny_config: Path, tmp_path: Path, case: str) -> None:
+def test_a_resume_that_cannot_continue_on_this_world_size_is_one_line(
+    tiny_config: Path, tmp_path: Path, case: str
+) -> None:
     """Refused before anything launches, with the numbers (the checkpoint is left as it was)."""
     from test_bad_input import assert_user_error, snapshot
 
     from conftest import fake_checkpoint
 
     runs = Path(yaml.safe_load(tiny_config.read_text())["run_dir"])
-    ckpt = fake_checkpoint(runs / "run-a", 4, world=2, size=1000, zero_stage=3 if case == "zero3" else 2, task="pretrain",
-                           plan={"global_batch": 16})
+    ckpt = fake_checkpoint(
+        runs / "run-a",
+        4,
+        world=2,
+        size=1000,
+        zero_stage=3 if case == "zero3" else 2,
+        task="pretrain",
+        plan={"global_batch": 16},
+    )
     if case == "zero3":
         extra = ["--set", "deepspeed.template=zero3"]
         ranks, needles = "1", ["saved by 2 ranks with ZeRO stage 3", "zero1 or zero2", "run on 2 rank(s)"]
     elif case == "batch":
         extra, ranks = [], "3"
-        needles = ["the global batch 16 of step-00000004 (2 ranks)", "x world size 3 = 24", "world sizes that keep it: 1, 2"]
+        needles = [
+            "the global batch 16 of step-00000004 (2 ranks)",
+            "x world size 3 = 24",
+            "world sizes that keep it: 1, 2",
+        ]
     else:  # one node's files of a run saved across nodes without a shared filesystem, and no bucket to fetch the rest
         (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()  # (and not recorded: another node wrote it)
         meta = json.loads((ckpt / "metadata.json").read_text())
@@ -207,8 +241,11 @@ def test_an_impossible_global_batch_is_one_line(tiny_config: Path) -> None:
     cfg["train"].update(global_batch_size=12, micro_batch_size=8)
     bad = tiny_config.parent / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
-    assert_user_error(run_cli("train", str(bad), "--num-ranks", "1", "--dry-run"), "bad.yaml: train.global_batch_size 12",
-                      "train.micro_batch_size 8 x world size 1 = 8")
+    assert_user_error(
+        run_cli("train", str(bad), "--num-ranks", "1", "--dry-run"),
+        "bad.yaml: train.global_batch_size 12",
+        "train.micro_batch_size 8 x world size 1 = 8",
+    )
 
 
 def test_a_conversion_is_never_uploaded_listed_or_counted(tmp_path: Path) -> None:
@@ -234,10 +271,15 @@ def test_lora_resumes_on_one_rank_from_two(tiny_mm: Path, tmp_path: Path) -> Non
     the base LLM as on any resume (hash-checked)."""
     from test_lora import lora_config
 
-    cfg = lora_config(tiny_mm, tmp_path / "lora", train={"max_steps": 27, "log_every": 1, "micro_batch_size": 2,
-                                                         "global_batch_size": 4},
-                      optim={"decay_steps": 27, "warmup_steps": 2}, eval={"enabled": False},
-                      checkpoint={"save_every": 6, "keep_last": 10}, deepspeed={"template": "zero2"})
+    cfg = lora_config(
+        tiny_mm,
+        tmp_path / "lora",
+        train={"max_steps": 27, "log_every": 1, "micro_batch_size": 2, "global_batch_size": 4},
+        optim={"decay_steps": 27, "warmup_steps": 2},
+        eval={"enabled": False},
+        checkpoint={"save_every": 6, "keep_last": 10},
+        deepspeed={"template": "zero2"},
+    )
     runs = tmp_path / "lora" / "runs"
     _run(cfg, 2)
     a6, a27 = _ckpt(runs, "step-00000006", 2), _ckpt(runs, "step-00000027", 2)
@@ -255,16 +297,33 @@ def test_the_files_a_node_needs_to_resume_on_the_same_world_size(tmp_path: Path)
     from trainer.checkpoint.universal import missing_for_ranks, needed_by_ranks
 
     node1 = range(2, 4)  # ranks 2 and 3 of 4
-    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_2_mp_rank_00_optim_states.pt",
-             "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-             "zero_pp_rank_2_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
-             "rng_state_rank00003.pt", "rng_state_rank00000.pt", "metadata.json", "config.yaml"]
+    names = [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_2_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_2_mp_rank_00_model_states.pt",
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "rng_state_rank00003.pt",
+        "rng_state_rank00000.pt",
+        "metadata.json",
+        "config.yaml",
+    ]
     assert [n for n in names if needed_by_ranks(n, node1, 2)] == names[:3] + ["rng_state_rank00003.pt"]
-    assert [n for n in names if needed_by_ranks(n, node1, 3)] == [names[1], names[2], names[4], "rng_state_rank00003.pt"]
+    assert [n for n in names if needed_by_ranks(n, node1, 3)] == [
+        names[1],
+        names[2],
+        names[4],
+        "rng_state_rank00003.pt",
+    ]
     ckpt = tmp_path / "step-00000004"
     assert missing_for_ranks(ckpt, node1, 2)  # not on this node at all
     ckpt.mkdir()
-    for n in ("zero_pp_rank_2_mp_rank_00_optim_states.pt", "zero_pp_rank_3_mp_rank_00_optim_states.pt", "rng_state_rank00002.pt"):
+    for n in (
+        "zero_pp_rank_2_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_3_mp_rank_00_optim_states.pt",
+        "rng_state_rank00002.pt",
+    ):
         (ckpt / n).write_bytes(b"x")
     assert missing_for_ranks(ckpt, node1, 2)  # the model states rank 0 wrote on node 0
     assert not missing_for_ranks(ckpt, node1, 3)  # ZeRO-3: every rank reads its own

@@ -1,5 +1,6 @@
 """Phase 2 multimodal LoRA: the real launcher with 2 CPU ranks, a tiny Qwen2 and a tiny Phase 1
 checkpoint made offline by tools/make_tiny_multimodal.py."""
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,9 @@ ZERO3_PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold
 
 @pytest.mark.launcher
 @pytest.mark.parametrize("stage", [3])
-def test_lora_learns_keeps_frozen_weights_resumes_exactly_and_exports(tiny_mm: Path, tmp_path: Path, stage: int) -> None:
+def test_lora_learns_keeps_frozen_weights_resumes_exactly_and_exports(
+    tiny_mm: Path, tmp_path: Path, stage: int
+) -> None:
     """Loss falls; frozen weights bit-identical; 6 steps + resume == 12 steps; the export reloads with PEFT.
 
     Stage 3 partitions every parameter (persistence threshold 0), so the LoRA tensors are
@@ -80,7 +83,9 @@ def test_lora_learns_keeps_frozen_weights_resumes_exactly_and_exports(tiny_mm: P
     assert ma["frozen_sha256"] == mb["frozen_sha256"] and len(ma["frozen_sha256"]) == 64
 
     # only trainable state in the checkpoint: the module file is smaller than the frozen weights alone
-    frozen_bytes = (tiny_mm / "phase1.safetensors").stat().st_size + (tiny_mm / "llm" / "model.safetensors").stat().st_size
+    frozen_bytes = (tiny_mm / "phase1.safetensors").stat().st_size + (
+        tiny_mm / "llm" / "model.safetensors"
+    ).stat().st_size
     assert sum(f.stat().st_size for f in a[-1].glob("*model_states.pt")) < frozen_bytes / 2
 
     from safetensors.torch import load_file
@@ -94,7 +99,6 @@ def test_lora_learns_keeps_frozen_weights_resumes_exactly_and_exports(tiny_mm: P
     ok(r)
     assert (out / "README.md").is_file() and (out / "projectors.safetensors").is_file()
     _exported_logits_match_the_checkpoint(a[-1], out, full, tiny_mm)
-
 
 
 def _exported_logits_match_the_checkpoint(ckpt: Path, out: Path, config: Path, tiny_mm: Path) -> None:
@@ -156,15 +160,21 @@ def _bad_phase1(kind: str, good: Path, tmp: Path) -> Path:
     return _rewrite(good, dst, edits[kind])
 
 
-@pytest.mark.parametrize("kind,message", [
-    ("missing file", "no such file"),
-    ("not safetensors", "not a safetensors file"),
-    ("wrong format", "header format is 'something-else', expected 'trainer-phase1'"),
-    ("wrong version", "format_version '7', this trainer reads version 1"),
-    ("missing tensor", "1 missing tensor(s), first 'aligner.audio.0.bias'"),
-    ("unexpected tensor", "1 unexpected tensor(s), first 'aligner.smell.0.weight'"),
-    ("wrong shape", "tensor 'aligner.image.0.weight' has shape [32, 31], the architecture in its header needs [32, 32]"),
-])
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("missing file", "no such file"),
+        ("not safetensors", "not a safetensors file"),
+        ("wrong format", "header format is 'something-else', expected 'trainer-phase1'"),
+        ("wrong version", "format_version '7', this trainer reads version 1"),
+        ("missing tensor", "1 missing tensor(s), first 'aligner.audio.0.bias'"),
+        ("unexpected tensor", "1 unexpected tensor(s), first 'aligner.smell.0.weight'"),
+        (
+            "wrong shape",
+            "tensor 'aligner.image.0.weight' has shape [32, 31], the architecture in its header needs [32, 32]",
+        ),
+    ],
+)
 def test_bad_phase1_checkpoint_is_named(tiny_mm: Path, tmp_path: Path, kind: str, message: str) -> None:
     from trainer.errors import UserError
     from trainer.models.multimodal import load_phase1
@@ -195,11 +205,11 @@ def _broken_dataset(tiny_mm: Path, tmp_path: Path) -> Path:
     (data / "audio" / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
     good = (data / "train.jsonl").read_text().splitlines()
     bad = [
-        '{"sample_id": "x1", "instruction": "hi", ',                                              # line 3
-        json.dumps({"sample_id": "x2", "instruction": "hi"}),                                      # line 4
-        json.dumps({"sample_id": "x3", "instruction": "hi", "response": "yo", "image": "images/none.png"}),   # 5
+        '{"sample_id": "x1", "instruction": "hi", ',  # line 3
+        json.dumps({"sample_id": "x2", "instruction": "hi"}),  # line 4
+        json.dumps({"sample_id": "x3", "instruction": "hi", "response": "yo", "image": "images/none.png"}),  # 5
         json.dumps({"sample_id": "x4", "instruction": "hi", "response": "yo", "image": "images/broken.png"}),  # 6
-        json.dumps({"sample_id": "x5", "instruction": "hi", "response": "yo", "audio": "audio/broken.wav"}),   # 7
+        json.dumps({"sample_id": "x5", "instruction": "hi", "response": "yo", "audio": "audio/broken.wav"}),  # 7
     ]
     (data / "train.jsonl").write_text("\n".join(good[:2] + bad + good[2:]) + "\n")
     return data
@@ -213,8 +223,13 @@ def test_bad_jsonl_lines_are_listed_with_line_numbers_before_launch(tiny_mm: Pat
     line = r.stderr.strip().splitlines()[-1]
     index = data / "train.jsonl"
     assert line.startswith(f"error: 5 bad line(s) in {index}")
-    for no, what in [(3, "invalid JSON"), (4, "missing field 'response'"), (5, "image file images/none.png not found"),
-                     (6, "unreadable image images/broken.png"), (7, "unreadable audio audio/broken.wav")]:
+    for no, what in [
+        (3, "invalid JSON"),
+        (4, "missing field 'response'"),
+        (5, "image file images/none.png not found"),
+        (6, "unreadable image images/broken.png"),
+        (7, "unreadable audio audio/broken.wav"),
+    ]:
         assert f"{index}:{no}: {what}" in line, (no, line)
     assert "data.on_bad_sample: skip" in line
 
@@ -254,8 +269,18 @@ def test_validate_passes_a_good_config_and_names_what_breaks(tiny_mm: Path, tmp_
     good = lora_config(tiny_mm, tmp_path / "good", tracking={"enabled": True})
     r = run_cli("validate", str(good), "--quick")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    names = ["configuration", "model initialization", "parameter freezing", "data pipeline", "forward pass", "training step",
-             "checkpoint save and load", "MLflow logging", "short training run", "preemption timing"]
+    names = [
+        "configuration",
+        "model initialization",
+        "parameter freezing",
+        "data pipeline",
+        "forward pass",
+        "training step",
+        "checkpoint save and load",
+        "MLflow logging",
+        "short training run",
+        "preemption timing",
+    ]
     for name in names:
         assert any(line.startswith("PASS") and name in line for line in r.stdout.splitlines()), (name, r.stdout)
     assert "10/10 checks passed" in r.stdout
@@ -306,8 +331,13 @@ def test_a_file_that_breaks_mid_run_is_skipped_or_named(tiny_mm: Path, tmp_path:
     data = tmp_path / "data"
     shutil.copytree(tiny_mm / "data", data)
     for mode in ("skip", "error"):
-        task = LoraTask(load_config(lora_config(tiny_mm, tmp_path / mode, data={"path": str(data), "on_bad_sample": mode,
-                                                                                "num_workers": workers})))
+        task = LoraTask(
+            load_config(
+                lora_config(
+                    tiny_mm, tmp_path / mode, data={"path": str(data), "on_bad_sample": mode, "num_workers": workers}
+                )
+            )
+        )
         task.setup_data(RankInfo(0, 1, 0, 1), 4, 1)
         first = task.samples[int(task.sampler.indices(0, 0)[0])]
         for path in first.media.values():
@@ -373,18 +403,25 @@ def test_data_fields_rename_the_instruction_and_response(tiny_mm: Path, tmp_path
     assert not problems and len(train) == 22
     by_id = {json.loads(x)["sample_id"]: json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()}
     asked = [s for s in train if "prompt" in by_id[s.sample_id]]
-    assert asked and all(s.instruction == by_id[s.sample_id]["prompt"] and s.response == by_id[s.sample_id]["answer"]
-                         for s in asked)
-    (data / "train.jsonl").write_text("\n".join(renamed + ['{"sample_id": "x9", "prompt": "hi", "reply": "yo"}']) + "\n")
+    assert asked and all(
+        s.instruction == by_id[s.sample_id]["prompt"] and s.response == by_id[s.sample_id]["answer"] for s in asked
+    )
+    (data / "train.jsonl").write_text(
+        "\n".join(renamed + ['{"sample_id": "x9", "prompt": "hi", "reply": "yo"}']) + "\n"
+    )
     cfg = lora_config(tiny_mm, tmp_path / "bad", data={"path": str(data), "fields": fields})
     r = run_cli("train", str(cfg), "--num-ranks", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert (f"train.jsonl:{len(renamed) + 1}: missing field 'answer' (data.fields.response) (a non-empty string, or a `text`"
-            " file whose contents are the response); the line has ['reply'] (name yours with data.fields.response)") in r.stderr
+    assert (
+        f"train.jsonl:{len(renamed) + 1}: missing field 'answer' (data.fields.response) (a non-empty string, or a `text`"
+        " file whose contents are the response); the line has ['reply'] (name yours with data.fields.response)"
+    ) in r.stderr
     assert not (tmp_path / "bad" / "runs").exists()
     r = run_cli("config", "show", str(LORA_TINY.parent / "pretrain_tiny.yaml"), "--set", "data.num_workers=2")
-    assert r.returncode == 2 and r.stderr.strip() == ("error: --set data.num_workers=2: data.num_workers: is for task: lora"
-                                                      " (pretraining reads memory-mapped token shards on the training thread)"), r.stderr
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: --set data.num_workers=2: data.num_workers: is for task: lora"
+        " (pretraining reads memory-mapped token shards on the training thread)"
+    ), r.stderr
 
 
 def test_validate_a_pretraining_config(tiny_config: Path) -> None:
@@ -406,16 +443,45 @@ def test_phase1_from_pretrained_encoder_folders(tmp_path: Path) -> None:
     WhisperModel(WhisperConfig(**arch["audio"]["config"])).save_pretrained(tmp_path / "whisper")
     BertModel(BertConfig(**arch["text"]["config"]), add_pooling_layer=False).save_pretrained(tmp_path / "bert")
     out = tmp_path / "phase1.safetensors"
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "build_phase1.py"), "--image", str(tmp_path / "clip"),
-                        "--audio", str(tmp_path / "whisper"), "--text", str(tmp_path / "bert"), "--align-dim", "16",
-                        "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "build_phase1.py"),
+            "--image",
+            str(tmp_path / "clip"),
+            "--audio",
+            str(tmp_path / "whisper"),
+            "--text",
+            str(tmp_path / "bert"),
+            "--align-dim",
+            "16",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     model = load_phase1(out)
     clip = CLIPVisionModel.from_pretrained(str(tmp_path / "clip"))
     assert all(torch.equal(v, model.encoders["image"].state_dict()[k]) for k, v in clip.state_dict().items())
     assert model.aligner["audio"][0].weight.shape == (16, 32)
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "build_phase1.py"), "--image", str(tmp_path / "nope"),
-                        "--align-dim", "16", "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "build_phase1.py"),
+            "--image",
+            str(tmp_path / "nope"),
+            "--align-dim",
+            "16",
+            "--out",
+            str(tmp_path / "x.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "image encoder" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -459,8 +525,17 @@ def test_bad_val_lines_are_named_with_their_file_and_line_before_launch(tiny_mm:
     shutil.copytree(tiny_mm / "data", data)
     val = data / "val.jsonl"
     good = val.read_text().splitlines()
-    val.write_text("\n".join(good[:2] + ['{"sample_id": "v1", "instruction": "hi", "response": "yo", "audio": "audio/gone.wav"}',
-                                         '{"sample_id": "v2", "split": "val"}'] + good[2:]) + "\n")
+    val.write_text(
+        "\n".join(
+            good[:2]
+            + [
+                '{"sample_id": "v1", "instruction": "hi", "response": "yo", "audio": "audio/gone.wav"}',
+                '{"sample_id": "v2", "split": "val"}',
+            ]
+            + good[2:]
+        )
+        + "\n"
+    )
     cfg = lora_config(tiny_mm, tmp_path, data={"path": str(data)})
     r = run_cli("train", str(cfg), "--num-ranks", "2")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
@@ -492,7 +567,9 @@ def _confident_llm(tiny_mm: Path, out: Path) -> Path:
 
 
 @pytest.mark.launcher
-def test_generate_gives_the_memorised_responses_from_the_checkpoint_and_its_export(tiny_mm: Path, tmp_path: Path) -> None:
+def test_generate_gives_the_memorised_responses_from_the_checkpoint_and_its_export(
+    tiny_mm: Path, tmp_path: Path
+) -> None:
     """Trained until the loss is near zero on four samples, `trainer generate` answers each with its response
     (greedy), from the checkpoint and from its export alike; bad input is one line and writes nothing."""
     import shutil
@@ -503,10 +580,16 @@ def test_generate_gives_the_memorised_responses_from_the_checkpoint_and_its_expo
     rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
     four = [r for r in rows if r.get("response") and r.get("split", "train") == "train"][:4]
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in four))
-    cfg = lora_config(tiny_mm, tmp_path, lora={"llm_path": str(_confident_llm(tiny_mm, tmp_path / "llm")), "r": 16,
-                                               "target_modules": ALL_LINEAR},
-                      data={"path": str(data)}, optim={"lr": 1e-2, "decay_steps": 150, "warmup_steps": 5},
-                      train={"max_steps": 150, "log_every": 25}, checkpoint={"save_every": 150}, eval={"enabled": False})
+    cfg = lora_config(
+        tiny_mm,
+        tmp_path,
+        lora={"llm_path": str(_confident_llm(tiny_mm, tmp_path / "llm")), "r": 16, "target_modules": ALL_LINEAR},
+        data={"path": str(data)},
+        optim={"lr": 1e-2, "decay_steps": 150, "warmup_steps": 5},
+        train={"max_steps": 150, "log_every": 25},
+        checkpoint={"save_every": 150},
+        eval={"enabled": False},
+    )
     ok(run_cli("train", str(cfg), "--num-ranks", "1"))
     (ckpt,) = checkpoints(tmp_path / "runs")
     assert meta(ckpt)["loss"] < 0.02, meta(ckpt)["loss_history"]
@@ -529,18 +612,29 @@ def test_generate_gives_the_memorised_responses_from_the_checkpoint_and_its_expo
     r = run_cli("generate", "latest", "--runs", str(tmp_path / "runs"), *media, "--prompt", first["instruction"])
     ok(r)
     assert r.stdout.strip() == first["response"]
-    sampled = [run_cli("generate", str(ckpt), *media, "--temperature", "2", "--top-p", "0.9", "--seed", "3").stdout for _ in "ab"]
+    sampled = [
+        run_cli("generate", str(ckpt), *media, "--temperature", "2", "--top-p", "0.9", "--seed", "3").stdout
+        for _ in "ab"
+    ]
     assert sampled[0] == sampled[1] and sampled[0].strip()
 
     # bad input: one line, exit 2, nothing written
     (data / "ask.jsonl").write_text('{"sample_id": "q1", "image": "images/nope.png"}\n{"sample_id": "q2"}\n')
-    bad = [(["--jsonl", str(data / "ask.jsonl"), "--out", str(tmp_path / "x.jsonl")], f"{data / 'ask.jsonl'}:1: image file images/nope.png not found"),
-           (["--image", str(data / "nope.png")], f"--image {data / 'nope.png'}: unreadable"),
-           (["--temperature", "-1"], "--temperature -1 (>= 0)"),
-           (["--prompt-ids", "1 2"], "a lora model takes --prompt and media"),
-           (["--jsonl", str(data / "train.jsonl"), "--image", str(data / first["image"])], "--jsonl and --image/--audio"),
-           (["--out", str(tmp_path / "y.jsonl")], "--out goes with --jsonl"),
-           (["--jsonl", str(data / "train.jsonl"), "--out", str(tmp_path / "checkpoint.jsonl")], "exists (nothing was written")]
+    bad = [
+        (
+            ["--jsonl", str(data / "ask.jsonl"), "--out", str(tmp_path / "x.jsonl")],
+            f"{data / 'ask.jsonl'}:1: image file images/nope.png not found",
+        ),
+        (["--image", str(data / "nope.png")], f"--image {data / 'nope.png'}: unreadable"),
+        (["--temperature", "-1"], "--temperature -1 (>= 0)"),
+        (["--prompt-ids", "1 2"], "a lora model takes --prompt and media"),
+        (["--jsonl", str(data / "train.jsonl"), "--image", str(data / first["image"])], "--jsonl and --image/--audio"),
+        (["--out", str(tmp_path / "y.jsonl")], "--out goes with --jsonl"),
+        (
+            ["--jsonl", str(data / "train.jsonl"), "--out", str(tmp_path / "checkpoint.jsonl")],
+            "exists (nothing was written",
+        ),
+    ]
     for args, message in bad:
         r = run_cli("generate", str(ckpt), *args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr, (args, r.stderr[-2000:])
@@ -554,10 +648,14 @@ def test_generate_gives_the_memorised_responses_from_the_checkpoint_and_its_expo
     del record["soft_tokens"]["text"]
     (no_text / "trainer_export.json").write_text(json.dumps(record))
     r = run_cli("generate", str(no_text), "--text", str(data / "train.jsonl"))
-    assert r.returncode == 2 and "--text: this model has no text encoder (it takes --image, --audio)" in r.stderr, r.stderr
+    assert r.returncode == 2 and "--text: this model has no text encoder (it takes --image, --audio)" in r.stderr, (
+        r.stderr
+    )
 
 
-def test_phase1_checkpoint_glob_takes_the_newest_and_a_torch_file_names_the_import_command(tiny_mm: Path, tmp_path: Path) -> None:
+def test_phase1_checkpoint_glob_takes_the_newest_and_a_torch_file_names_the_import_command(
+    tiny_mm: Path, tmp_path: Path
+) -> None:
     """lora.phase1_checkpoint: checkpoints/alignment/*/aligner.safetensors picks the newest match; no match, and an
     aligner.pt, are one line each before launch, naming what to do.
     """
@@ -579,8 +677,13 @@ def test_phase1_checkpoint_glob_takes_the_newest_and_a_torch_file_names_the_impo
 
     torch_file = runs / "run_a" / "aligner.pt"
     torch_file.write_bytes(b"PK\x03\x04 a zip written by torch.save")
-    for spec, message in [(str(tmp_path / "nowhere" / "*.safetensors"), f"lora.phase1_checkpoint: no file matches {tmp_path}/nowhere/*.safetensors"),
-                          (str(torch_file), f"trainer phase1 import {torch_file} --image DIR --audio DIR --text DIR --out")]:
+    for spec, message in [
+        (
+            str(tmp_path / "nowhere" / "*.safetensors"),
+            f"lora.phase1_checkpoint: no file matches {tmp_path}/nowhere/*.safetensors",
+        ),
+        (str(torch_file), f"trainer phase1 import {torch_file} --image DIR --audio DIR --text DIR --out"),
+    ]:
         cfg = lora_config(tiny_mm, tmp_path / "bad", lora={"phase1_checkpoint": spec})
         r = run_cli("train", str(cfg), "--num-ranks", "1")
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
@@ -588,8 +691,9 @@ def test_phase1_checkpoint_glob_takes_the_newest_and_a_torch_file_names_the_impo
 
 
 @pytest.mark.launcher
-def test_lora_with_activation_checkpointing_accumulation_workers_and_sync_uploads_resumes_exactly(tiny_mm: Path,
-                                                                                                  tmp_path: Path) -> None:
+def test_lora_with_activation_checkpointing_accumulation_workers_and_sync_uploads_resumes_exactly(
+    tiny_mm: Path, tmp_path: Path
+) -> None:
     """The paths users take: model.gradient_checkpointing, train.grad_accum 2, data.num_workers 2 and
     `--no-background-upload` on 2 ranks. The loss falls; a SIGTERM mid-run and the same command again give the
     uninterrupted run's losses step for step; every checkpoint is in the bucket, uploaded before training went on;
@@ -604,10 +708,18 @@ def test_lora_with_activation_checkpointing_accumulation_workers_and_sync_upload
     from trainer.storage import open_storage
 
     def config(name: str) -> Path:
-        return lora_config(tiny_mm, tmp_path / name, model={"gradient_checkpointing": True}, data={"num_workers": 2},
-                           train={"grad_accum": 2, "max_steps": 40, "log_every": 2}, optim={"decay_steps": 40},
-                           checkpoint={"save_every": 20}, eval={"every": 20},
-                           upload={"url": f"file://{tmp_path / name / 'bucket'}"}, tracking={"enabled": name == "full"})
+        return lora_config(
+            tiny_mm,
+            tmp_path / name,
+            model={"gradient_checkpointing": True},
+            data={"num_workers": 2},
+            train={"grad_accum": 2, "max_steps": 40, "log_every": 2},
+            optim={"decay_steps": 40},
+            checkpoint={"save_every": 20},
+            eval={"every": 20},
+            upload={"url": f"file://{tmp_path / name / 'bucket'}"},
+            tracking={"enabled": name == "full"},
+        )
 
     full = config("full")
     r = run_cli("train", str(full), "--num-ranks", "2", "--no-background-upload")
@@ -634,9 +746,14 @@ def test_lora_with_activation_checkpointing_accumulation_workers_and_sync_upload
     assert {"model/adapter_model.safetensors", "model/adapter_config.json", "model/projectors.safetensors"} <= logged
 
     split = config("split")
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli.main", "train", str(split), "--num-ranks", "2",
-                             "--no-background-upload"], cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli.main", "train", str(split), "--num-ranks", "2", "--no-background-upload"],
+        cwd=REPO,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen, deadline = "", time.monotonic() + 300
     while "step 6/40" not in seen and time.monotonic() < deadline and proc.poll() is None:
         seen += proc.stdout.readline()
@@ -652,9 +769,14 @@ def test_lora_with_activation_checkpointing_accumulation_workers_and_sync_upload
 
     # other frozen weights of the same shapes: continuing would train against another model
     done = [p.name for p in checkpoints(tmp_path / "split" / "runs")]
-    other = _rewrite(tiny_mm / "phase1.safetensors", tmp_path / "phase1_other.safetensors",
-                     lambda t, h: t.update({"aligner.image.0.bias": t["aligner.image.0.bias"] + 1e-3}))
-    r = run_cli("train", str(split), "--num-ranks", "2", "--max-steps", "50", "--set", f"lora.phase1_checkpoint={other}")
+    other = _rewrite(
+        tiny_mm / "phase1.safetensors",
+        tmp_path / "phase1_other.safetensors",
+        lambda t, h: t.update({"aligner.image.0.bias": t["aligner.image.0.bias"] + 1e-3}),
+    )
+    r = run_cli(
+        "train", str(split), "--num-ranks", "2", "--max-steps", "50", "--set", f"lora.phase1_checkpoint={other}"
+    )
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
     assert "frozen weights with sha256" in r.stdout + r.stderr
     assert [p.name for p in checkpoints(tmp_path / "split" / "runs")] == done

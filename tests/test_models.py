@@ -1,4 +1,5 @@
 """Model presets: the production shape has the parameter counts of Pythia-1.4B."""
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,12 @@ from trainer.tasks.pretrain import PretrainTask
 
 def test_neox_1b2_shape_and_parameter_counts() -> None:
     cfg = neox_config(ModelConfig(preset="neox-1.2b"))
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.max_position_embeddings) == (24, 2048, 16, 2048)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.max_position_embeddings) == (
+        24,
+        2048,
+        16,
+        2048,
+    )
     assert cfg.vocab_size == 50304 and cfg.vocab_size % 128 == 0  # 50257 padded
     from transformers import GPTNeoXForCausalLM
 

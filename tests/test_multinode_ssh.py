@@ -3,6 +3,7 @@
 node-a is this machine's view; node-b has its own disk for the run folder, so every node keeps its own
 checkpoint files, uploads them itself, and writes its own node log, as on two VMs.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,7 +86,11 @@ def ranks_of(cfg: Path) -> list:
     for p in psutil.process_iter():
         try:
             cmd = p.cmdline()
-            if str(cfg) in cmd and any(a.startswith("--local_rank") for a in cmd) and p.status() != psutil.STATUS_ZOMBIE:
+            if (
+                str(cfg) in cmd
+                and any(a.startswith("--local_rank") for a in cmd)
+                and p.status() != psutil.STATUS_ZOMBIE
+            ):
                 out.append(p)
         except psutil.Error:
             pass
@@ -103,12 +108,19 @@ def wait_ranks_gone(cfg: Path, timeout: float) -> None:
 
 
 def trainer_train(bed, cfg: Path, hostfile: Path, *args: str, env: dict | None = None) -> subprocess.Popen:  # type: ignore[no-untyped-def]
-    return subprocess.Popen([sys.executable, "-m", "trainer.cli.main", "train", str(cfg), "--hostfile", str(hostfile), *args],
-                            cwd=REPO, env=bed.env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli.main", "train", str(cfg), "--hostfile", str(hostfile), *args],
+        cwd=REPO,
+        env=bed.env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
-def test_two_nodes_over_ssh_stop_save_upload_and_resume_exactly(ssh_bed, tiny_shards: Path, tmp_path: Path, emulator,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_nodes_over_ssh_stop_save_upload_and_resume_exactly(
+    ssh_bed, tiny_shards: Path, tmp_path: Path, emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The README's `deepspeed --hostfile` command and `trainer train --hostfile` on two nodes (1 rank each):
 
     - reference: `trainer train --hostfile` to step 40 uninterrupted, exit 0;
@@ -131,7 +143,9 @@ def test_two_nodes_over_ssh_stop_save_upload_and_resume_exactly(ssh_bed, tiny_sh
     url = f"gs://{BUCKET}/mn-{uuid.uuid4().hex[:6]}"
     storage = open_storage(url)
 
-    ref_cfg = write_cfg(tiny_shards, tmp_path / "ref.yaml", bed.disk / "ref", f"{url}-ref", max_steps=40)  # (its own bucket
+    ref_cfg = write_cfg(
+        tiny_shards, tmp_path / "ref.yaml", bed.disk / "ref", f"{url}-ref", max_steps=40
+    )  # (its own bucket
     # prefix: with the same one, the run below would start from this run's checkpoint, as --resume auto does on a fresh VM)
     ref = trainer_train(bed, ref_cfg, hostfile)
     out, _ = ref.communicate(timeout=600)
@@ -148,9 +162,15 @@ def test_two_nodes_over_ssh_stop_save_upload_and_resume_exactly(ssh_bed, tiny_sh
     (work / "hostfile").write_text(hostfile.read_text())
     cfg = write_cfg(tiny_shards, tmp_path / "run.yaml", bed.disk / "runs", url, max_steps=100000)
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    runner = subprocess.Popen([str(deepspeed), "--hostfile", "hostfile", str(REPO / "launch" / "train.py"), "--config", str(cfg)],
-                              cwd=work, env=bed.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    runner = subprocess.Popen(
+        [str(deepspeed), "--hostfile", "hostfile", str(REPO / "launch" / "train.py"), "--config", str(cfg)],
+        cwd=work,
+        env=bed.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     seen = read_until(runner, step_at_least(10))
     assert "node-b:" in seen and "Running on the following workers: node-a,node-b" in seen
     t0 = time.monotonic()
@@ -194,7 +214,9 @@ def test_two_nodes_over_ssh_stop_save_upload_and_resume_exactly(ssh_bed, tiny_sh
     assert stop_s < GRACE_S, stop_s
     assert not ranks_of(cfg)
     assert secret not in out and "MLFLOW_TRACKING_PASSWORD=***" in out
-    env_file = next(line.split("deepspeed_env file = ")[1].strip() for line in out.splitlines() if "deepspeed_env file = " in line)
+    env_file = next(
+        line.split("deepspeed_env file = ")[1].strip() for line in out.splitlines() if "deepspeed_env file = " in line
+    )
     assert not Path(env_file).exists()  # the private env file lived only as long as the job
     a2 = committed(bed.node_disk("node-a") / "runs")[-1]
     s2 = meta(a2)["step"]
@@ -239,7 +261,9 @@ def test_two_nodes_over_ssh_stop_save_upload_and_resume_exactly(ssh_bed, tiny_sh
     print(f"SIGTERM over pdsh: runner exit {runner_s:.1f} s; trainer train stop to exit {stop_s:.1f} s")
 
 
-def test_a_rank_failing_on_the_second_node_ends_the_job_with_its_error(ssh_bed, tiny_shards: Path, tmp_path: Path) -> None:
+def test_a_rank_failing_on_the_second_node_ends_the_job_with_its_error(
+    ssh_bed, tiny_shards: Path, tmp_path: Path
+) -> None:
     """node-b's disk cannot hold the run folder (a file where the folder goes): its rank crashes; the job ends
     with 1 instead of hanging, node-b's error line shown with the node named."""
     bed = ssh_bed
@@ -266,23 +290,39 @@ def test_trainer_train_names_the_hosts_ssh_cannot_reach(ssh_bed, tiny_config: Pa
     hostfile.write_text("node-a slots=1\nnode-c slots=1\n")
     r = run_cli("train", str(tiny_config), "--hostfile", str(hostfile), env=ssh_bed.env())
     assert r.returncode == 2
-    assert r.stderr.strip().startswith(f"error: {hostfile}: host node-c is not reachable by ssh without a password:"), r.stderr
+    assert r.stderr.strip().startswith(f"error: {hostfile}: host node-c is not reachable by ssh without a password:"), (
+        r.stderr
+    )
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
-def test_doctor_checks_the_machine_the_bucket_and_every_host(ssh_bed, tiny_config: Path, tmp_path: Path, emulator,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_doctor_checks_the_machine_the_bucket_and_every_host(
+    ssh_bed, tiny_config: Path, tmp_path: Path, emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from trainer.storage import open_storage
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\nnode-c slots=1\n")
     url = f"gs://{BUCKET}/doctor-{uuid.uuid4().hex[:6]}"
-    r = run_cli("doctor", str(tiny_config), "--hostfile", str(hostfile), "--set", f"upload.url={url}", env=ssh_bed.env())
+    r = run_cli(
+        "doctor", str(tiny_config), "--hostfile", str(hostfile), "--set", f"upload.url={url}", env=ssh_bed.env()
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     checks = [line for line in r.stdout.splitlines() if line.startswith(("PASS  ", "FAIL  "))]
     lines = {line[6:21].strip(): line for line in checks}  # the name column
-    for name in ("torch", "cuda", "deepspeed", "deepspeed ops", "disk", "bucket", "mlflow", "pdsh", "host node-a", "host node-b"):
+    for name in (
+        "torch",
+        "cuda",
+        "deepspeed",
+        "deepspeed ops",
+        "disk",
+        "bucket",
+        "mlflow",
+        "pdsh",
+        "host node-a",
+        "host node-b",
+    ):
         assert lines[name].startswith("PASS"), r.stdout
     assert lines["host node-c"].startswith("FAIL") and "node-c" in lines["host node-c"]
     assert "ranks train on the CPU over gloo" in lines["cuda"]

@@ -1,5 +1,6 @@
 """`trainer phase1 import`: a Phase 1 aligner.pt (Purr-Sight and other layouts) into the trainer-phase1 format,
 and `resolve_phase1_checkpoint`, the rule of `lora.phase1_checkpoint` (globs, torch files)."""
+
 from __future__ import annotations
 
 import os
@@ -50,13 +51,24 @@ def aligner_state(modalities: tuple[str, ...] = MODALITIES, dim: int = ALIGN_DIM
     g = torch.Generator().manual_seed(seed)
     out = {}
     for m in modalities:
-        out.update({f"{m}.0.weight": torch.randn(dim, 32, generator=g), f"{m}.0.bias": torch.randn(dim, generator=g),
-                    f"{m}.1.weight": torch.randn(dim, generator=g), f"{m}.1.bias": torch.randn(dim, generator=g)})
+        out.update(
+            {
+                f"{m}.0.weight": torch.randn(dim, 32, generator=g),
+                f"{m}.0.bias": torch.randn(dim, generator=g),
+                f"{m}.1.weight": torch.randn(dim, generator=g),
+                f"{m}.1.bias": torch.randn(dim, generator=g),
+            }
+        )
     return out
 
 
-def assert_imported(out: Path, aligner: dict, folders: dict[str, Path], modalities: tuple[str, ...],
-                    encoder_overrides: dict | None = None) -> None:
+def assert_imported(
+    out: Path,
+    aligner: dict,
+    folders: dict[str, Path],
+    modalities: tuple[str, ...],
+    encoder_overrides: dict | None = None,
+) -> None:
     """The written file loads as the trainer loads it; aligner tensors equal the file's and encoders the folders'
     (or the file's where it carried encoder tensors), bit for bit."""
     import torch
@@ -70,9 +82,11 @@ def assert_imported(out: Path, aligner: dict, folders: dict[str, Path], modaliti
     assert {k for k in state if k.startswith("aligner.")} == {f"aligner.{k}" for k in aligner}
     for k, v in aligner.items():
         assert torch.equal(state[f"aligner.{k}"], v), k
-    loaders = {"image": lambda p: CLIPVisionModel.from_pretrained(str(p)),
-               "audio": lambda p: WhisperModel.from_pretrained(str(p)).get_encoder(),
-               "text": lambda p: BertModel.from_pretrained(str(p), add_pooling_layer=False)}
+    loaders = {
+        "image": lambda p: CLIPVisionModel.from_pretrained(str(p)),
+        "audio": lambda p: WhisperModel.from_pretrained(str(p)).get_encoder(),
+        "text": lambda p: BertModel.from_pretrained(str(p), add_pooling_layer=False),
+    }
     overrides = encoder_overrides or {}
     for m in modalities:
         for k, v in loaders[m](folders[m]).state_dict().items():
@@ -95,24 +109,41 @@ def _layout(kind: str, aligner: dict) -> tuple[dict, list[str], dict]:
     if kind == "bare":  # what tools/build_phase1.py --aligner took: <modality>.0.weight, ...
         return dict(aligner), [], {}
     if kind == "lightning":  # a LightningModule with `self.aligner`: keys under state_dict, prefixed model.
-        return ({"state_dict": {f"model.aligner.{k}": v for k, v in aligner.items()}, "epoch": 7, "global_step": 420,
-                 "hyper_parameters": {"lr": 1e-3, "name": "phase1"}, "optimizer_states": [{"state": {}}]}, [], {})
+        return (
+            {
+                "state_dict": {f"model.aligner.{k}": v for k, v in aligner.items()},
+                "epoch": 7,
+                "global_step": 420,
+                "hyper_parameters": {"lr": 1e-3, "name": "phase1"},
+                "optimizer_states": [{"state": {}}],
+            },
+            [],
+            {},
+        )
     if kind == "model":  # {"model": DDP state dict, ...} with an encoder tensor fine-tuned in Phase 1
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         with torch.device("meta"):  # the name differs between transformers versions (vision_model. or not)
-            name = next(k for k in CLIPVisionModel(CLIPVisionConfig()).state_dict() if k.endswith("post_layernorm.weight"))
+            name = next(
+                k for k in CLIPVisionModel(CLIPVisionConfig()).state_dict() if k.endswith("post_layernorm.weight")
+            )
         enc = {f"encoders.image.{name}": torch.full((32,), 0.5)}
         state = {f"module.aligner.{k}": v for k, v in aligner.items()} | {f"module.{k}": v for k, v in enc.items()}
         return {"model": state, "step": 3}, [], enc
     # Purr-Sight style: one head per modality with its own names, fixed with --map
     renamed = {k.replace(".0.", "_head.proj.").replace(".1.", "_head.norm."): v for k, v in aligner.items()}
-    maps = [a for m in ("image", "text") for a in ("--map", f"{m}_head.proj.=aligner.{m}.0.", "--map", f"{m}_head.norm.=aligner.{m}.1.")]
+    maps = [
+        a
+        for m in ("image", "text")
+        for a in ("--map", f"{m}_head.proj.=aligner.{m}.0.", "--map", f"{m}_head.norm.=aligner.{m}.1.")
+    ]
     return renamed, maps, {}
 
 
 @pytest.mark.parametrize("kind", ["bare", "lightning", "model", "custom names with --map"])
-def test_import_writes_a_phase1_file_that_loads_bit_for_bit(folders: dict[str, Path], tmp_path: Path, kind: str) -> None:
+def test_import_writes_a_phase1_file_that_loads_bit_for_bit(
+    folders: dict[str, Path], tmp_path: Path, kind: str
+) -> None:
     import torch
 
     modalities = ("image", "text") if kind.startswith("custom") else MODALITIES
@@ -138,8 +169,21 @@ def test_build_phase1_tool_takes_a_torch_aligner(folders: dict[str, Path], tmp_p
     aligner = aligner_state(("audio",))
     torch.save({"state_dict": {f"model.aligner.{k}": v for k, v in aligner.items()}}, tmp_path / "x.pt")
     out = tmp_path / "phase1.safetensors"
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "build_phase1.py"), "--audio", str(folders["audio"]),
-                        "--aligner", str(tmp_path / "x.pt"), "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "build_phase1.py"),
+            "--audio",
+            str(folders["audio"]),
+            "--aligner",
+            str(tmp_path / "x.pt"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith(f"wrote {out}: audio encoders + aligner (align_dim {ALIGN_DIM})")
     assert_imported(out, aligner, folders, ("audio",))
@@ -259,8 +303,12 @@ def test_resolve_phase1_checkpoint_globs_and_torch_files(tmp_path: Path, monkeyp
     for spec, path in [("aligner.pt", "aligner.pt"), ("legacy.data", "legacy.data"), ("align*.pt", "aligner.pt")]:
         with pytest.raises(UserError) as exc:
             resolve_phase1_checkpoint(spec)
-        assert str(exc.value) == (f"lora.phase1_checkpoint {path} is a torch file; convert it once: trainer phase1 import"
-                                  f" {path} --image DIR --audio DIR --text DIR --out {Path(path).with_suffix('.safetensors')}"
-                                  f" (then point lora.phase1_checkpoint at {Path(path).with_suffix('.safetensors')})")
-    with pytest.raises(UserError, match=r"^Phase 1 checkpoint aligner.pt is a torch file; convert it once: trainer phase1 import"):
+        assert str(exc.value) == (
+            f"lora.phase1_checkpoint {path} is a torch file; convert it once: trainer phase1 import"
+            f" {path} --image DIR --audio DIR --text DIR --out {Path(path).with_suffix('.safetensors')}"
+            f" (then point lora.phase1_checkpoint at {Path(path).with_suffix('.safetensors')})"
+        )
+    with pytest.raises(
+        UserError, match=r"^Phase 1 checkpoint aligner.pt is a torch file; convert it once: trainer phase1 import"
+    ):
         read_phase1_header(Path("aligner.pt"))

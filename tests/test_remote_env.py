@@ -1,4 +1,5 @@
 """What `trainer train` forwards to the ranks of other nodes, and what DeepSpeed's runner may not print."""
+
 from __future__ import annotations
 
 import logging
@@ -12,13 +13,31 @@ from trainer.launcher.remote_env import forwarded, mask, secret_values, write_en
 
 
 def test_the_settings_ranks_need_are_forwarded_and_nothing_else() -> None:
-    env = {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9023", "GOOGLE_APPLICATION_CREDENTIALS": "/keys/sa.json",
-           "MLFLOW_TRACKING_URI": "https://mlflow:5000", "TRAINER_LOG_LEVEL": "DEBUG", "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": "1", "HOME": "/root", "PATH": "/usr/bin", "SSH_AUTH_SOCK": "/tmp/agent", "EMPTY": "",
-           "NCCL_DEBUG": "INFO", "OMP_NUM_THREADS_X": "no", "TRAINER_SHARDS_CHECKED": "1"}
+    env = {
+        "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9023",
+        "GOOGLE_APPLICATION_CREDENTIALS": "/keys/sa.json",
+        "MLFLOW_TRACKING_URI": "https://mlflow:5000",
+        "TRAINER_LOG_LEVEL": "DEBUG",
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "HOME": "/root",
+        "PATH": "/usr/bin",
+        "SSH_AUTH_SOCK": "/tmp/agent",
+        "EMPTY": "",
+        "NCCL_DEBUG": "INFO",
+        "OMP_NUM_THREADS_X": "no",
+        "TRAINER_SHARDS_CHECKED": "1",
+    }
     out = forwarded(env)  # (this machine's data check says nothing about another node's copy of the data)
-    assert set(out) == {"STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "MLFLOW_TRACKING_URI", "TRAINER_LOG_LEVEL",
-                        "DS_ACCELERATOR", "OMP_NUM_THREADS", "NCCL_DEBUG"}
+    assert set(out) == {
+        "STORAGE_EMULATOR_HOST",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "MLFLOW_TRACKING_URI",
+        "TRAINER_LOG_LEVEL",
+        "DS_ACCELERATOR",
+        "OMP_NUM_THREADS",
+        "NCCL_DEBUG",
+    }
 
 
 def test_env_file_is_private_and_the_users_own_lines_come_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,7 +52,10 @@ def test_env_file_is_private_and_the_users_own_lines_come_last(tmp_path: Path, m
     try:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         # the runner reads the lines in order, later ones win: the user's file has the last word
-        assert path.read_text() == "STORAGE_EMULATOR_HOST=http://h:1\nOMP_NUM_THREADS=1\nNCCL_IB_DISABLE=1\nOMP_NUM_THREADS=4\n"
+        assert (
+            path.read_text()
+            == "STORAGE_EMULATOR_HOST=http://h:1\nOMP_NUM_THREADS=1\nNCCL_IB_DISABLE=1\nOMP_NUM_THREADS=4\n"
+        )
     finally:
         path.unlink()
     (work / ".deepspeed_env").write_text("JUST_A_NAME\n")
@@ -53,15 +75,24 @@ def test_secret_values_are_masked_in_the_runners_log(tmp_path: Path, caplog: pyt
 
     env_file = tmp_path / "env"
     env_file.write_text("AWS_SECRET_ACCESS_KEY=abc123xyz\nPLAIN=visible\n")
-    env = {"MLFLOW_TRACKING_PASSWORD": "hunter2hunter", "MLFLOW_TRACKING_URI": "https://user:tok3n@mlflow.example",
-           "STORAGE_EMULATOR_HOST": "http://127.0.0.1:1", "TOKENIZERS_PARALLELISM": "false", "HF_TOKEN": " hf_x9 "}
+    env = {
+        "MLFLOW_TRACKING_PASSWORD": "hunter2hunter",
+        "MLFLOW_TRACKING_URI": "https://user:tok3n@mlflow.example",
+        "STORAGE_EMULATOR_HOST": "http://127.0.0.1:1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_TOKEN": " hf_x9 ",
+    }
     values = secret_values(env, [env_file])
     assert set(values) == {"hunter2hunter", "https://user:tok3n@mlflow.example", "abc123xyz", " hf_x9 ", "hf_x9"}
     logger = logging.getLogger("test-ds-runner")
     logger.addFilter(_Mask(values))
     with caplog.at_level(logging.INFO, logger="test-ds-runner"):
-        logger.info("cmd = pdsh export %s; export %s; export %s; export PLAIN=visible", "MLFLOW_TRACKING_PASSWORD=hunter2hunter",
-                    'MLFLOW_TRACKING_URI="https://user:tok3n@mlflow.example"', "AWS_SECRET_ACCESS_KEY=abc123xyz")
+        logger.info(
+            "cmd = pdsh export %s; export %s; export %s; export PLAIN=visible",
+            "MLFLOW_TRACKING_PASSWORD=hunter2hunter",
+            'MLFLOW_TRACKING_URI="https://user:tok3n@mlflow.example"',
+            "AWS_SECRET_ACCESS_KEY=abc123xyz",
+        )
     text = caplog.text
     assert "hunter2" not in text and "tok3n" not in text and "abc123" not in text
     assert "MLFLOW_TRACKING_PASSWORD=***" in text and "PLAIN=visible" in text

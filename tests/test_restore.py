@@ -1,4 +1,5 @@
 """Restoring checkpoints from the bucket: newest complete one, every byte verified, unsafe archives refused."""
+
 from __future__ import annotations
 
 import io
@@ -47,7 +48,9 @@ def test_fresh_machine_gets_the_newest_checkpoint_back_byte_for_byte(backend, tm
 
 
 @pytest.mark.parametrize("where", ["file", "padding"])
-def test_a_damaged_checkpoint_is_skipped_for_the_next_older(tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str) -> None:
+def test_a_damaged_checkpoint_is_skipped_for_the_next_older(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
     """One flipped byte in a stored part: inside a file (that file's CRC32C, checked as it is unpacked) or in
     the tar's end padding, which no file covers (the part's CRC32C, checked over every byte streamed)."""
     storage = open_storage(f"file://{tmp_path / 'bucket'}")
@@ -59,7 +62,10 @@ def test_a_damaged_checkpoint_is_skipped_for_the_next_older(tmp_path: Path, capl
     part.write_bytes(bytes(data))
     restored = restore_newest(storage, tmp_path / "vm2")
     assert restored is not None and restored.name == "step-00000010"
-    said = {"file": "does not match the manifest after unpacking", "padding": "part part-000.tar does not match the manifest"}
+    said = {
+        "file": "does not match the manifest after unpacking",
+        "padding": "part part-000.tar does not match the manifest",
+    }
     assert "skipping" in caplog.text and said[where] in caplog.text, caplog.text
     assert not (tmp_path / "vm2" / "run1" / "checkpoints" / "step-00000020").exists()
 
@@ -80,7 +86,7 @@ def test_restore_from_a_gcs_emulator_after_tampering(tmp_path: Path, monkeypatch
         storage.delete(name)
         storage.put_bytes(name, bytes(data))
         with pytest.raises(RestoreFailed, match="does not match the manifest"):
-            (prefix, manifest), = remote_checkpoints(storage)
+            ((prefix, manifest),) = remote_checkpoints(storage)
             restore(storage, prefix, manifest, tmp_path / "vm2")
         assert restore_newest(storage, tmp_path / "vm2") is None
     finally:
@@ -97,11 +103,21 @@ def _forged_upload(storage, tmp_path: Path, members: list[tarfile.TarInfo], payl
             tar.addfile(m, io.BytesIO(payloads.get(m.name, b"")) if m.isfile() else None)
     raw = buf.getvalue()
     storage.put_bytes("run1/step-00000030/part-000.tar", raw)
-    files = [{"path": m.name, "size": m.size, "crc32c": crc32c_b64(payloads.get(m.name, b"")), "part": "part-000.tar"}
-             for m in members]
-    manifest = {"format": 1, "run_id": "run1", "tag": "step-00000030", "step": 30, "compression": "none",
-                "bytes": sum(f["size"] for f in files), "files": files, "checkpoint": meta,
-                "parts": [{"name": "part-000.tar", "size": len(raw), "crc32c": crc32c_b64(raw)}]}
+    files = [
+        {"path": m.name, "size": m.size, "crc32c": crc32c_b64(payloads.get(m.name, b"")), "part": "part-000.tar"}
+        for m in members
+    ]
+    manifest = {
+        "format": 1,
+        "run_id": "run1",
+        "tag": "step-00000030",
+        "step": 30,
+        "compression": "none",
+        "bytes": sum(f["size"] for f in files),
+        "files": files,
+        "checkpoint": meta,
+        "parts": [{"name": "part-000.tar", "size": len(raw), "crc32c": crc32c_b64(raw)}],
+    }
     storage.put_bytes(f"run1/step-00000030/{MANIFEST}", json.dumps(manifest).encode())
 
 
@@ -116,7 +132,7 @@ def test_unsafe_archives_are_refused_and_nothing_escapes(tmp_path: Path, kind: s
         m = tarfile.TarInfo("../../../escaped.txt" if kind == "dotdot" else str(tmp_path / "escaped.txt"))
         m.size = len(evil)
     _forged_upload(storage, tmp_path, [m], {m.name: evil})
-    (prefix, manifest), = remote_checkpoints(storage)
+    ((prefix, manifest),) = remote_checkpoints(storage)
     with pytest.raises(RestoreFailed, match="unsafe or unexpected archive member"):
         restore(storage, prefix, manifest, tmp_path / "vm2" / "runs")
     assert not list(tmp_path.rglob("escaped.txt"))

@@ -1,4 +1,5 @@
 """The grace period starts when the signal arrives, not when Python gets round to its handler."""
+
 from __future__ import annotations
 
 import subprocess

@@ -1,5 +1,6 @@
 """Storage faults from a real HTTP server: fake-gcs-server behind `FaultProxy`, which loses a chunk mid-part, refuses
 writes with 403, stops answering, or closes connections, as real storage and the network between do."""
+
 from __future__ import annotations
 
 import os
@@ -37,12 +38,15 @@ def proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProx
 
 
 def _chunk_ranges(p: FaultProxy) -> list[str]:
-    return [rng for method, path, rng in p.log if method == "PUT" and "upload_id" in path and not rng.startswith("bytes */")]
+    return [
+        rng for method, path, rng in p.log if method == "PUT" and "upload_id" in path and not rng.startswith("bytes */")
+    ]
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_a_chunk_lost_mid_part_is_sent_again_from_where_the_server_is(proxy: FaultProxy, tmp_path: Path, compression: str,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_chunk_lost_mid_part_is_sent_again_from_where_the_server_is(
+    proxy: FaultProxy, tmp_path: Path, compression: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """1 MiB chunks, the third one lost on the way: the same resumable session goes on from the server's offset
     (the client seeks the part's stream back and sends that chunk again), with no re-sending of the whole part."""
     import trainer.storage
@@ -59,11 +63,14 @@ def test_a_chunk_lost_mid_part_is_sent_again_from_where_the_server_is(proxy: Fau
     assert ok, why
     restored = restore_newest(open_storage(URL), tmp_path / "vm2")
     assert restored is not None
-    assert all((restored / p.name).read_bytes() == p.read_bytes() for p in ckpt.iterdir() if p.name != "upload_state.json")
+    assert all(
+        (restored / p.name).read_bytes() == p.read_bytes() for p in ckpt.iterdir() if p.name != "upload_state.json"
+    )
 
 
-def test_a_chunk_stored_but_unanswered_never_reaches_a_manifest_corrupt(proxy: FaultProxy, tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_chunk_stored_but_unanswered_never_reaches_a_manifest_corrupt(
+    proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The third chunk reaches the server but its answer is lost; the client sends it again. GCS ignores bytes it
     already has; this emulator appends them again, so the stored object is longer than the part. The CRC32C the
     client compares at the end catches it, the part is uploaded again, and the manifest names only good bytes."""
@@ -72,9 +79,13 @@ def test_a_chunk_stored_but_unanswered_never_reaches_a_manifest_corrupt(proxy: F
     monkeypatch.setattr(trainer.storage, "CHUNK_BYTES", 1024 * 1024)
     ckpt = fake_checkpoint(tmp_path / "runs" / "run1", 5, size=6_000_000)
     proxy.drop_chunk, proxy.drop_after_forwarding = 3, True
-    state = CheckpointUploader(open_storage(URL, retry_deadline_s=30), "none", workers=1, retries=1, backoff_s=0.05).upload(ckpt)
+    state = CheckpointUploader(
+        open_storage(URL, retry_deadline_s=30), "none", workers=1, retries=1, backoff_s=0.05
+    ).upload(ckpt)
     assert state["state"] == "uploaded"
-    assert sum(1 for method, path, _ in proxy.log if method == "POST" and "uploadType=resumable" in path) == 2  # part resent
+    assert (
+        sum(1 for method, path, _ in proxy.log if method == "POST" and "uploadType=resumable" in path) == 2
+    )  # part resent
     ok, why, _ = verify_remote(open_storage(URL), "run1/step-00000005")
     assert ok, why
 
@@ -90,7 +101,9 @@ def test_permission_denied_fails_the_checkpoint_in_one_line_without_retrying(pro
     assert time.monotonic() - t0 < 5  # five retries with backoff would take longer: there were none
     assert proxy.denied == 1
     st = read_upload_state(ckpt)
-    assert st["state"] == "failed" and st["error"] == "no permission (caller does not have storage.objects.create access)"
+    assert (
+        st["state"] == "failed" and st["error"] == "no permission (caller does not have storage.objects.create access)"
+    )
     assert "\n" not in st["error"] and "\n" not in str(info.value)
 
 
@@ -107,17 +120,31 @@ def test_a_bucket_that_goes_away_mid_restore_is_raised_not_skipped(proxy: FaultP
     from trainer.storage import describe_error, is_storage_error
 
     assert is_storage_error(info.value), repr(info.value)
-    assert "cannot reach the storage service" in describe_error(info.value) or "storage error" in describe_error(info.value)
+    assert "cannot reach the storage service" in describe_error(info.value) or "storage error" in describe_error(
+        info.value
+    )
     assert not any((tmp_path / "vm2").rglob("metadata.json"))  # nothing restored, nothing older put in its place
 
 
 def _job(cfg: Path, proxy: FaultProxy) -> subprocess.Popen:
     from trainer.launcher.command import free_port
 
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "STORAGE_EMULATOR_HOST": proxy.url}
-    return subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "STORAGE_EMULATOR_HOST": proxy.url,
+    }
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _read_until(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:

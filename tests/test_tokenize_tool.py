@@ -1,4 +1,5 @@
 """tools/tokenize_to_shards.py: text/jsonl to token shards with a local tokenizer built here (never downloaded)."""
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ def build_bpe(eos: str | None = EOS):
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     specials = ([eos] if eos else []) + ["[UNK]"]
-    tok.train_from_iterator(SENTENCES * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False))
+    tok.train_from_iterator(
+        SENTENCES * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
+    )
     return tok
 
 
@@ -107,9 +110,18 @@ def test_jsonl_inputs(tmp_path: Path, tokenizer_file: Path):
     b = tmp_path / "in" / "b.jsonl"
     a.parent.mkdir()
     a.write_text(json.dumps({"text": SENTENCES[0], "id": 1}) + "\n\n" + json.dumps({"text": SENTENCES[1]}) + "\n")
-    b.write_text(json.dumps({"text": SENTENCES[2]}) + "\n" + json.dumps({"text": ""}) + "\n" + json.dumps({"text": SENTENCES[3]}) + "\n")
+    b.write_text(
+        json.dumps({"text": SENTENCES[2]})
+        + "\n"
+        + json.dumps({"text": ""})
+        + "\n"
+        + json.dumps({"text": SENTENCES[3]})
+        + "\n"
+    )
     out = tmp_path / "shards"
-    r = run_tool(tmp_path / "in", "--tokenizer", tokenizer_file, "--out", out, "--tokens-per-shard", 10, "--batch-size", 2)
+    r = run_tool(
+        tmp_path / "in", "--tokenizer", tokenizer_file, "--out", out, "--tokens-per-shard", 10, "--batch-size", 2
+    )
     assert r.returncode == 0, r.stderr
     assert np.concatenate(read_shards(out)).tolist() == encode(tokenizer_file, SENTENCES)  # the empty doc is skipped
     assert "4 document(s)" in r.stdout
@@ -149,7 +161,9 @@ def test_hf_folder_tokenizer(tmp_path: Path, tokenizer_file: Path):
     folder = tmp_path / "hf_tok"
     folder.mkdir()
     (folder / "tokenizer.json").write_text(tokenizer_file.read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "[UNK]"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "[UNK]"})
+    )
     write_docs(tmp_path / "txt", SENTENCES[:2])
     out = tmp_path / "shards"
     r = run_tool(tmp_path / "txt", "--tokenizer", folder, "--out", out)
@@ -197,14 +211,25 @@ def bad_cases(tmp: Path, tokenizer_file: Path) -> dict[str, tuple[list, Path, st
         "tokenizer not loadable": ([txt, "--tokenizer", garbage, "--out", out], out, str(garbage)),
         "tokenizer folder not loadable": ([txt, "--tokenizer", empty_tok, "--out", out], out, str(empty_tok)),
         "tokenizer without eos": ([txt, "--tokenizer", no_eos, "--out", out], out, str(no_eos)),
-        "bad jsonl line": ([txt, bad_jsonl, "--tokenizer", tokenizer_file, "--out", out, "--tokens-per-shard", 2,
-                            "--batch-size", 1], out, f"{bad_jsonl}:2"),  # fails after shards were staged
+        "bad jsonl line": (
+            [txt, bad_jsonl, "--tokenizer", tokenizer_file, "--out", out, "--tokens-per-shard", 2, "--batch-size", 1],
+            out,
+            f"{bad_jsonl}:2",
+        ),  # fails after shards were staged
         "output not empty": ([txt, "--tokenizer", tokenizer_file, "--out", txt], txt, str(txt)),
     }
 
 
-CASES = ["missing input", "no text files", "tokenizer missing", "tokenizer not loadable", "tokenizer folder not loadable",
-         "tokenizer without eos", "bad jsonl line", "output not empty"]
+CASES = [
+    "missing input",
+    "no text files",
+    "tokenizer missing",
+    "tokenizer not loadable",
+    "tokenizer folder not loadable",
+    "tokenizer without eos",
+    "bad jsonl line",
+    "output not empty",
+]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,4 +1,5 @@
 """Real training runs: the `deepspeed` launcher with 2 CPU ranks (gloo) for ZeRO stages 1-3, exact resume."""
+
 from __future__ import annotations
 
 import json
@@ -47,11 +48,16 @@ def test_two_rank_resume_is_exact(tiny_config: Path, tmp_path: Path, stage: int)
     step accumulates two micro-batches (the stop agreement between them runs too). Every 2 steps both
     ranks evaluate their halves of the held-out windows (data.val_fraction); under ZeRO-3 too."""
     accum = 2 if stage == 2 else 1
-    cfg = write_config(tiny_config, tmp_path / "runs",
-                       train={"max_steps": 8, "log_every": 1, "micro_batch_size": 4, "grad_accum": accum},
-                       model={"dropout": 0.1}, optim={"decay_steps": 8, "warmup_steps": 2},
-                       eval={"every": 2, "batches": 3},
-                       checkpoint={"save_every": 4, "keep_last": 5}, deepspeed={"template": f"zero{stage}"})
+    cfg = write_config(
+        tiny_config,
+        tmp_path / "runs",
+        train={"max_steps": 8, "log_every": 1, "micro_batch_size": 4, "grad_accum": accum},
+        model={"dropout": 0.1},
+        optim={"decay_steps": 8, "warmup_steps": 2},
+        eval={"every": 2, "batches": 3},
+        checkpoint={"save_every": 4, "keep_last": 5},
+        deepspeed={"template": f"zero{stage}"},
+    )
     r = run_cli("train", str(cfg), "--num-ranks", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "state captured in" in r.stdout and "writing" in r.stdout  # step 4 went to the background writer
@@ -88,9 +94,16 @@ def test_two_rank_resume_is_exact(tiny_config: Path, tmp_path: Path, stage: int)
     if stage != 2:
         return
     # the same run without evaluation trains the same: losses and weights bit for bit
-    off = write_config(tiny_config, tmp_path / "off", **{k: v for k, v in yaml.safe_load(cfg.read_text()).items()
-                                                        if k in ("train", "model", "optim", "checkpoint", "deepspeed")},
-                       eval={"enabled": False})
+    off = write_config(
+        tiny_config,
+        tmp_path / "off",
+        **{
+            k: v
+            for k, v in yaml.safe_load(cfg.read_text()).items()
+            if k in ("train", "model", "optim", "checkpoint", "deepspeed")
+        },
+        eval={"enabled": False},
+    )
     r = run_cli("train", str(off), "--num-ranks", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (last_off,) = [p for p in committed(tmp_path / "off") if p.name == "step-00000008"]
@@ -117,13 +130,17 @@ def _plain_val_loss(model_dir: Path, config: Path, batches: int, micro: int, wor
     data = yaml.safe_load(config.read_text())["data"]
     shards = TokenShards(find_shards(Path(data["path"])), 128)
     split = WindowSplit(len(shards), data["val_fraction"])
-    rows = np.stack([shards.window(split.val_window(int(i))) for i in eval_subset(split.num_val, batches, micro, world)])
+    rows = np.stack(
+        [shards.window(split.val_window(int(i))) for i in eval_subset(split.num_val, batches, micro, world)]
+    )
     model = GPTNeoXForCausalLM.from_pretrained(str(model_dir)).eval()
     tokens = torch.from_numpy(rows)
     with torch.no_grad():
         logits = model(input_ids=tokens[:, :-1]).logits
-    return float(F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").double()
-                 / tokens[:, 1:].numel())
+    return float(
+        F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").double()
+        / tokens[:, 1:].numel()
+    )
 
 
 @pytest.mark.launcher
@@ -133,11 +150,26 @@ def test_deepspeed_command_from_readme(tiny_config: Path, tmp_path: Path) -> Non
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    cfg = write_config(tiny_config, tmp_path / "runs", train={"max_steps": 3, "log_every": 1}, checkpoint={"save_every": 3})
-    deepspeed = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
-                 "--master_addr", "127.0.0.1"]
-    r = subprocess.run([*deepspeed, "--master_port", str(free_port()), "launch/train.py", "--config", str(cfg)],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    cfg = write_config(
+        tiny_config, tmp_path / "runs", train={"max_steps": 3, "log_every": 1}, checkpoint={"save_every": 3}
+    )
+    deepspeed = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh_check",
+        "--master_addr",
+        "127.0.0.1",
+    ]
+    r = subprocess.run(
+        [*deepspeed, "--master_port", str(free_port()), "launch/train.py", "--config", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert [p.name for p in committed(tmp_path / "runs")] == ["step-00000003"]
 
@@ -145,10 +177,33 @@ def test_deepspeed_command_from_readme(tiny_config: Path, tmp_path: Path) -> Non
     single = tmp_path / "hostfile1"
     single.write_text("localhost slots=1\n")
     # (another world size is fine for ZeRO-1/2: ZeRO-3 is refused)
-    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(single), "--no_ssh_check",
-                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "launch/train.py", "--config", str(cfg),
-                        "--resume", "latest", "--max-steps", "6", "--set", "deepspeed.template=zero3"], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--hostfile",
+            str(single),
+            "--no_ssh_check",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "launch/train.py",
+            "--config",
+            str(cfg),
+            "--resume",
+            "latest",
+            "--max-steps",
+            "6",
+            "--set",
+            "deepspeed.template=zero3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 2
     errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "saved by 2 ranks" in errors[0], r.stdout[-2000:] + r.stderr[-2000:]
@@ -164,17 +219,20 @@ def _job_process(wrapper_pid: int, target: str):  # type: ignore[no-untyped-def]
         return wrapper
     for p in wrapper.children(recursive=True):
         cmd = " ".join(p.cmdline())
-        if (target == "launcher" and "trainer.launcher.ds_launch" in cmd) \
-                or (target == "worker" and "--local_rank=1" in cmd):
+        if (target == "launcher" and "trainer.launcher.ds_launch" in cmd) or (
+            target == "worker" and "--local_rank=1" in cmd
+        ):
             return p
     raise AssertionError(f"no {target} process under {wrapper_pid}")
 
 
 @pytest.mark.launcher
-@pytest.mark.parametrize("target,storage", [("wrapper", "file"), ("launcher", "file"), ("worker", "file"),
-                                            ("worker", "fake-gcs-server")])
-def test_sigterm_to_any_process_of_the_job_stops_both_ranks_on_one_step(tiny_config: Path, tmp_path: Path, target: str,
-                                                                        storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "target,storage", [("wrapper", "file"), ("launcher", "file"), ("worker", "file"), ("worker", "fake-gcs-server")]
+)
+def test_sigterm_to_any_process_of_the_job_stops_both_ranks_on_one_step(
+    tiny_config: Path, tmp_path: Path, target: str, storage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SIGTERM to the `trainer train` wrapper, DeepSpeed's per-node launcher (which passes it to its ranks' process
     trees) or one worker: the ranks agree on a step, save, upload, and the job exits 75 within the grace. (A runner
     that dies of the signal, leaving its ranks to notice: test_sigterm_to_the_deepspeed_runner_started_by_hand.)"""
@@ -199,10 +257,22 @@ def _sigterm_one_process(tiny_config: Path, tmp_path: Path, target: str, url: st
     from trainer.storage import open_storage
     from trainer.checkpoint.remote import verify_remote
 
-    cfg = write_config(tiny_config, tmp_path / "runs", train={"max_steps": 100000, "log_every": 5},
-                       checkpoint={"save_every": 100000}, upload={"url": url}, preemption={"grace_s": 20})
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli.main", "train", str(cfg), "--num-ranks", "2"], cwd=REPO,
-                            env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cfg = write_config(
+        tiny_config,
+        tmp_path / "runs",
+        train={"max_steps": 100000, "log_every": 5},
+        checkpoint={"save_every": 100000},
+        upload={"url": url},
+        preemption={"grace_s": 20},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli.main", "train", str(cfg), "--num-ranks", "2"],
+        cwd=REPO,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen, deadline = "", time.monotonic() + 300
     while "step 10/" not in seen and time.monotonic() < deadline and proc.poll() is None:
         seen += proc.stdout.readline()
@@ -216,7 +286,10 @@ def _sigterm_one_process(tiny_config: Path, tmp_path: Path, target: str, url: st
     meta = metadata(ckpt)
     assert meta["reason"] == "preemption" and meta["world_size"] == 2 and meta["step"] >= 10
     # both ranks wrote their state for that same step before the commit
-    assert sorted(p.name for p in ckpt.glob("rng_state_rank*.pt")) == ["rng_state_rank00000.pt", "rng_state_rank00001.pt"]
+    assert sorted(p.name for p in ckpt.glob("rng_state_rank*.pt")) == [
+        "rng_state_rank00000.pt",
+        "rng_state_rank00001.pt",
+    ]
     ok, why, _ = verify_remote(open_storage(url), f"{meta['run_id']}/{ckpt.name}")
     assert ok, why
     assert json.loads((ckpt / "upload_state.json").read_text())["state"] == "uploaded"
@@ -235,11 +308,32 @@ def test_sigterm_to_the_deepspeed_runner_started_by_hand(tiny_config: Path, tmp_
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    cfg = write_config(tiny_config, tmp_path / "runs", train={"max_steps": 100000, "log_every": 5}, checkpoint={"save_every": 100000})
-    proc = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
-                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "launch/train.py", "--config",
-                             str(cfg)], cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    cfg = write_config(
+        tiny_config, tmp_path / "runs", train={"max_steps": 100000, "log_every": 5}, checkpoint={"save_every": 100000}
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh_check",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "launch/train.py",
+            "--config",
+            str(cfg),
+        ],
+        cwd=REPO,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     seen, deadline = "", time.monotonic() + 300
     while "step 10/" not in seen and time.monotonic() < deadline and proc.poll() is None:
         seen += proc.stdout.readline()
@@ -250,7 +344,10 @@ def test_sigterm_to_the_deepspeed_runner_started_by_hand(tiny_config: Path, tmp_
     (ckpt,) = committed(tmp_path / "runs")
     meta = metadata(ckpt)
     assert meta["reason"] == "preemption" and meta["world_size"] == 2
-    assert sorted(p.name for p in ckpt.glob("rng_state_rank*.pt")) == ["rng_state_rank00000.pt", "rng_state_rank00001.pt"]
+    assert sorted(p.name for p in ckpt.glob("rng_state_rank*.pt")) == [
+        "rng_state_rank00000.pt",
+        "rng_state_rank00001.pt",
+    ]
 
 
 @pytest.mark.launcher
@@ -268,14 +365,37 @@ def test_two_simulated_nodes_upload_one_complete_checkpoint(tiny_config: Path, t
     bucket = tmp_path / "bucket"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    common = dict(train={"max_steps": 4, "log_every": 1}, checkpoint={"save_every": 4}, upload={"url": f"file://{bucket}"})
+    common = dict(
+        train={"max_steps": 4, "log_every": 1}, checkpoint={"save_every": 4}, upload={"url": f"file://{bucket}"}
+    )
     cfg_a = write_config(tiny_config, tmp_path / "node_a", **common)
     cfg_b = write_config(tiny_config, tmp_path / "node_b", **common)
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "trainer.cli.main", "train", str(cfg), "--hostfile", str(hostfile),
-                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port],
-                              cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank, cfg in ((0, cfg_a), (1, cfg_b))]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trainer.cli.main",
+                "train",
+                str(cfg),
+                "--hostfile",
+                str(hostfile),
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+            ],
+            cwd=REPO,
+            env=os.environ.copy(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank, cfg in ((0, cfg_a), (1, cfg_b))
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     (a,) = committed(tmp_path / "node_a")
@@ -301,7 +421,9 @@ def test_two_simulated_nodes_upload_one_complete_checkpoint(tiny_config: Path, t
     m8 = metadata(c8)
     assert m8["run_id"] == a.parent.parent.name and m8["resumed_from_world_size"] == 2 and m8["grad_accum"] == 2
     losses = dict((int(s), v) for s, v in m8["loss_history"])
-    assert losses[4] == metadata(a)["loss"] and abs(losses[5] - losses[4]) < 0.1 < losses[1] - losses[4]  # continued, not restarted
+    assert (
+        losses[4] == metadata(a)["loss"] and abs(losses[5] - losses[4]) < 0.1 < losses[1] - losses[4]
+    )  # continued, not restarted
     ok, why, manifest = verify_remote(storage, f"{c8.parent.parent.name}/{c8.name}")
     assert ok, why
     assert not any(f["path"].startswith("universal") for f in manifest["files"])
@@ -310,18 +432,24 @@ def test_two_simulated_nodes_upload_one_complete_checkpoint(tiny_config: Path, t
     import shutil
 
     shutil.copytree(bucket, tmp_path / "bucket2")  # (node A's new uploads must not collide with the fresh node's)
-    cfg_a1 = write_config(tiny_config, tmp_path / "node_a", **{**common, "upload": {"url": f"file://{tmp_path / 'bucket2'}"}})
+    cfg_a1 = write_config(
+        tiny_config, tmp_path / "node_a", **{**common, "upload": {"url": f"file://{tmp_path / 'bucket2'}"}}
+    )
     r = run_cli("train", str(cfg_a1), "--num-ranks", "1", "--max-steps", "8")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "fetching 2 file(s) of step-00000004 that this node lacks" in r.stdout, r.stdout[-3000:]
-    assert (a / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file() and (a / "universal" / "conversion.json").is_file()
+    assert (a / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file() and (
+        a / "universal" / "conversion.json"
+    ).is_file()
     (a8,) = [p for p in committed(tmp_path / "node_a") if p.name == "step-00000008"]
     assert metadata(a8)["loss_history"] == m8["loss_history"]  # the same state on the same world size: the same run
 
 
 @pytest.mark.launcher
 @pytest.mark.parametrize("when", ["importing", "one rank in setup"])
-def test_a_stop_while_the_ranks_start_ends_the_job_at_once_with_75(tiny_config: Path, tmp_path: Path, when: str) -> None:
+def test_a_stop_while_the_ranks_start_ends_the_job_at_once_with_75(
+    tiny_config: Path, tmp_path: Path, when: str
+) -> None:
     """Found by the preemption simulator. `importing`: SIGTERM to `trainer train` while the ranks are still importing
     (no handler yet: they die of it) is the stop's exit code 75 and one line, not the launcher's 241. `one rank in
     setup`: rank 1 alone stopped during setup leaves at once; rank 0, which may be blocked in a collective with it,
@@ -331,8 +459,14 @@ def test_a_stop_while_the_ranks_start_ends_the_job_at_once_with_75(tiny_config: 
     import time
 
     cfg = write_config(tiny_config, tmp_path / "runs", train={"max_steps": 100000, "log_every": 1})
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli.main", "train", str(cfg), "--num-ranks", "2"], cwd=REPO,
-                            env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli.main", "train", str(cfg), "--num-ranks", "2"],
+        cwd=REPO,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     needle = "process " if when == "importing" else "[rank0] run "
     seen, deadline = "", time.monotonic() + 300
     while needle not in seen and time.monotonic() < deadline and proc.poll() is None:
@@ -357,8 +491,10 @@ def test_a_stop_while_the_ranks_start_ends_the_job_at_once_with_75(tiny_config: 
 def test_deepspeed_is_imported_without_mlflow_and_mlflow_stays_importable() -> None:
     """The launcher and the ranks import DeepSpeed without the MLflow its autotuner pulls in (over a second per
     process); a rank that tracks imports MLflow afterwards as usual."""
-    code = ("import sys; from trainer.dsimport import import_deepspeed; ds = import_deepspeed(); "
-            "assert 'mlflow' not in sys.modules, sorted(m for m in sys.modules if 'mlflow' in m); "
-            "import mlflow; from deepspeed.autotuning import autotuner; print(ds.__version__, mlflow.__version__)")
+    code = (
+        "import sys; from trainer.dsimport import import_deepspeed; ds = import_deepspeed(); "
+        "assert 'mlflow' not in sys.modules, sorted(m for m in sys.modules if 'mlflow' in m); "
+        "import mlflow; from deepspeed.autotuning import autotuner; print(ds.__version__, mlflow.__version__)"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and len(r.stdout.split()) == 2, r.stdout + r.stderr[-2000:]

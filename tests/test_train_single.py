@@ -1,4 +1,5 @@
 """Single-process runs (RANK/WORLD_SIZE set by hand): checkpoints, retention, partials, MLflow."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,13 @@ def _cfg(tiny_config: Path, **sections: dict) -> Path:
 
 def test_checkpoints_metadata_retention_and_mlflow(tiny_config: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "runs"
-    cfg = _cfg(tiny_config, train={"max_steps": 12, "log_every": 2}, checkpoint={"save_every": 3, "keep_last": 2},
-               tracking={"enabled": True}, eval={"enabled": False})  # (without evaluation, the best is by training loss)
+    cfg = _cfg(
+        tiny_config,
+        train={"max_steps": 12, "log_every": 2},
+        checkpoint={"save_every": 3, "keep_last": 2},
+        tracking={"enabled": True},
+        eval={"enabled": False},
+    )  # (without evaluation, the best is by training loss)
     r = run_rank("--config", str(cfg))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (run_root,) = [p for p in run_dir.iterdir() if p.is_dir() and (p / "checkpoints").is_dir()]
@@ -45,8 +51,23 @@ def test_checkpoints_metadata_retention_and_mlflow(tiny_config: Path, tmp_path: 
     assert {p.name for p in (run_root / "checkpoints").iterdir() if p.is_dir()} == set(ckpts)
     assert metas["step-00000009"]["save"]["async"] is True and metas["step-00000012"]["save"]["async"] is False
     m = metas["step-00000012"]
-    for key in ("step", "epoch", "tokens_seen", "loss", "best_loss", "loss_history", "lr_history", "data_position", "run_id",
-                "mlflow_run_id", "config_hash", "world_size", "zero_stage", "system", "committed_at"):
+    for key in (
+        "step",
+        "epoch",
+        "tokens_seen",
+        "loss",
+        "best_loss",
+        "loss_history",
+        "lr_history",
+        "data_position",
+        "run_id",
+        "mlflow_run_id",
+        "config_hash",
+        "world_size",
+        "zero_stage",
+        "system",
+        "committed_at",
+    ):
         assert key in m, key
     assert m["step"] == 12 and m["run_id"] == run_id and m["reason"] == "final"
     assert m["tokens_seen"] == 12 * 8 * 128
@@ -54,7 +75,9 @@ def test_checkpoints_metadata_retention_and_mlflow(tiny_config: Path, tmp_path: 
     assert m["best_loss"] == min(loss for _, loss in m["loss_history"])
     saved = yaml.safe_load((run_root / "checkpoints" / "step-00000012" / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 12 and saved["data"]["path"]
-    assert json.loads((run_root / "checkpoints" / "step-00000012" / "ds_config.json").read_text())["train_batch_size"] == 8
+    assert (
+        json.loads((run_root / "checkpoints" / "step-00000012" / "ds_config.json").read_text())["train_batch_size"] == 8
+    )
 
     # MLflow: the local store under run_dir, status FINISHED, metrics, params and artifacts.
     from mlflow.tracking import MlflowClient
@@ -100,11 +123,27 @@ def test_sigterm_saves_marks_killed_and_exits_75(tiny_config: Path, tmp_path: Pa
     from trainer.launcher.command import free_port
 
     run_dir = tmp_path / "runs"
-    cfg = _cfg(tiny_config, train={"max_steps": 100000, "log_every": 5}, checkpoint={"save_every": 100000},
-               tracking={"enabled": True})
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cfg = _cfg(
+        tiny_config,
+        train={"max_steps": 100000, "log_every": 5},
+        checkpoint={"save_every": 100000},
+        tracking={"enabled": True},
+    )
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     seen = ""
     while "step 10/" not in seen and time.monotonic() < deadline:  # wait until it is training
@@ -119,7 +158,10 @@ def test_sigterm_saves_marks_killed_and_exits_75(tiny_config: Path, tmp_path: Pa
 
     run = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}").get_run(meta["mlflow_run_id"])
     assert run.info.status == "KILLED"
-    assert run.data.tags["trainer.stopped_at_step"] == str(meta["step"]) and run.data.tags["trainer.stopped_by"] == "SIGTERM"
+    assert (
+        run.data.tags["trainer.stopped_at_step"] == str(meta["step"])
+        and run.data.tags["trainer.stopped_by"] == "SIGTERM"
+    )
     assert run.data.tags["trainer.emergency_checkpoint"] == meta["tag"]
 
 
@@ -134,11 +176,27 @@ def test_sigterm_without_time_for_a_save_skips_it_and_says_so(tiny_config: Path,
     from trainer.launcher.command import free_port
 
     run_dir = tmp_path / "runs"
-    cfg = _cfg(tiny_config, train={"max_steps": 100000, "log_every": 1}, checkpoint={"save_every": 5, "keep_last": 5},
-               preemption={"grace_s": 1.0, "exit_reserve_s": 1.0})
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cfg = _cfg(
+        tiny_config,
+        train={"max_steps": 100000, "log_every": 1},
+        checkpoint={"save_every": 5, "keep_last": 5},
+        preemption={"grace_s": 1.0, "exit_reserve_s": 1.0},
+    )
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     seen = ""
     while "step 12/" not in seen and time.monotonic() < deadline:  # two scheduled saves measured
@@ -161,7 +219,9 @@ def test_sigterm_without_time_for_a_save_skips_it_and_says_so(tiny_config: Path,
     assert 0 < good["goodput"] < 1 and abs(sum(good["seconds"].values()) - good["total_s"]) < 0.01
     assert good["seconds"]["startup"] > 0 and good["seconds"]["exit"] > 0  # the first attempt's exit is in the total
     shown = run_cli("checkpoints", "show", str(final))
-    assert shown.returncode == 0 and "goodput" in shown.stdout and "recomputed" in shown.stdout, shown.stdout + shown.stderr
+    assert shown.returncode == 0 and "goodput" in shown.stdout and "recomputed" in shown.stdout, (
+        shown.stdout + shown.stderr
+    )
 
 
 def test_sigkill_mid_save_leaves_the_previous_checkpoint_to_resume(tiny_config: Path, tmp_path: Path) -> None:
@@ -179,11 +239,26 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_to_resume(tiny_config: 
 
     run_dir = tmp_path / "runs"
     # A larger vocabulary makes each save take long enough (~0.3 s) to be caught in the middle.
-    cfg = _cfg(tiny_config, model={"vocab_size": 100_000}, train={"max_steps": 100000, "log_every": 1, "micro_batch_size": 1},
-               checkpoint={"save_every": 3, "keep_last": 10})
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cfg = _cfg(
+        tiny_config,
+        model={"vocab_size": 100_000},
+        train={"max_steps": 100000, "log_every": 1, "micro_batch_size": 1},
+        checkpoint={"save_every": 3, "keep_last": 10},
+    )
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     victim = None
     deadline = time.monotonic() + 300
     try:
@@ -203,7 +278,9 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_to_resume(tiny_config: 
     run_root = victim.parent.parent
     assert [c.tag for c in CheckpointStore(run_root).committed()] == ["step-00000003"]
     assert resolve_resume(run_dir, "latest").tag == "step-00000003"
-    assert resolve_resume(run_dir, "latest").metadata["save"]["async"] is True  # the killed save was a background one too
+    assert (
+        resolve_resume(run_dir, "latest").metadata["save"]["async"] is True
+    )  # the killed save was a background one too
     r = run_rank("--config", str(cfg), "--resume", "latest", "--max-steps", "4")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "removed partial checkpoint" in r.stdout + r.stderr and "at step 3" in r.stdout
@@ -224,8 +301,10 @@ def test_the_same_command_after_the_run_completed_does_nothing(tiny_config: Path
     before = set(tmp_path.rglob("*"))
     r = run_cli("train", str(tiny_config), "--num-ranks", "1", "--max-steps", "300")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stderr.strip() == ("nothing to do: run run-done is complete (step-00000300, train.max_steps 300); raise"
-                                " --max-steps to train further, or pass --resume none for a new run")
+    assert r.stderr.strip() == (
+        "nothing to do: run run-done is complete (step-00000300, train.max_steps 300); raise"
+        " --max-steps to train further, or pass --resume none for a new run"
+    )
     assert "launcher.ds_launch" not in r.stdout and set(tmp_path.rglob("*")) == before
 
 
@@ -259,8 +338,9 @@ def test_export_of_a_pretraining_checkpoint_loads_with_transformers(tiny_config:
 
     # `trainer generate`: the checkpoint and its export continue a prompt with the same tokens, those greedy
     # decoding of the checkpoint's model gives
-    greedy = want.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                           pad_token_id=0)[0, ids.shape[1]:].tolist()
+    greedy = want.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0
+    )[0, ids.shape[1] :].tolist()
     answers = []
     for src in (ckpt, out):
         r = run_cli("generate", str(src), "--prompt-ids", "1 5 9 200 511 3", "--max-new-tokens", "6")
@@ -281,9 +361,21 @@ def _start(cfg: Path, *args: str):  # type: ignore[no-untyped-def]
     from conftest import REPO
     from trainer.launcher.command import free_port
 
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    return subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _sigterm_when(proc, needle: str) -> tuple[str, float]:  # type: ignore[no-untyped-def]
@@ -311,9 +403,14 @@ def test_sigterm_during_a_background_write_finishes_it_or_abandons_it(tiny_confi
     # ~1 GB of state (a 500k vocabulary) and 8-token sequences: the background write takes seconds here, a
     # micro-batch ~0.1 s, so the stop is seen while the write is still going
     # (ZeRO-1: gradients are reduced once per step, not after every micro-batch)
-    cfg = _cfg(tiny_config, model={"vocab_size": 500_000, "seq_len": 8}, checkpoint={"save_every": 3, "keep_last": 10},
-               train={"max_steps": 100000, "log_every": 1, "micro_batch_size": 1, "grad_accum": 4}, preemption={"grace_s": 25},
-               deepspeed={"template": "zero1"})
+    cfg = _cfg(
+        tiny_config,
+        model={"vocab_size": 500_000, "seq_len": 8},
+        checkpoint={"save_every": 3, "keep_last": 10},
+        train={"max_steps": 100000, "log_every": 1, "micro_batch_size": 1, "grad_accum": 4},
+        preemption={"grace_s": 25},
+        deepspeed={"template": "zero1"},
+    )
     out, _ = _sigterm_when(_start(cfg), "step-00000003 (scheduled): state captured in")
     assert "stop: the write of step-00000003 has " in out, out[-3000:]
     (run_root,) = [p for p in run_dir.iterdir() if p.is_dir()]
@@ -361,7 +458,9 @@ sys.exit(trainer.train())
 """
 
 
-def test_a_stop_between_micro_batches_saves_the_last_complete_step_and_resumes_exactly(tiny_config: Path, tmp_path: Path) -> None:
+def test_a_stop_between_micro_batches_saves_the_last_complete_step_and_resumes_exactly(
+    tiny_config: Path, tmp_path: Path
+) -> None:
     """grad_accum 4 with dropout: a stop during step 6 saves the state after step 5 with the RNG of step 6's start;
     the resumed run reproduces the uninterrupted one bit for bit (with the RNG of the stop instead, it would not)."""
     import os
@@ -371,17 +470,29 @@ def test_a_stop_between_micro_batches_saves_the_last_complete_step_and_resumes_e
     from conftest import REPO
     from trainer.launcher.command import free_port
 
-    common = dict(model={"dropout": 0.1}, train={"max_steps": 8, "log_every": 1, "micro_batch_size": 2, "grad_accum": 4},
-                  optim={"decay_steps": 8}, checkpoint={"save_every": 100, "keep_last": 5})
+    common = dict(
+        model={"dropout": 0.1},
+        train={"max_steps": 8, "log_every": 1, "micro_batch_size": 2, "grad_accum": 4},
+        optim={"decay_steps": 8},
+        checkpoint={"save_every": 100, "keep_last": 5},
+    )
     ref = _cfg(tiny_config, run_dir=str(tmp_path / "ref"), **common)
     r = run_rank("--config", str(ref))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (ref_final,) = (tmp_path / "ref").glob("*/checkpoints/step-00000008")
 
     cfg = _cfg(tiny_config, run_dir=str(tmp_path / "runs"))
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    r = subprocess.run([sys.executable, "-c", _STOP_MID_STEP, str(cfg)], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", _STOP_MID_STEP, str(cfg)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 75, r.stdout[-3000:] + r.stderr[-3000:]
     assert "stopped at step 5 (between micro-batches" in r.stdout, r.stdout[-3000:]
     (saved,) = (tmp_path / "runs").glob("*/checkpoints/step-*/metadata.json")
@@ -424,10 +535,18 @@ def test_epochs_evaluation_best_saves_and_tracking_across_a_stop(tiny_config: Pa
     step that completes each pass, and the validation loss reaches the console, MLflow, TensorBoard, status.json
     and every checkpoint's metadata."""
     run_dir = tmp_path / "runs"
-    cfg = _cfg(tiny_config, data={"max_files": 1}, train={"max_steps": None, "epochs": 2, "micro_batch_size": 32, "log_every": 5},
-               eval={"every": 10, "batches": 1}, checkpoint={"save_every": "epoch", "save_best": True, "keep_last": 1},
-               tracking={"enabled": True, "tensorboard": True}, optim={"warmup_steps": None, "warmup_ratio": 0.1})
-    plan_line = "plan: train.epochs 2 x 731 samples / global batch 32 (22.84 steps per epoch) = 46 steps; warmup 5 steps"
+    cfg = _cfg(
+        tiny_config,
+        data={"max_files": 1},
+        train={"max_steps": None, "epochs": 2, "micro_batch_size": 32, "log_every": 5},
+        eval={"every": 10, "batches": 1},
+        checkpoint={"save_every": "epoch", "save_best": True, "keep_last": 1},
+        tracking={"enabled": True, "tensorboard": True},
+        optim={"warmup_steps": None, "warmup_ratio": 0.1},
+    )
+    plan_line = (
+        "plan: train.epochs 2 x 731 samples / global batch 32 (22.84 steps per epoch) = 46 steps; warmup 5 steps"
+    )
     out, _ = _sigterm_when(_start(cfg), "step 15/46 epoch 0.66 loss")
     assert plan_line in out, out[-3000:]
     assert "checkpoint step-00000010 (best): state captured" in out
@@ -440,18 +559,30 @@ def test_epochs_evaluation_best_saves_and_tracking_across_a_stop(tiny_config: Pa
 
     (run_root,) = [p for p in run_dir.iterdir() if (p / "checkpoints").is_dir()]
     final = json.loads((run_root / "checkpoints" / "step-00000046" / "metadata.json").read_text())
-    assert final["plan"]["max_steps"] == 46 and final["plan"]["epochs"] == 2 and final["epoch"] == round(46 * 32 / 731, 6)
+    assert (
+        final["plan"]["max_steps"] == 46 and final["plan"]["epochs"] == 2 and final["epoch"] == round(46 * 32 / 731, 6)
+    )
     evals = [s for s, _ in final["val_history"]]
     assert evals[0] == 0 and evals[-1] == 46 and {10, 20, 30, 40} <= set(evals)
     vm = final["validation_metrics"]
-    assert vm["current_val_loss"] == final["val_loss"] == final["val_history"][-1][1] and vm["best_metric"] == "val_loss"
-    assert vm["best_val_loss"] == min(v for _, v in final["val_history"]) and vm["trend"] in ("improving", "flat", "worsening")
+    assert (
+        vm["current_val_loss"] == final["val_loss"] == final["val_history"][-1][1] and vm["best_metric"] == "val_loss"
+    )
+    assert vm["best_val_loss"] == min(v for _, v in final["val_history"]) and vm["trend"] in (
+        "improving",
+        "flat",
+        "worsening",
+    )
     kept = sorted(p.name for p in (run_root / "checkpoints").glob("step-*"))
     best_tag = f"step-{final['best_val_step']:08d}"
     assert best_tag in kept and kept[-1] == "step-00000046"  # retention: the newest and the best by val_loss
 
     status = json.loads((run_root / "status.json").read_text())
-    assert status["val_loss"] == final["val_loss"] and status["val_step"] == 46 and status["epoch"] == round(46 * 32 / 731, 4)
+    assert (
+        status["val_loss"] == final["val_loss"]
+        and status["val_step"] == 46
+        and status["epoch"] == round(46 * 32 / 731, 4)
+    )
 
     from mlflow.tracking import MlflowClient
 
@@ -471,7 +602,10 @@ def test_epochs_evaluation_best_saves_and_tracking_across_a_stop(tiny_config: Pa
 
     r = run_cli("checkpoints", "show", "best", "--runs", str(run_dir))
     assert r.returncode == 0, r.stderr
-    assert f"{best_tag} of run" in r.stdout and "val_loss (the `best` reference: the lowest val_loss of its run)" in r.stdout
+    assert (
+        f"{best_tag} of run" in r.stdout
+        and "val_loss (the `best` reference: the lowest val_loss of its run)" in r.stdout
+    )
 
 
 def _run_roots(run_dir: Path) -> list[Path]:
@@ -487,15 +621,21 @@ def _flip_a_byte(path: Path) -> None:
         f.write(bytes([b[0] ^ 0xFF]))
 
 
-def test_a_damaged_local_checkpoint_is_named_repaired_from_the_bucket_or_stepped_back(tiny_config: Path, tmp_path: Path) -> None:
+def test_a_damaged_local_checkpoint_is_named_repaired_from_the_bucket_or_stepped_back(
+    tiny_config: Path, tmp_path: Path
+) -> None:
     """Every file's size and CRC32C is in metadata.json. A truncated or bit-flipped shard of a checkpoint is found before
     DeepSpeed loads anything: `--resume` of it exactly is one line, exit 2; `--resume auto` replaces the damaged file
     from its verified copy in the bucket, or, without one, steps back to the newest intact checkpoint (a new run)."""
     from trainer.checkpoint.integrity import file_record
 
     runs, bucket = tmp_path / "runs", f"file://{tmp_path / 'bucket'}/ckpts"
-    base = dict(train={"max_steps": 6, "log_every": 1}, checkpoint={"save_every": 2, "keep_last": 3}, eval={"enabled": False},
-                optim={"decay_steps": 10})
+    base = dict(
+        train={"max_steps": 6, "log_every": 1},
+        checkpoint={"save_every": 2, "keep_last": 3},
+        eval={"enabled": False},
+        optim={"decay_steps": 10},
+    )
     cfg = _cfg(tiny_config, upload={"url": bucket}, **base)
     no_bucket = tmp_path / "no_bucket.yaml"
     no_bucket.write_text(cfg.read_text().replace(bucket, "null"))
@@ -521,7 +661,9 @@ def test_a_damaged_local_checkpoint_is_named_repaired_from_the_bucket_or_stepped
 
     r = run_rank("--config", str(cfg), "--max-steps", "8")  # auto: the damaged file comes back from the bucket
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"repaired {ck / tag(6)}: mp_rank_00_model_states.pt replaced by verified copies" in r.stdout, r.stdout[-4000:]
+    assert f"repaired {ck / tag(6)}: mp_rank_00_model_states.pt replaced by verified copies" in r.stdout, r.stdout[
+        -4000:
+    ]
     assert f"resumed from {ck / tag(6)} at step 6" in r.stdout and model6.read_bytes() == good
     assert _run_roots(runs) == [run_root]  # the same run went on
 
@@ -546,8 +688,11 @@ def _small_disk(path: Path, size_mb: float):  # type: ignore[no-untyped-def]
     import subprocess
 
     path.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size_mb * 1024)}k", "tmpfs", str(path)], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={int(size_mb * 1024)}k", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (root needed): {r.stderr.strip()}")
 
@@ -557,6 +702,7 @@ def _small_disk(path: Path, size_mb: float):  # type: ignore[no-untyped-def]
             yield path
         finally:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
     return mounted()
 
 
@@ -566,14 +712,21 @@ def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tiny_config: Pa
     disk and the bytes missing, exit 2, no traceback; the partial folder is gone (never listed) and the two committed
     checkpoints are intact (they verify and resume)."""
     with _small_disk(tmp_path / "disk", 7.0) as disk:
-        cfg = _cfg(tiny_config, run_dir=str(disk / "runs"), train={"max_steps": 30, "log_every": 5},
-                   checkpoint={"save_every": 5, "keep_last": 5, "async": how == "background"}, eval={"enabled": False})
+        cfg = _cfg(
+            tiny_config,
+            run_dir=str(disk / "runs"),
+            train={"max_steps": 30, "log_every": 5},
+            checkpoint={"save_every": 5, "keep_last": 5, "async": how == "background"},
+            eval={"enabled": False},
+        )
         r = run_rank("--config", str(cfg))
         out = r.stdout + r.stderr
         assert r.returncode == 2 and "Traceback" not in out, out[-4000:]
         errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1, r.stderr[-3000:]
-        assert f"no space left on the disk mounted at {disk} (tmpfs)" in errors[0] and "more is needed" in errors[0], errors
+        assert f"no space left on the disk mounted at {disk} (tmpfs)" in errors[0] and "more is needed" in errors[0], (
+            errors
+        )
         (run_root,) = _run_roots(disk / "runs")
         folders = sorted(p.name for p in (run_root / "checkpoints").iterdir() if p.is_dir())
         from trainer.checkpoint.integrity import damaged_files

@@ -1,4 +1,5 @@
 """Uploads against file:// and two real GCS emulators, with the real google-cloud-storage client."""
+
 from __future__ import annotations
 
 import io
@@ -101,7 +102,10 @@ def test_partial_upload_is_invisible_and_upload_all_completes_it(backend, tmp_pa
     env = {"STORAGE_EMULATOR_HOST": os.environ.get("STORAGE_EMULATOR_HOST", "")}
     r = run_cli("upload-all", str(run_root), "--url", url, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 uploaded, 0 already verified, 0 failed, 1 incomplete upload(s) of checkpoints no longer local removed" in r.stdout
+    assert (
+        "2 uploaded, 0 already verified, 0 failed, 1 incomplete upload(s) of checkpoints no longer local removed"
+        in r.stdout
+    )
     assert not [n for n in storage.list("run1/") if "step-00000005" in n]
     for ckpt in (a, b):
         ok, why, _ = verify_remote(storage, f"run1/{ckpt.name}")
@@ -113,7 +117,9 @@ def test_partial_upload_is_invisible_and_upload_all_completes_it(backend, tmp_pa
     assert r.returncode == 0 and "2 uploaded" in r.stdout
 
 
-def test_server_killed_mid_upload_fails_with_reason_then_upload_all_completes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_server_killed_mid_upload_fails_with_reason_then_upload_all_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import threading
     import time
 
@@ -137,8 +143,13 @@ def test_server_killed_mid_upload_fails_with_reason_then_upload_all_completes(tm
         assert st["state"] == "failed" and st["error"]
         emu.start()  # the same data folder: whatever the kill left behind is still there
         assert not verify_remote(storage, "run1/step-00000005")[0]  # incomplete is invisible
-        r = run_cli("upload-all", str(tmp_path / "runs" / "run1"), "--url", f"gs://{BUCKET}/ckpts",
-                    env={"STORAGE_EMULATOR_HOST": emu.url})
+        r = run_cli(
+            "upload-all",
+            str(tmp_path / "runs" / "run1"),
+            "--url",
+            f"gs://{BUCKET}/ckpts",
+            env={"STORAGE_EMULATOR_HOST": emu.url},
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         assert verify_remote(storage, "run1/step-00000005")[0] and read_state(ckpt)["state"] == "uploaded"
     finally:
@@ -155,12 +166,24 @@ def _try(fn, *args):  # type: ignore[no-untyped-def]
 def test_node_ownership_of_files() -> None:
     from trainer.upload.uploader import NodeInfo
 
-    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_3_mp_rank_00_optim_states.pt",
-             "rng_state_rank00002.pt", "metadata.json"]
+    names = [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_3_mp_rank_00_optim_states.pt",
+        "rng_state_rank00002.pt",
+        "metadata.json",
+    ]
     assert all(NodeInfo().owns(n) for n in names)  # one node uploads everything
     node0, node1 = NodeInfo(0, 2, 2), NodeInfo(1, 2, 2)
-    assert [n for n in names if node0.owns(n)] == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "metadata.json"]
-    assert [n for n in names if node1.owns(n)] == ["zero_pp_rank_3_mp_rank_00_optim_states.pt", "rng_state_rank00002.pt"]
+    assert [n for n in names if node0.owns(n)] == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "metadata.json",
+    ]
+    assert [n for n in names if node1.owns(n)] == [
+        "zero_pp_rank_3_mp_rank_00_optim_states.pt",
+        "rng_state_rank00002.pt",
+    ]
 
 
 def test_retention_never_deletes_what_is_not_uploaded(tmp_path: Path) -> None:
@@ -193,11 +216,15 @@ def test_bad_urls_and_buckets_are_one_line_errors(tmp_path: Path, monkeypatch: p
     assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and "Traceback" not in r.stderr
     emu = Emulator("fake-gcs-server", tmp_path / "emu").start()
     try:
-        r = run_cli("upload-all", str(run_root), "--url", "gs://no-such-bucket/x", env={"STORAGE_EMULATOR_HOST": emu.url})
+        r = run_cli(
+            "upload-all", str(run_root), "--url", "gs://no-such-bucket/x", env={"STORAGE_EMULATOR_HOST": emu.url}
+        )
         assert r.returncode == 2 and "bucket 'no-such-bucket' does not exist" in r.stderr
     finally:
         emu.stop()
-    r = run_cli("upload-all", str(run_root), "--url", "gs://b/x", "--timeout", "3", env={"STORAGE_EMULATOR_HOST": emu.url})  # server gone
+    r = run_cli(
+        "upload-all", str(run_root), "--url", "gs://b/x", "--timeout", "3", env={"STORAGE_EMULATOR_HOST": emu.url}
+    )  # server gone
     assert r.returncode == 2 and "cannot reach the storage service" in r.stderr and "Traceback" not in r.stderr
     assert not list((tmp_path / "runs").rglob("upload_state.json"))  # nothing written
 
@@ -215,8 +242,12 @@ def test_background_upload_during_training(tiny_config: Path, tmp_path: Path, mo
         tiny_config.write_text(yaml.safe_dump(cfg))
         r = run_rank("--config", str(tiny_config), env={"STORAGE_EMULATOR_HOST": emu.url})
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        for line in ("queued step-00000004 for background upload", "uploading step-00000004 to gs://test-bucket/ckpts/",
-                     "uploaded step-00000012:", "MB/s (verified)"):
+        for line in (
+            "queued step-00000004 for background upload",
+            "uploading step-00000004 to gs://test-bucket/ckpts/",
+            "uploaded step-00000012:",
+            "MB/s (verified)",
+        ):
             assert line in r.stdout, line
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.url)
         storage = open_storage(f"gs://{BUCKET}/ckpts")
@@ -230,7 +261,9 @@ def test_background_upload_during_training(tiny_config: Path, tmp_path: Path, mo
         emu.stop()
 
 
-def test_training_reads_shards_from_a_bucket(tiny_config: Path, tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_reads_shards_from_a_bucket(
+    tiny_config: Path, tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """data.path gs://...: shards are downloaded once into the cache (CRC32C verified), then reused."""
     import yaml
 
@@ -255,13 +288,23 @@ def test_training_reads_shards_from_a_bucket(tiny_config: Path, tiny_shards: Pat
         # A damaged cache file is noticed by its checksum and fetched again.
         victim = sorted(cached.iterdir())[0]
         victim.write_bytes(b"\0" * victim.stat().st_size)
-        r = run_rank("--config", str(tiny_config), "--max-steps", "3", "--set", f"run_dir={tmp_path / 'runs2'}", env=env)
+        r = run_rank(
+            "--config", str(tiny_config), "--max-steps", "3", "--set", f"run_dir={tmp_path / 'runs2'}", env=env
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "1 downloaded, 1 cached" in r.stdout
         assert victim.read_bytes() == (tiny_shards / victim.name).read_bytes()
         # A prefix without shards is a user error before launch.
-        r = run_cli("train", str(tiny_config), "--num-ranks", "1", "--dry-run", "--set", f"data.path=gs://{BUCKET}/nothing-here",
-                    env=env)
+        r = run_cli(
+            "train",
+            str(tiny_config),
+            "--num-ranks",
+            "1",
+            "--dry-run",
+            "--set",
+            f"data.path=gs://{BUCKET}/nothing-here",
+            env=env,
+        )
         assert r.returncode == 2 and "no .npy or .npz shards directly under gs://test-bucket/nothing-here" in r.stderr
     finally:
         emu.stop()
@@ -314,7 +357,9 @@ def test_read_only_destination_is_a_user_error_before_anything_is_written(tmp_pa
     fake_checkpoint(run_root, 3)
     target = small_disk("1m", read_only=True)
     r = run_cli("upload-all", str(run_root), "--url", f"file://{target}")
-    assert r.returncode == 2 and r.stderr.strip() == f"error: upload.url file://{target}: {target} is not writable", r.stderr
+    assert r.returncode == 2 and r.stderr.strip() == f"error: upload.url file://{target}: {target} is not writable", (
+        r.stderr
+    )
     assert not list(run_root.rglob("upload_state.json"))
 
 
@@ -325,7 +370,9 @@ def test_drain_before_a_deadline_takes_the_newest_first(tmp_path: Path) -> None:
     from trainer.upload.uploader import BackgroundUploader
 
     run_root = tmp_path / "runs" / "run1"
-    ckpts = [fake_checkpoint(run_root, step, size=size) for step, size in ((1, 150_000_000), (2, 1_000_000), (3, 1_000_000))]
+    ckpts = [
+        fake_checkpoint(run_root, step, size=size) for step, size in ((1, 150_000_000), (2, 1_000_000), (3, 1_000_000))
+    ]
     storage = open_storage(f"file://{tmp_path / 'bucket'}")
     bg = BackgroundUploader(CheckpointUploader(storage, "none", workers=2), url=storage.url)
     for c in ckpts:
@@ -340,7 +387,9 @@ def test_drain_before_a_deadline_takes_the_newest_first(tmp_path: Path) -> None:
     assert all(read_state(c)["state"] == "uploaded" and verify_remote(storage, f"run1/{c.name}")[0] for c in ckpts)
 
 
-def test_storage_killed_during_the_drain_exit_by_the_deadline_naming_local_checkpoints(tiny_config: Path, tmp_path: Path) -> None:
+def test_storage_killed_during_the_drain_exit_by_the_deadline_naming_local_checkpoints(
+    tiny_config: Path, tmp_path: Path
+) -> None:
     """SIGTERM while an upload runs, and the storage server dies too: the job still leaves within the
     grace period, exit 75, and says which checkpoints exist only on this machine."""
     import signal
@@ -362,10 +411,22 @@ def test_storage_killed_during_the_drain_exit_by_the_deadline_naming_local_check
         cfg["upload"] = {"url": f"gs://{BUCKET}/ckpts", "workers": 2}
         cfg["preemption"] = {"grace_s": 8, "exit_reserve_s": 1}
         tiny_config.write_text(yaml.safe_dump(cfg))
-        env = {**os.environ, "STORAGE_EMULATOR_HOST": emu.url, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(tiny_config)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = {
+            **os.environ,
+            "STORAGE_EMULATOR_HOST": emu.url,
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(tiny_config)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         seen, deadline = "", time.monotonic() + 300
         while "uploading step-00000003" not in seen and time.monotonic() < deadline and proc.poll() is None:
             seen += proc.stdout.readline()
@@ -406,7 +467,9 @@ def test_a_restart_uploads_what_a_hard_stop_left_local(tiny_config: Path, tmp_pa
     os.utime(dead, (time.time() - 3600, time.time() - 3600))
     live = remote / ".part-000.tar.l1v3.partial"  # touched just now: could be another writer's, left alone
     live.write_bytes(b"y")
-    r = run_rank("--config", str(tiny_config), "--resume", "latest", "--max-steps", "6", "--set", f"upload.url=file://{bucket}")
+    r = run_rank(
+        "--config", str(tiny_config), "--resume", "latest", "--max-steps", "6", "--set", f"upload.url=file://{bucket}"
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step-00000004 was never uploaded completely: queued again" in r.stdout
     storage = open_storage(f"file://{bucket}")

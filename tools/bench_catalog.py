@@ -9,6 +9,7 @@ with 8, alternating in each round so machine noise hits both sides. Prints a Mar
 The emulator answers in about a millisecond; `--rtt-ms` adds a sleep before each manifest read to
 model a bucket's round trip (a model, not a measurement of GCS: label it so when reporting).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,12 +26,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def manifest(run_id: str, step: int, history: int) -> dict:
-    meta = {"step": step, "tag": f"step-{step:08d}", "run_id": run_id, "loss": 2.0, "committed_at": f"2026-01-01T00:00:{step % 60:02d}",
-            "loss_history": [[i, 5.0 / (1 + i)] for i in range(history)], "lr_history": [[i, 3e-4] for i in range(history)]}
-    files = [{"path": f"zero_pp_rank_{i}_mp_rank_00_optim_states.pt", "size": 2**30, "crc32c": "AAAAAA==", "part": "part-000.tar"}
-             for i in range(40)]
-    return {"format": 1, "run_id": run_id, "tag": meta["tag"], "step": step, "files": files,
-            "parts": [{"name": "part-000.tar", "size": 40 * 2**30, "crc32c": "AAAAAA=="}], "checkpoint": meta}
+    meta = {
+        "step": step,
+        "tag": f"step-{step:08d}",
+        "run_id": run_id,
+        "loss": 2.0,
+        "committed_at": f"2026-01-01T00:00:{step % 60:02d}",
+        "loss_history": [[i, 5.0 / (1 + i)] for i in range(history)],
+        "lr_history": [[i, 3e-4] for i in range(history)],
+    }
+    files = [
+        {
+            "path": f"zero_pp_rank_{i}_mp_rank_00_optim_states.pt",
+            "size": 2**30,
+            "crc32c": "AAAAAA==",
+            "part": "part-000.tar",
+        }
+        for i in range(40)
+    ]
+    return {
+        "format": 1,
+        "run_id": run_id,
+        "tag": meta["tag"],
+        "step": step,
+        "files": files,
+        "parts": [{"name": "part-000.tar", "size": 40 * 2**30, "crc32c": "AAAAAA=="}],
+        "checkpoint": meta,
+    }
 
 
 def main() -> None:
@@ -74,8 +96,10 @@ def main() -> None:
             emu.stop()
     one, eight = statistics.median(times[1]), statistics.median(times[8])
     rtt = f", plus a simulated {args.rtt_ms:.0f} ms round trip per read" if args.rtt_ms else ""
-    print(f"{args.checkpoints} manifests, {size / args.checkpoints / 1024:.0f} KiB each, fake-gcs-server on 127.0.0.1{rtt},"
-          f" median of {args.rounds} alternating rounds\n")
+    print(
+        f"{args.checkpoints} manifests, {size / args.checkpoints / 1024:.0f} KiB each, fake-gcs-server on 127.0.0.1{rtt},"
+        f" median of {args.rounds} alternating rounds\n"
+    )
     print("| threads | seconds | manifests/s |\n|---|---|---|")
     for threads, t in ((1, one), (8, eight)):
         print(f"| {threads} | {t:.2f} | {args.checkpoints / t:.0f} |")

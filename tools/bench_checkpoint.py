@@ -20,6 +20,7 @@ Then a fresh-machine restore of the newest checkpoint from the async run's bucke
 when allowed) against `tar -x` of the same parts, one after another and 4 at a time, plus `sync`.
 Prints Markdown tables; ratios are from this one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,16 +64,26 @@ class Attempt:
         return [line for _, line in self.lines if text in line]
 
 
-def write_config(path: Path, args: argparse.Namespace, shards: Path, run_dir: Path, bucket: Path, async_save: bool) -> None:
+def write_config(
+    path: Path, args: argparse.Namespace, shards: Path, run_dir: Path, bucket: Path, async_save: bool
+) -> None:
     import yaml
 
     cfg = {
-        "task": "pretrain", "run_dir": str(run_dir), "run_id": "bench",
+        "task": "pretrain",
+        "run_dir": str(run_dir),
+        "run_id": "bench",
         "model": {"preset": args.preset, "seq_len": 128, "vocab_size": args.vocab},
         "data": {"path": str(shards)},
         "optim": {"lr": 1e-4, "warmup_steps": 2, "schedule": "cosine"},
-        "train": {"max_steps": args.steps, "micro_batch_size": 1, "grad_accum": 4, "precision": "fp32", "log_every": 1,
-                  "seed": 1},
+        "train": {
+            "max_steps": args.steps,
+            "micro_batch_size": 1,
+            "grad_accum": 4,
+            "precision": "fp32",
+            "log_every": 1,
+            "seed": 1,
+        },
         "checkpoint": {"save_every": args.save_every, "keep_last": 1, "keep_best": False, "async": async_save},
         "upload": {"url": bucket.as_uri(), "keep_remote": 1},
         "preemption": {"grace_s": args.grace},
@@ -86,12 +97,23 @@ def run_attempt(config: Path, log_path: Path, trigger: Optional[str], delay: flo
     """One rank of launch/train.py; SIGTERM `delay` s after the first log line containing `trigger`."""
     from trainer.launcher.command import one_rank_env
 
-    env = {**os.environ, **one_rank_env(), "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions"))}
+    env = {
+        **os.environ,
+        **one_rank_env(),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions")),
+    }
     a = Attempt(started=time.monotonic())
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     stop_rss = threading.Event()
 
     def rss() -> None:
@@ -129,8 +151,9 @@ def run_attempt(config: Path, log_path: Path, trigger: Optional[str], delay: flo
 
 def step_classes(attempts: list[Attempt]) -> dict[str, list[float]]:
     """Step times (s) by what ran beside them: a background write, an upload, or nothing."""
-    out: dict[str, list[float]] = {k: [] for k in ("write", "upload", "neither", "write_overlap", "upload_overlap",
-                                                   "neither_overlap")}
+    out: dict[str, list[float]] = {
+        k: [] for k in ("write", "upload", "neither", "write_overlap", "upload_overlap", "neither_overlap")
+    }
     for a in attempts:
         writes = []
         for t, m in a.grep(CAPTURED):
@@ -142,8 +165,9 @@ def step_classes(attempts: list[Attempt]) -> dict[str, list[float]]:
             done = [ts for ts, u in a.grep(UPLOADED) if u.group(1) == m.group(1)]
             uploads.append((t, done[0] if done else a.ended))
         blocked_after = {}  # step time lines that include a save's blocking: the first step logged after it
-        saves = [(t, float(m.group(2))) for t, m in a.grep(CAPTURED)] + \
-                [(t, float(m.group(3))) for t, m in a.grep(SAVED) if not m.group(4)]
+        saves = [(t, float(m.group(2))) for t, m in a.grep(CAPTURED)] + [
+            (t, float(m.group(3))) for t, m in a.grep(SAVED) if not m.group(4)
+        ]
         steps = a.grep(STEP)
         for t_save, blocked in saves:
             after = [i for i, (t, _) in enumerate(steps) if t > t_save]
@@ -195,25 +219,48 @@ def bench_mode(args: argparse.Namespace, shards: Path, work: Path, async_save: b
         a = run_attempt(config, root / f"attempt{k + 1}.log", trigger, args.signal_delay, args.threads)
         attempts.append(a)
         committed, uploaded = newest_state(run_dir)
-        print(f"  {name} attempt {k + 1}: rc {a.rc}, {a.ended - a.started:.0f} s, peak RSS {a.peak_rss / 2**30:.1f} GiB,"
-              f" committed {committed}, uploaded {uploaded}", flush=True)
+        print(
+            f"  {name} attempt {k + 1}: rc {a.rc}, {a.ended - a.started:.0f} s, peak RSS {a.peak_rss / 2**30:.1f} GiB,"
+            f" committed {committed}, uploaded {uploaded}",
+            flush=True,
+        )
         if a.signalled is not None:
             stop = next((line for line in a.has("stop requested")), "no stop line")
-            stops.append({"attempt": k + 1, "exit_s": a.ended - a.signalled, "rc": a.rc, "committed": committed,
-                          "uploaded": uploaded, "stop": stop.split("] ", 1)[-1], "peak_rss": a.peak_rss,
-                          "abandoned": bool(a.has("abandoned the write"))})
+            stops.append(
+                {
+                    "attempt": k + 1,
+                    "exit_s": a.ended - a.signalled,
+                    "rc": a.rc,
+                    "committed": committed,
+                    "uploaded": uploaded,
+                    "stop": stop.split("] ", 1)[-1],
+                    "peak_rss": a.peak_rss,
+                    "abandoned": bool(a.has("abandoned the write")),
+                }
+            )
         if a.rc not in (0, 75):
             print("\n".join(line for _, line in a.lines[-30:]))
             raise SystemExit(f"{name} attempt {k + 1} failed with exit code {a.rc}")
     saves = []
     for a in attempts:
-        saves += [(m.group(1), float(m.group(3)), float(m.group(4)) if m.group(4) else None, m.group(2))
-                  for _, m in a.grep(SAVED)]
+        saves += [
+            (m.group(1), float(m.group(3)), float(m.group(4)) if m.group(4) else None, m.group(2))
+            for _, m in a.grep(SAVED)
+        ]
     uploads = [(m.group(1), float(m.group(2)), float(m.group(3))) for a in attempts for _, m in a.grep(UPLOADED)]
     said = [line.split("] ", 1)[-1] for line in attempts[-1].has("] goodput ")]
     good = said[-1] if said else "no goodput line"
-    return {"name": name, "attempts": attempts, "steps": step_classes(attempts), "saves": saves, "uploads": uploads,
-            "stops": stops, "goodput": good, "bucket": bucket, "run_dir": run_dir}
+    return {
+        "name": name,
+        "attempts": attempts,
+        "steps": step_classes(attempts),
+        "saves": saves,
+        "uploads": uploads,
+        "stops": stops,
+        "goodput": good,
+        "bucket": bucket,
+        "run_dir": run_dir,
+    }
 
 
 def drop_caches() -> bool:
@@ -239,13 +286,20 @@ def bench_restore(bucket: Path, work: Path) -> list[tuple[str, float, float]]:
     assert got is not None, "nothing restored"
     parts = sorted((bucket / "bench" / got.name).glob("part-*"))  # the objects of the checkpoint restored
     nbytes = sum(p.stat().st_size for p in parts)
-    rows.append((f"trainer restore of {got.name} ({len(parts)} parts, 4 at a time, CRC32C of every part and file, fsync)",
-                 nbytes, seconds))
+    rows.append(
+        (
+            f"trainer restore of {got.name} ({len(parts)} parts, 4 at a time, CRC32C of every part and file, fsync)",
+            nbytes,
+            seconds,
+        )
+    )
     shutil.rmtree(dest)
     download = work / "download"
-    for label, streams, copy in (("tar -x, one part after another, then sync", 1, False),
-                                 ("tar -x, 4 parts at a time, then sync", 4, False),
-                                 ("cp of the parts, then tar -x of each, then sync", 1, True)):
+    for label, streams, copy in (
+        ("tar -x, one part after another, then sync", 1, False),
+        ("tar -x, 4 parts at a time, then sync", 4, False),
+        ("cp of the parts, then tar -x of each, then sync", 1, True),
+    ):
         drop_caches()
         dest.mkdir()
         t0 = time.monotonic()
@@ -276,10 +330,14 @@ def med(xs: list[float]) -> str:
 
 
 def report(results: list[dict], restore_rows: list, args: argparse.Namespace) -> None:
-    print(f"\n### {args.preset}, 1 CPU rank, {args.signals} SIGTERM restart(s), OMP_NUM_THREADS={args.threads}, {args.steps} steps, save_every {args.save_every},"
-          f" micro batch 1 x grad_accum 4, seq 128, grace {args.grace:.0f} s, file:// bucket\n")
-    print("| checkpoint.async | scheduled saves | blocked per save (s) | background write (s) | step, nothing beside (s) |"
-          " step during write (s) | step during upload (s) | write/neither | upload/neither | peak RSS (GiB) |")
+    print(
+        f"\n### {args.preset}, 1 CPU rank, {args.signals} SIGTERM restart(s), OMP_NUM_THREADS={args.threads}, {args.steps} steps, save_every {args.save_every},"
+        f" micro batch 1 x grad_accum 4, seq 128, grace {args.grace:.0f} s, file:// bucket\n"
+    )
+    print(
+        "| checkpoint.async | scheduled saves | blocked per save (s) | background write (s) | step, nothing beside (s) |"
+        " step during write (s) | step during upload (s) | write/neither | upload/neither | peak RSS (GiB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     base = {}
     for r in results:
@@ -289,31 +347,46 @@ def report(results: list[dict], restore_rows: list, args: argparse.Namespace) ->
         ratio = lambda k: f"{statistics.median(st[k]) / n:.3f}" if st[k] and n == n else "n/a"  # noqa: E731
         peak = max(a.peak_rss for a in r["attempts"]) / 2**30
         base[r["name"]] = [s[1] for s in sched]
-        print(f"| {'on' if r['name'] == 'async' else 'off'} | {len(sched)} | {med([s[1] for s in sched])} |"
-              f" {med([s[2] for s in sched if s[2] is not None])} | {med(st['neither'])} ({len(st['neither'])}) |"
-              f" {med(st['write'])} ({len(st['write'])}, {med(st['write_overlap'])} s beside) | {med(st['upload'])}"
-              f" ({len(st['upload'])}, {med(st['upload_overlap'])} s beside) | {ratio('write')} |"
-              f" {ratio('upload')} | {peak:.1f} |")
+        print(
+            f"| {'on' if r['name'] == 'async' else 'off'} | {len(sched)} | {med([s[1] for s in sched])} |"
+            f" {med([s[2] for s in sched if s[2] is not None])} | {med(st['neither'])} ({len(st['neither'])}) |"
+            f" {med(st['write'])} ({len(st['write'])}, {med(st['write_overlap'])} s beside) | {med(st['upload'])}"
+            f" ({len(st['upload'])}, {med(st['upload_overlap'])} s beside) | {ratio('write')} |"
+            f" {ratio('upload')} | {peak:.1f} |"
+        )
     if base.get("async") and base.get("sync"):
-        print(f"\nblocked per scheduled save, async / sync: {statistics.median(base['async']) / statistics.median(base['sync']):.3f}")
-    print("\n| checkpoint.async | SIGTERM | exit after signal (s) | exit code | stop line | committed | uploaded | peak RSS (GiB) |")
+        print(
+            f"\nblocked per scheduled save, async / sync: {statistics.median(base['async']) / statistics.median(base['sync']):.3f}"
+        )
+    print(
+        "\n| checkpoint.async | SIGTERM | exit after signal (s) | exit code | stop line | committed | uploaded | peak RSS (GiB) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         for s in r["stops"]:
-            print(f"| {'on' if r['name'] == 'async' else 'off'} | attempt {s['attempt']} | {s['exit_s']:.1f} | {s['rc']} |"
-                  f" {s['stop']}{' (write abandoned)' if s['abandoned'] else ''} | {', '.join(s['committed']) or '-'} |"
-                  f" {', '.join(s['uploaded']) or '-'} | {s['peak_rss'] / 2**30:.1f} |")
+            print(
+                f"| {'on' if r['name'] == 'async' else 'off'} | attempt {s['attempt']} | {s['exit_s']:.1f} | {s['rc']} |"
+                f" {s['stop']}{' (write abandoned)' if s['abandoned'] else ''} | {', '.join(s['committed']) or '-'} |"
+                f" {', '.join(s['uploaded']) or '-'} | {s['peak_rss'] / 2**30:.1f} |"
+            )
     print("\n| checkpoint.async | goodput over the run's attempts (as the last attempt logs it) |\n|---|---|")
     for r in results:
         print(f"| {'on' if r['name'] == 'async' else 'off'} | {r['goodput']} |")
     for r in results:
         ups = r["uploads"]
-        print(f"\nuploads, async {'on' if r['name'] == 'async' else 'off'}: " + ", ".join(f"{u[0]} {u[1]:.0f} MB in {u[2]:.1f} s ({u[1] / max(u[2], 0.05):.0f} MB/s)" for u in ups))
+        print(
+            f"\nuploads, async {'on' if r['name'] == 'async' else 'off'}: "
+            + ", ".join(f"{u[0]} {u[1]:.0f} MB in {u[2]:.1f} s ({u[1] / max(u[2], 0.05):.0f} MB/s)" for u in ups)
+        )
     if restore_rows:
-        print("\n| restore of the newest checkpoint | MB | s | MB/s | vs the fastest plain way |\n|---|---|---|---|---|")
+        print(
+            "\n| restore of the newest checkpoint | MB | s | MB/s | vs the fastest plain way |\n|---|---|---|---|---|"
+        )
         ref = max(n / MB / secs for _, n, secs in restore_rows[1:])
         for label, nbytes, secs in restore_rows:
-            print(f"| {label} | {nbytes / MB:,.0f} | {secs:.1f} | {nbytes / MB / secs:.0f} | {nbytes / MB / secs / ref:.2f} |")
+            print(
+                f"| {label} | {nbytes / MB:,.0f} | {secs:.1f} | {nbytes / MB / secs:.0f} | {nbytes / MB / secs / ref:.2f} |"
+            )
 
 
 def main() -> None:
@@ -323,7 +396,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--save-every", type=int, default=4)
     p.add_argument("--signal-delay", type=float, default=2.0, help="seconds after the trigger step's log line")
-    p.add_argument("--signals", type=int, default=2, help="attempts stopped by SIGTERM before the one that runs to the end")
+    p.add_argument(
+        "--signals", type=int, default=2, help="attempts stopped by SIGTERM before the one that runs to the end"
+    )
     p.add_argument("--grace", type=float, default=25.0)
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the rank")
     p.add_argument("--modes", default="async,sync")
@@ -333,14 +408,30 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     shards = args.work / f"shards-{args.vocab}"
     if not (shards / "shard_00000.npy").exists():
-        subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic_shards.py"), "--out", str(shards), "--vocab",
-                        str(args.vocab), "--tokens", "400000", "--shards", "2"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "tools" / "make_synthetic_shards.py"),
+                "--out",
+                str(shards),
+                "--vocab",
+                str(args.vocab),
+                "--tokens",
+                "400000",
+                "--shards",
+                "2",
+            ],
+            check=True,
+            capture_output=True,
+        )
     results = []
     for mode in args.modes.split(","):
         print(f"{mode}:", flush=True)
         results.append(bench_mode(args, shards, args.work, mode == "async"))
         for a in results[-1]["attempts"]:
-            a.lines = [x for x in a.lines if STEP.search(x[1]) or "checkpoint" in x[1] or "upload" in x[1] or "stop" in x[1]]
+            a.lines = [
+                x for x in a.lines if STEP.search(x[1]) or "checkpoint" in x[1] or "upload" in x[1] or "stop" in x[1]
+            ]
         if mode != "async":  # keep only the async run's bucket for the restore
             shutil.rmtree(results[-1]["bucket"], ignore_errors=True)
         shutil.rmtree(results[-1]["run_dir"] / "bench" / "checkpoints", ignore_errors=True)

@@ -14,6 +14,7 @@ cache dropped before each measurement (when allowed):
   wrote (its hard link to the model states is not a write), fsynced, to the same filesystem.
 Prints a Markdown table; the ratios are from this one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tools.bench_checkpoint import drop_caches  # noqa: E402
+
 CHUNK = 8 * 1024 * 1024
 
 
@@ -36,22 +38,49 @@ def make_checkpoint(args: argparse.Namespace, work: Path) -> Path:
 
     shards = work / "shards"
     if not shards.is_dir():
-        subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic_shards.py"), "--out", str(shards), "--vocab",
-                        str(args.vocab), "--tokens", "400000", "--shards", "2"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "tools" / "make_synthetic_shards.py"),
+                "--out",
+                str(shards),
+                "--vocab",
+                str(args.vocab),
+                "--tokens",
+                "400000",
+                "--shards",
+                "2",
+            ],
+            check=True,
+            capture_output=True,
+        )
     runs = work / "runs"
     shutil.rmtree(runs, ignore_errors=True)
-    cfg = {"task": "pretrain", "run_dir": str(runs),
-           "model": {"preset": args.preset, "vocab_size": args.vocab, "seq_len": 128},
-           "data": {"path": str(shards)}, "optim": {"warmup_steps": 1, "decay_steps": 10},
-           "train": {"max_steps": args.steps, "micro_batch_size": 1, "log_every": 1},
-           "eval": {"enabled": False}, "checkpoint": {"save_every": args.steps, "async": False},
-           "tracking": {"enabled": False}, "deepspeed": {"template": f"zero{args.stage}"}}
+    cfg = {
+        "task": "pretrain",
+        "run_dir": str(runs),
+        "model": {"preset": args.preset, "vocab_size": args.vocab, "seq_len": 128},
+        "data": {"path": str(shards)},
+        "optim": {"warmup_steps": 1, "decay_steps": 10},
+        "train": {"max_steps": args.steps, "micro_batch_size": 1, "log_every": 1},
+        "eval": {"enabled": False},
+        "checkpoint": {"save_every": args.steps, "async": False},
+        "tracking": {"enabled": False},
+        "deepspeed": {"template": f"zero{args.stage}"},
+    }
     path = work / "make.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1"}
-    print(f"training {args.steps} step(s) of {args.preset} on {args.ranks} rank(s) to make a checkpoint ...", flush=True)
-    r = subprocess.run([sys.executable, "-m", "trainer.cli.main", "train", str(path), "--num-ranks", str(args.ranks)], env=env,
-                       capture_output=True, text=True, cwd=REPO)
+    print(
+        f"training {args.steps} step(s) of {args.preset} on {args.ranks} rank(s) to make a checkpoint ...", flush=True
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer.cli.main", "train", str(path), "--num-ranks", str(args.ranks)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     if r.returncode != 0:
         sys.exit(r.stdout[-3000:] + r.stderr[-3000:])
     (ckpt,) = sorted(runs.glob("*/checkpoints/step-*"))
@@ -101,8 +130,19 @@ def deepspeed_converter(ckpt: Path, workers: int) -> tuple[float, int]:
     for f in zero_files(ckpt):
         (staging / "in" / f.name).symlink_to(f.resolve())
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "trainer.checkpoint.universal", str(staging / "in"), str(staging / "out"),
-                    "--workers", str(workers)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.checkpoint.universal",
+            str(staging / "in"),
+            str(staging / "out"),
+            "--workers",
+            str(workers),
+        ],
+        check=True,
+        capture_output=True,
+    )
     fsync_tree(staging / "out", files=True)
     took = time.perf_counter() - t0
     n = written_bytes(staging / "out")
@@ -148,19 +188,30 @@ def main() -> None:
         dropped &= drop_caches()
         rows["read"].append(read_all(files))
         rows["write"].append(write_bytes(ckpt.parent / ".bench-floor", out_bytes["one-pass"]))
-        print(f"round {i + 1}: ds_to_universal {rows['ds_to_universal'][-1]:.1f} s, one pass {rows['one-pass'][-1]:.1f} s;"
-              f" floor read {rows['read'][-1]:.1f} s + write {rows['write'][-1]:.1f} s", flush=True)
+        print(
+            f"round {i + 1}: ds_to_universal {rows['ds_to_universal'][-1]:.1f} s, one pass {rows['one-pass'][-1]:.1f} s;"
+            f" floor read {rows['read'][-1]:.1f} s + write {rows['write'][-1]:.1f} s",
+            flush=True,
+        )
     med = statistics.median
     floor = med(rows["read"]) + med(rows["write"])
-    print(f"\n{ckpt} ({len(files)} ZeRO files, {gb(bytes_in)}), {args.rounds} alternating round(s), page cache"
-          f" {'dropped' if dropped else 'NOT dropped'} before each measurement\n")
+    print(
+        f"\n{ckpt} ({len(files)} ZeRO files, {gb(bytes_in)}), {args.rounds} alternating round(s), page cache"
+        f" {'dropped' if dropped else 'NOT dropped'} before each measurement\n"
+    )
     print("| what | bytes read | bytes written | seconds (median) | / floor |")
     print("|---|---:|---:|---:|---:|")
-    for name, label in (("ds_to_universal", "DeepSpeed's ds_to_universal (child process, fsync)"),
-                        ("one-pass", "one-pass conversion, as a resume runs it (fsync, rename)")):
-        print(f"| {label} | {gb(bytes_in)} | {gb(out_bytes[name])} | {med(rows[name]):.1f} | {med(rows[name]) / floor:.2f}x |")
-    print(f"| floor: read the ZeRO files once, write the one-pass output's bytes, fsync | {gb(bytes_in)} |"
-          f" {gb(out_bytes['one-pass'])} | {floor:.1f} ({med(rows['read']):.1f} + {med(rows['write']):.1f}) | 1.00x |")
+    for name, label in (
+        ("ds_to_universal", "DeepSpeed's ds_to_universal (child process, fsync)"),
+        ("one-pass", "one-pass conversion, as a resume runs it (fsync, rename)"),
+    ):
+        print(
+            f"| {label} | {gb(bytes_in)} | {gb(out_bytes[name])} | {med(rows[name]):.1f} | {med(rows[name]) / floor:.2f}x |"
+        )
+    print(
+        f"| floor: read the ZeRO files once, write the one-pass output's bytes, fsync | {gb(bytes_in)} |"
+        f" {gb(out_bytes['one-pass'])} | {floor:.1f} ({med(rows['read']):.1f} + {med(rows['write']):.1f}) | 1.00x |"
+    )
     print("\nall rounds (s): " + "; ".join(f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in rows.items()))
 
 

@@ -9,6 +9,7 @@ eval_s / (eval.every x step_s + eval_s): the part of the wall time evaluation ta
     python tools/bench_eval.py --preset neox-tiny
     python tools/bench_eval.py --preset neox-410m --micro-batch 2 --steps 3 --evals 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-HEADER = ("| preset | device | micro batch x seq | eval.batches | samples per eval | step (s) | eval (s) | eval per batch (s)"
-          " | share at eval.every 100 | share at eval.every 20 |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| preset | device | micro batch x seq | eval.batches | samples per eval | step (s) | eval (s) | eval per batch (s)"
+    " | share at eval.every 100 | share at eval.every 20 |\n|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def main() -> int:
@@ -56,13 +59,26 @@ def main() -> int:
         data = Path(tmp) / "shards"
         data.mkdir()
         windows = max(2000, (args.steps * args.evals + 4) * args.micro_batch * 2)
-        np.save(data / "shard_00000.npy",
-                np.random.default_rng(0).integers(0, dims["vocab_size"], windows * args.seq_len + 1, dtype=np.int32))
-        cfg = RunConfig.model_validate({
-            "run_dir": str(Path(tmp) / "runs"), "data": {"path": str(data), "val_fraction": 0.05},
-            "model": {"preset": args.preset, "seq_len": args.seq_len}, "optim": {"warmup_steps": 1},
-            "train": {"max_steps": 10**6, "micro_batch_size": args.micro_batch, "precision": "bf16" if gpu else "fp32"},
-            "eval": {"batches": batches}, "tracking": {"enabled": False}, "deepspeed": {"template": "zero1" if gpu else "zero2"}})
+        np.save(
+            data / "shard_00000.npy",
+            np.random.default_rng(0).integers(0, dims["vocab_size"], windows * args.seq_len + 1, dtype=np.int32),
+        )
+        cfg = RunConfig.model_validate(
+            {
+                "run_dir": str(Path(tmp) / "runs"),
+                "data": {"path": str(data), "val_fraction": 0.05},
+                "model": {"preset": args.preset, "seq_len": args.seq_len},
+                "optim": {"warmup_steps": 1},
+                "train": {
+                    "max_steps": 10**6,
+                    "micro_batch_size": args.micro_batch,
+                    "precision": "bf16" if gpu else "fp32",
+                },
+                "eval": {"batches": batches},
+                "tracking": {"enabled": False},
+                "deepspeed": {"template": "zero1" if gpu else "zero2"},
+            }
+        )
         trainer = Trainer(cfg, build_task(cfg), source="bench")
         trainer.setup()
         assert trainer.evaluator is not None
@@ -86,8 +102,10 @@ def main() -> int:
 
     if not args.no_header:
         print(HEADER)
-    print(f"| {args.preset} | {accelerator_name()} | {args.micro_batch} x {args.seq_len} | {batches} | {samples} | {step:.3f} | {ev:.3f} |"
-          f" {ev / max(1, -(-samples // args.micro_batch)):.3f} | {share(100)} | {share(20)} |")
+    print(
+        f"| {args.preset} | {accelerator_name()} | {args.micro_batch} x {args.seq_len} | {batches} | {samples} | {step:.3f} | {ev:.3f} |"
+        f" {ev / max(1, -(-samples // args.micro_batch)):.3f} | {share(100)} | {share(20)} |"
+    )
     return 0
 
 

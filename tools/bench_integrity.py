@@ -14,6 +14,7 @@ weights) and the optimizer states (the rest: master weights, Adam's two moments)
 
 Prints one markdown table row per mode: median seconds and GB/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,14 @@ def state(gb: float) -> dict[str, dict]:
     import torch
 
     n = int(gb * 1e9 / 4)
-    return {"mp_rank_00_model_states.pt": {"module": torch.randn(n // 4)},
-            "zero_pp_rank_0_mp_rank_00_optim_states.pt": {"fp32": torch.randn(n // 4), "exp_avg": torch.randn(n // 4),
-                                                          "exp_avg_sq": torch.rand(n - 3 * (n // 4))}}
+    return {
+        "mp_rank_00_model_states.pt": {"module": torch.randn(n // 4)},
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt": {
+            "fp32": torch.randn(n // 4),
+            "exp_avg": torch.randn(n // 4),
+            "exp_avg_sq": torch.rand(n - 3 * (n // 4)),
+        },
+    }
 
 
 def drop_caches() -> bool:

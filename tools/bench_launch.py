@@ -11,6 +11,7 @@ Alternating, round by round, the same 2-step job (a fresh run each time):
   launcher: what `trainer train` ran on one machine before), without the config checks.
 Prints the wall time of each and the medians. Every preempted job pays this once per restart.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,22 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions"))
     root = Path(tempfile.mkdtemp(prefix="bench-launch-"))
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic_shards.py"), "--out", str(root / "shards"), "--vocab",
-                    "512", "--tokens", "200000", "--shards", "2"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "make_synthetic_shards.py"),
+            "--out",
+            str(root / "shards"),
+            "--vocab",
+            "512",
+            "--tokens",
+            "200000",
+            "--shards",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
+    )
     cfg = yaml.safe_load((REPO / "configs" / "pretrain_tiny.yaml").read_text())
     cfg["data"]["path"] = str(root / "shards")
     cfg["run_dir"] = str(root / "runs")
@@ -53,13 +68,45 @@ def main() -> None:
     path.write_text(yaml.safe_dump(cfg))
     (root / "hostfile").write_text("localhost slots=2\n")
     ways = {
-        "trainer train": lambda: [sys.executable, "-m", "trainer.cli.main", "train", str(path), "--num-ranks", "2",
-                                  "--resume", "none"],
-        "trainer train, GPU check": lambda: [sys.executable, "-m", "trainer.cli.main", "train", str(path), "--num-ranks",
-                                            "2", "--resume", "none"],
-        "deepspeed runner": lambda: [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(root / "hostfile"),
-                                     "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                                     str(REPO / "launch" / "train.py"), "--config", str(path), "--resume", "none"],
+        "trainer train": lambda: [
+            sys.executable,
+            "-m",
+            "trainer.cli.main",
+            "train",
+            str(path),
+            "--num-ranks",
+            "2",
+            "--resume",
+            "none",
+        ],
+        "trainer train, GPU check": lambda: [
+            sys.executable,
+            "-m",
+            "trainer.cli.main",
+            "train",
+            str(path),
+            "--num-ranks",
+            "2",
+            "--resume",
+            "none",
+        ],
+        "deepspeed runner": lambda: [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--hostfile",
+            str(root / "hostfile"),
+            "--no_ssh_check",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(REPO / "launch" / "train.py"),
+            "--config",
+            str(path),
+            "--resume",
+            "none",
+        ],
     }
     times: dict[str, list[float]] = {k: [] for k in ways}
     for r in range(args.rounds):

@@ -13,6 +13,7 @@ Each trial waits for the log line of step 10, sends SIGTERM, and measures the se
 and until the last rank is gone, and checks that the stop step's checkpoint is committed and uploaded.
 Prints a Markdown table of medians (and ranges).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,11 @@ def ranks_alive(cfg: Path) -> int:
     for p in psutil.process_iter():
         try:
             cmd = p.cmdline()
-            if str(cfg) in cmd and any(a.startswith("--local_rank") for a in cmd) and p.status() != psutil.STATUS_ZOMBIE:
+            if (
+                str(cfg) in cmd
+                and any(a.startswith("--local_rank") for a in cmd)
+                and p.status() != psutil.STATUS_ZOMBIE
+            ):
                 n += 1
         except psutil.Error:
             pass
@@ -76,10 +81,17 @@ def trial(mode: str, bed, root: Path, shards: Path, n: int, grace: int) -> dict:
     else:
         keep = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR")
         (work / ".deepspeed_env").write_text("".join(f"{k}={env[k]}\n" for k in keep if env.get(k)))
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", "hostfile", str(REPO / "launch" / "train.py"),
-               "--config", str(path)]
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+        cmd = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--hostfile",
+            "hostfile",
+            str(REPO / "launch" / "train.py"),
+            "--config",
+            str(path),
+        ]
+    proc = subprocess.Popen(
+        cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     while True:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         if not line and proc.poll() is not None:
@@ -97,8 +109,15 @@ def trial(mode: str, bed, root: Path, shards: Path, n: int, grace: int) -> dict:
     metas = sorted((bed.disk / f"runs-{n}").glob("*/checkpoints/step-*/metadata.json"))
     meta = json.loads(metas[-1].read_text()) if metas else {}
     ok = bool(meta) and verify_remote(open_storage(f"file://{bucket}"), f"{meta['run_id']}/{meta['tag']}")[0]
-    return {"mode": mode, "code": proc.returncode, "exit_s": exit_s, "gone_s": gone_s, "step": meta.get("step"),
-            "reason": meta.get("reason"), "uploaded": ok}
+    return {
+        "mode": mode,
+        "code": proc.returncode,
+        "exit_s": exit_s,
+        "gone_s": gone_s,
+        "step": meta.get("step"),
+        "reason": meta.get("reason"),
+        "uploaded": ok,
+    }
 
 
 def main() -> None:
@@ -118,16 +137,33 @@ def main() -> None:
     bed = sshbed.SshBed(root / "bed").start()
     try:
         shards = root / "shards"
-        subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic_shards.py"), "--out", str(shards), "--vocab", "512",
-                        "--tokens", "400000", "--shards", "2"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "tools" / "make_synthetic_shards.py"),
+                "--out",
+                str(shards),
+                "--vocab",
+                "512",
+                "--tokens",
+                "400000",
+                "--shards",
+                "2",
+            ],
+            check=True,
+            capture_output=True,
+        )
         results: list[dict] = []
         n = 0
         for t in range(args.trials):
             for mode in MODES:
                 n += 1
                 r = trial(mode, bed, root, shards, n, args.grace)
-                print(f"trial {t + 1} {mode}: exit {r['exit_s']:.2f} s (code {r['code']}), ranks gone {r['gone_s']:.2f} s,"
-                      f" step {r['step']} {r['reason']}, uploaded {r['uploaded']}", flush=True)
+                print(
+                    f"trial {t + 1} {mode}: exit {r['exit_s']:.2f} s (code {r['code']}), ranks gone {r['gone_s']:.2f} s,"
+                    f" step {r['step']} {r['reason']}, uploaded {r['uploaded']}",
+                    flush=True,
+                )
                 results.append(r)
     finally:
         bed.stop()
@@ -136,8 +172,10 @@ def main() -> None:
         xs = [r[key] for r in results if r["mode"] == mode]
         return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
 
-    print("\n| how the job runs | SIGTERM to exit of the command, s | SIGTERM to the last rank gone, s | exit codes |"
-          " preemption checkpoint committed and uploaded |")
+    print(
+        "\n| how the job runs | SIGTERM to exit of the command, s | SIGTERM to the last rank gone, s | exit codes |"
+        " preemption checkpoint committed and uploaded |"
+    )
     print("|---|---|---|---|---|")
     for mode in MODES:
         rs = [r for r in results if r["mode"] == mode]

@@ -7,6 +7,7 @@ Both sides run in one process against the same store (a fresh local sqlite store
 "Loop time" is what a training loop would wait: the synchronous calls themselves, or the tracker's
 enqueue calls; "total" adds the tracker's final flush.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,9 @@ def main() -> int:
         tracker.finish("FINISHED")
         total_s = time.perf_counter() - t0
         logged = len(client.get_metric_history(tracker.run_id, "train/loss"))
-    print("| metrics | synchronous log_metric (s) | tracker, loop time (s) | tracker, total with flush (s) | loop-time ratio |")
+    print(
+        "| metrics | synchronous log_metric (s) | tracker, loop time (s) | tracker, total with flush (s) | loop-time ratio |"
+    )
     print("|---|---|---|---|---|")
     print(f"| {args.metrics} | {sync_s:.2f} | {loop_s:.4f} | {total_s:.2f} | {sync_s / loop_s:,.0f}x less |")
     assert logged == args.metrics, f"tracker logged {logged} of {args.metrics}"

@@ -21,6 +21,7 @@ DeepSpeed's defaults for everything the run config does not set (`deepspeed.init
 ZeRO stage, precision, gradient clipping and an AdamW optimizer section). Blocks of --warmup + --steps alternate,
 --rounds times; the ratio of the medians is printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-HEADER = ("| preset | device | ranks | precision | ZeRO | micro x accum | seq | attention | act. ckpt | step time (s) |"
-          " tokens/s | MFU |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| preset | device | ranks | precision | ZeRO | micro x accum | seq | attention | act. ckpt | step time (s) |"
+    " tokens/s | MFU |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def main() -> int:
@@ -52,11 +55,18 @@ def main() -> int:
     p.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
     p.add_argument("--no-header", action="store_true")
-    p.add_argument("--compare-workers", default=None, help="LoRA: data.num_workers values, e.g. 0,2, measured in alternating"
-                   " blocks of --steps on the same engine (side by side)")
+    p.add_argument(
+        "--compare-workers",
+        default=None,
+        help="LoRA: data.num_workers values, e.g. 0,2, measured in alternating"
+        " blocks of --steps on the same engine (side by side)",
+    )
     p.add_argument("--rounds", type=int, default=2, help="with --compare-workers/--compare-bare: blocks per value")
-    p.add_argument("--compare-bare", action="store_true", help="pretraining: alternate with a bare DeepSpeed engine (side by"
-                   " side) and print the ratio")
+    p.add_argument(
+        "--compare-bare",
+        action="store_true",
+        help="pretraining: alternate with a bare DeepSpeed engine (side by side) and print the ratio",
+    )
     args = p.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -77,8 +87,18 @@ def main() -> int:
     micro = args.micro_batch or (8 if gpu else 4)
     setup_logging(0)
     total_steps = args.warmup + args.steps
-    common = {"optim": {"warmup_steps": 1}, "tracking": {"enabled": False}, "eval": {"enabled": False}, "deepspeed": {"template": f"zero{zero}"},
-              "train": {"max_steps": total_steps + 1, "micro_batch_size": micro, "grad_accum": args.grad_accum, "precision": precision}}
+    common = {
+        "optim": {"warmup_steps": 1},
+        "tracking": {"enabled": False},
+        "eval": {"enabled": False},
+        "deepspeed": {"template": f"zero{zero}"},
+        "train": {
+            "max_steps": total_steps + 1,
+            "micro_batch_size": micro,
+            "grad_accum": args.grad_accum,
+            "precision": precision,
+        },
+    }
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         if args.preset.startswith("lora-"):
             seq, cfg = lora_config(Path(tmp), args, common)
@@ -88,12 +108,23 @@ def main() -> int:
             data = Path(tmp) / "shards"
             data.mkdir()
             tokens = (total_steps * micro * args.grad_accum + 8) * (seq + 1)
-            np.save(data / "shard_00000.npy", np.random.default_rng(0).integers(0, dims["vocab_size"], tokens, dtype=np.int32))
-            cfg = RunConfig.model_validate({
-                **common, "run_dir": str(Path(tmp) / "runs"), "data": {"path": str(data)},
-                "model": {"preset": args.preset, "seq_len": args.seq_len, "attn_implementation": args.attn,
-                          "gradient_checkpointing": args.grad_ckpt},
-            })
+            np.save(
+                data / "shard_00000.npy",
+                np.random.default_rng(0).integers(0, dims["vocab_size"], tokens, dtype=np.int32),
+            )
+            cfg = RunConfig.model_validate(
+                {
+                    **common,
+                    "run_dir": str(Path(tmp) / "runs"),
+                    "data": {"path": str(data)},
+                    "model": {
+                        "preset": args.preset,
+                        "seq_len": args.seq_len,
+                        "attn_implementation": args.attn,
+                        "gradient_checkpointing": args.grad_ckpt,
+                    },
+                }
+            )
         trainer = Trainer(cfg, build_task(cfg), source="bench")
         trainer.setup()
         sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -123,11 +154,15 @@ def main() -> int:
 
     if not args.no_header:
         print(HEADER)
-    print(f"| {args.preset} | {accelerator_name()} | {trainer.ranks.world_size} | {precision} | {zero} | {micro} x {args.grad_accum} |"
-          f" {seq} | {args.attn} | {'yes' if args.grad_ckpt else 'no'} | {step:.4f} | {tps:,.0f} |"
-          f" {f'{util:.1%}' if util is not None else 'n/a (CPU)'} |")
-    print(f"batch preparation: {statistics.median(data_times) * args.grad_accum:.4f} s of the {step:.4f} s step"
-          f" ({statistics.median(data_times) * args.grad_accum / step:.0%})")
+    print(
+        f"| {args.preset} | {accelerator_name()} | {trainer.ranks.world_size} | {precision} | {zero} | {micro} x {args.grad_accum} |"
+        f" {seq} | {args.attn} | {'yes' if args.grad_ckpt else 'no'} | {step:.4f} | {tps:,.0f} |"
+        f" {f'{util:.1%}' if util is not None else 'n/a (CPU)'} |"
+    )
+    print(
+        f"batch preparation: {statistics.median(data_times) * args.grad_accum:.4f} s of the {step:.4f} s step"
+        f" ({statistics.median(data_times) * args.grad_accum / step:.0%})"
+    )
     return 0
 
 
@@ -166,13 +201,19 @@ def bare_engine(trainer: Any) -> Any:
 
     cfg, t = trainer.cfg, trainer.cfg.train
     model = trainer.task.build_model()
-    config = {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum,
-              "gradient_clipping": cfg.optim.grad_clip, "zero_optimization": {"stage": trainer.stage},
-              "bf16": {"enabled": t.precision == "bf16"}, "fp16": {"enabled": t.precision == "fp16"},
-              "optimizer": {"type": "AdamW", "params": {"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}},
-              "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=config)
+    config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": trainer.stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
+    )
     return engine
 
 
@@ -219,16 +260,40 @@ def lora_config(tmp: Path, args: argparse.Namespace, common: dict) -> tuple[int,
 
     size = "tiny" if args.preset == "lora-tiny" else "qwen2.5-0.5b"
     out = tmp / "mm"
-    subprocess.run([sys.executable, str(Path(__file__).parent / "make_tiny_multimodal.py"), "--out", str(out), "--size", size,
-                    "--samples", "64"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "make_tiny_multimodal.py"),
+            "--out",
+            str(out),
+            "--size",
+            size,
+            "--samples",
+            "64",
+        ],
+        check=True,
+        capture_output=True,
+    )
     max_length = args.max_length or (48 if size == "tiny" else 512)
     tokens = {"image": 2, "audio": 2, "text": 2} if size == "tiny" else {"image": 32, "audio": 32, "text": 32}
-    cfg = RunConfig.model_validate({
-        **common, "task": "lora", "run_dir": str(tmp / "runs"), "data": {"path": str(out / "data")},
-        "model": {"attn_implementation": args.attn, "gradient_checkpointing": args.grad_ckpt},
-        "lora": {"llm_path": str(out / "llm"), "phase1_checkpoint": str(out / "phase1.safetensors"), "r": 16, "alpha": 32,
-                 "soft_tokens": tokens, "projector_hidden": 64 if size == "tiny" else 1024, "max_length": max_length},
-    })
+    cfg = RunConfig.model_validate(
+        {
+            **common,
+            "task": "lora",
+            "run_dir": str(tmp / "runs"),
+            "data": {"path": str(out / "data")},
+            "model": {"attn_implementation": args.attn, "gradient_checkpointing": args.grad_ckpt},
+            "lora": {
+                "llm_path": str(out / "llm"),
+                "phase1_checkpoint": str(out / "phase1.safetensors"),
+                "r": 16,
+                "alpha": 32,
+                "soft_tokens": tokens,
+                "projector_hidden": 64 if size == "tiny" else 1024,
+                "max_length": max_length,
+            },
+        }
+    )
     return max_length + sum(tokens.values()), cfg
 
 

@@ -11,6 +11,7 @@
    file:// target), measured in alternating windows so machine noise hits both sides.
 All ratios come from one run. Prints Markdown tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,12 @@ def bench_throughput(ckpt: Path, workers: int, tmp: Path) -> None:
         for trial in range(5):
             blobs = [storage.bucket.blob(f"raw/{trial}/{p.name}") for p in files]  # type: ignore[attr-defined]
             t0 = time.perf_counter()
-            results = transfer_manager.upload_many(list(zip([str(p) for p in files], blobs)), max_workers=workers,
-                                                   worker_type=transfer_manager.THREAD, raise_exception=True)
+            results = transfer_manager.upload_many(
+                list(zip([str(p) for p in files], blobs)),
+                max_workers=workers,
+                worker_type=transfer_manager.THREAD,
+                raise_exception=True,
+            )
             raw.append(total / MB / (time.perf_counter() - t0))
             assert all(r is None for r in results)
             (ckpt / "upload_state.json").unlink(missing_ok=True)
@@ -100,9 +105,11 @@ def bench_throughput(ckpt: Path, workers: int, tmp: Path) -> None:
             ours.append(total / MB / (time.perf_counter() - t0))
         r_ours, r_raw = statistics.median(ours), statistics.median(raw)
         trials = " / ".join(f"{o / r:.2f}" for o, r in zip(ours, raw))
-        print(f"\n| bytes | workers | raw client upload_many (MB/s) | uploader (MB/s) | ratio of medians | per-trial ratios |"
-              f"\n|---|---|---|---|---|---|\n| {total / MB:.0f} MB in {len(files)} files | {workers} | {r_raw:,.0f} | {r_ours:,.0f} |"
-              f" {r_ours / r_raw:.2f} | {trials} |")
+        print(
+            f"\n| bytes | workers | raw client upload_many (MB/s) | uploader (MB/s) | ratio of medians | per-trial ratios |"
+            f"\n|---|---|---|---|---|---|\n| {total / MB:.0f} MB in {len(files)} files | {workers} | {r_raw:,.0f} | {r_ours:,.0f} |"
+            f" {r_ours / r_raw:.2f} | {trials} |"
+        )
     finally:
         emu.stop()
 
@@ -122,8 +129,15 @@ def bench_step_time(steps: int, tmp: Path, upload_mb: int) -> None:
     data = tmp / "shards"
     data.mkdir()
     np.save(data / "shard_00000.npy", np.random.default_rng(0).integers(0, 512, 2_000_000, dtype=np.int32))
-    cfg = RunConfig.model_validate({"run_dir": str(tmp / "runs"), "data": {"path": str(data)}, "optim": {"warmup_steps": 1},
-                                    "train": {"max_steps": 10**6, "micro_batch_size": 8}, "tracking": {"enabled": False}})
+    cfg = RunConfig.model_validate(
+        {
+            "run_dir": str(tmp / "runs"),
+            "data": {"path": str(data)},
+            "optim": {"warmup_steps": 1},
+            "train": {"max_steps": 10**6, "micro_batch_size": 8},
+            "tracking": {"enabled": False},
+        }
+    )
     trainer = Trainer(cfg, build_task(cfg), source="bench")
     trainer.setup()
     for _ in range(5):

@@ -13,6 +13,7 @@ own names (`aligner.image.0.weight`, `encoders.image....`, optionally under `mod
 names are renamed with --map OLD=NEW. This is the code path of `trainer phase1 import`
 (trainer.models.phase1_import). The result is verified before it is renamed into place.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,17 +30,31 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for m in ("image", "audio", "text"):
         p.add_argument(f"--{m}", type=Path, help=f"local folder of the pretrained {m} encoder")
-    p.add_argument("--align-dim", type=int, help="shared space size (needed without --aligner; default: read off its weights)")
-    p.add_argument("--aligner", type=Path, help="aligner weights (safetensors or torch file); default: freshly initialised")
-    p.add_argument("--map", action="append", default=[], metavar="OLD=NEW", help="rename a key prefix of --aligner (repeatable)")
-    p.add_argument("--ignore", action="append", default=[], metavar="PREFIX", help="leave out keys of --aligner starting with PREFIX")
+    p.add_argument(
+        "--align-dim", type=int, help="shared space size (needed without --aligner; default: read off its weights)"
+    )
+    p.add_argument(
+        "--aligner", type=Path, help="aligner weights (safetensors or torch file); default: freshly initialised"
+    )
+    p.add_argument(
+        "--map", action="append", default=[], metavar="OLD=NEW", help="rename a key prefix of --aligner (repeatable)"
+    )
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="leave out keys of --aligner starting with PREFIX",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     paths = {m: getattr(args, m) for m in ("image", "audio", "text") if getattr(args, m) is not None}
     try:
-        result = import_phase1(paths, args.out, args.aligner, args.align_dim, parse_maps(args.map), args.ignore, args.force, args.seed)
+        result = import_phase1(
+            paths, args.out, args.aligner, args.align_dim, parse_maps(args.map), args.ignore, args.force, args.seed
+        )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ loss of a small model falls well below log(vocab) within a few hundred steps.
 
     python tools/make_synthetic_shards.py --out data/tiny_shards --vocab 512 --tokens 400000 --shards 4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,9 @@ def main() -> None:
             np.save(path, part)
         else:
             np.savez(path, tokens=part)
-    print(f"wrote {args.shards} shard(s), {args.tokens:,} tokens (vocab {args.vocab}, {np.dtype(dtype).name}) to {args.out}")
+    print(
+        f"wrote {args.shards} shard(s), {args.tokens:,} tokens (vocab {args.vocab}, {np.dtype(dtype).name}) to {args.out}"
+    )
 
 
 if __name__ == "__main__":

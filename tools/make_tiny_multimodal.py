@@ -14,6 +14,7 @@ the loss of a short run falls. Some samples lack a modality on purpose.
 
     python tools/make_tiny_multimodal.py --out data/tiny_mm [--samples 48] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 70, 230), "yellow": (240, 220, 40)}
 TONES = {"low": 220.0, "middle": 440.0, "high": 880.0}
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -39,11 +42,21 @@ def sample_texts(rng: random.Random, n: int) -> list[dict]:
         colour, tone = rng.choice(sorted(COLOURS)), rng.choice(sorted(TONES))
         has = {"image": i % 7 != 3, "audio": i % 5 != 2, "text": i % 3 != 1}
         note = f"the cat looks {rng.choice(['calm', 'curious', 'sleepy', 'alert'])}"
-        parts = [f"a {colour} picture" if has["image"] else "no picture",
-                 f"a {tone} sound" if has["audio"] else "no sound"]
-        out.append({"sample_id": f"sample_{i:04d}", "colour": colour, "tone": tone, "has": has, "note": note,
-                    "instruction": "Describe the picture and the sound.",
-                    "response": f"I see {parts[0]} and hear {parts[1]}; {note if has['text'] else 'no note'}."})
+        parts = [
+            f"a {colour} picture" if has["image"] else "no picture",
+            f"a {tone} sound" if has["audio"] else "no sound",
+        ]
+        out.append(
+            {
+                "sample_id": f"sample_{i:04d}",
+                "colour": colour,
+                "tone": tone,
+                "has": has,
+                "note": note,
+                "instruction": "Describe the picture and the sound.",
+                "response": f"I see {parts[0]} and hear {parts[1]}; {note if has['text'] else 'no note'}.",
+            }
+        )
     return out
 
 
@@ -54,11 +67,16 @@ def write_tokenizer(out: Path, corpus: list[str], vocab_size: int) -> int:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
     return len(fast)
@@ -69,13 +87,28 @@ def write_llm(out: Path, vocab: int, seed: int, size: str) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if size == "tiny":
-        dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    max_position_embeddings=512)
+        dims = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        )
     else:  # Qwen2.5-0.5B-Instruct's shape
-        dims = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                    max_position_embeddings=32768, rope_theta=1000000.0)
+        dims = dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rope_theta=1000000.0,
+        )
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, bos_token_id=None, eos_token_id=2, pad_token_id=0, **dims)
+    cfg = Qwen2Config(
+        vocab_size=vocab, tie_word_embeddings=True, bos_token_id=None, eos_token_id=2, pad_token_id=0, **dims
+    )
     Qwen2ForCausalLM(cfg).save_pretrained(str(out), safe_serialization=True)
 
 
@@ -99,7 +132,11 @@ def write_media(data: Path, samples: list[dict], seed: int, val: int = 0) -> Non
     first_val = len(samples) - val
     for n, s in enumerate(samples):
         seed_layout = n < first_val and s["has"]["text"] and n % 4 == 0
-        rec = {"sample_id": s["sample_id"]} if seed_layout else {k: s[k] for k in ("sample_id", "instruction", "response")}
+        rec = (
+            {"sample_id": s["sample_id"]}
+            if seed_layout
+            else {k: s[k] for k in ("sample_id", "instruction", "response")}
+        )
         if s["has"]["image"]:
             im = Image.new("RGB", (48, 40), (245, 245, 245))
             x, y = rng.randint(0, 16), rng.randint(0, 10)
@@ -137,25 +174,37 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val", type=int, default=10, help="validation samples (of --samples)")
-    p.add_argument("--size", choices=["tiny", "qwen2.5-0.5b"], default="tiny",
-                   help="tiny (tests) or Qwen2.5-0.5B's shape with random weights (benchmarks)")
-    p.add_argument("--vocab", type=int, default=512, help="BPE vocabulary to train (tiny); the 0.5B shape pads to 151936")
+    p.add_argument(
+        "--size",
+        choices=["tiny", "qwen2.5-0.5b"],
+        default="tiny",
+        help="tiny (tests) or Qwen2.5-0.5B's shape with random weights (benchmarks)",
+    )
+    p.add_argument(
+        "--vocab", type=int, default=512, help="BPE vocabulary to train (tiny); the 0.5B shape pads to 151936"
+    )
     args = p.parse_args()
 
     from trainer.config.schema import DataConfig
 
     rng = random.Random(args.seed)
     samples = sample_texts(rng, args.samples)
-    corpus = ([s["instruction"] for s in samples] + [s["response"] for s in samples] + [f"Owner's note: {s['note']}." for s in samples]
-              + [DataConfig().default_instruction])
+    corpus = (
+        [s["instruction"] for s in samples]
+        + [s["response"] for s in samples]
+        + [f"Owner's note: {s['note']}." for s in samples]
+        + [DataConfig().default_instruction]
+    )
     llm = args.out / "llm"
     llm.mkdir(parents=True, exist_ok=True)
     n_tok = write_tokenizer(llm, corpus * 4, args.vocab)
     write_llm(llm, n_tok if args.size == "tiny" else 151936, args.seed, args.size)
     write_phase1(args.out / "phase1.safetensors", n_tok, args.seed, "tiny" if args.size == "tiny" else "full")
     write_media(args.out / "data", samples, args.seed, args.val)
-    print(f"wrote {llm} (tokenizer {n_tok} tokens), {args.out / 'phase1.safetensors'}, {args.out / 'data'} ({len(samples)} samples,"
-          f" {args.val} of them validation)")
+    print(
+        f"wrote {llm} (tokenizer {n_tok} tokens), {args.out / 'phase1.safetensors'}, {args.out / 'data'} ({len(samples)} samples,"
+        f" {args.val} of them validation)"
+    )
     return 0
 
 

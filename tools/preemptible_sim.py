@@ -23,6 +23,7 @@ Prints one line per trial (signal, kill point, step, exit code, seconds from SIG
 of committed checkpoints that were in the bucket at exit, resume step) and the verdict; exit code 0
 only if the verdict is PASS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -139,8 +140,12 @@ def reference_run(common: list[str], ref_dir: Path, max_steps: int) -> tuple[flo
     """An uninterrupted run to `max_steps`; returns (wall s, training s)."""
     shutil.rmtree(ref_dir, ignore_errors=True)
     t0 = time.monotonic()
-    ref = subprocess.run([*common, "--max-steps", str(max_steps), "--set", f"run_dir={ref_dir}", "--resume", "none"], cwd=REPO,
-                         capture_output=True, text=True)
+    ref = subprocess.run(
+        [*common, "--max-steps", str(max_steps), "--set", f"run_dir={ref_dir}", "--resume", "none"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     wall = time.monotonic() - t0
     if ref.returncode != 0:
         print(ref.stdout[-3000:] + ref.stderr[-3000:])
@@ -152,7 +157,9 @@ def reference_run(common: list[str], ref_dir: Path, max_steps: int) -> tuple[flo
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path)
-    p.add_argument("--trials", type=int, default=10, help="kills before the job may finish (a run that ends first is extended)")
+    p.add_argument(
+        "--trials", type=int, default=10, help="kills before the job may finish (a run that ends first is extended)"
+    )
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=60)
     p.add_argument("--save-every", type=int, default=5)
@@ -160,9 +167,13 @@ def main() -> int:
     p.add_argument("--fresh-prob", type=float, default=0.2, help="share of restarts on a wiped run folder (a new VM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grace", type=float, default=25.0, help="preemption.grace_s")
-    p.add_argument("--teardown", type=float, default=5.0,
-                   help="seconds a stopped job may take beyond its grace period (a preemptible VM's 30 s less the default"
-                        " 25 s grace): a later exit fails the trial")
+    p.add_argument(
+        "--teardown",
+        type=float,
+        default=5.0,
+        help="seconds a stopped job may take beyond its grace period (a preemptible VM's 30 s less the default"
+        " 25 s grace): a later exit fails the trial",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="more config overrides")
     args = p.parse_args()
@@ -171,15 +182,38 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     ref_dir, sim_dir, bucket = work / "reference", work / "sim", work / "bucket"
     # decay_steps stays at the first --max-steps: a run extended later keeps the schedule of the steps before
-    common = [sys.executable, "-m", "trainer.cli.main", "train", str(args.config.resolve()), "--num-ranks", str(args.ranks),
-              "--set", f"optim.decay_steps={args.max_steps}", "--set", "train.log_every=1",
-              "--set", f"checkpoint.save_every={args.save_every}", "--set", "checkpoint.keep_last=2",
-              "--set", "tracking.enabled=false", "--set", f"preemption.grace_s={args.grace}"]
+    common = [
+        sys.executable,
+        "-m",
+        "trainer.cli.main",
+        "train",
+        str(args.config.resolve()),
+        "--num-ranks",
+        str(args.ranks),
+        "--set",
+        f"optim.decay_steps={args.max_steps}",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        f"checkpoint.save_every={args.save_every}",
+        "--set",
+        "checkpoint.keep_last=2",
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        f"preemption.grace_s={args.grace}",
+    ]
     for s in args.sets:
         common += ["--set", s]
 
-    keep_remote = next((int(s.split("=", 1)[1]) for s in args.sets if s.startswith("upload.keep_remote=")
-                        and s.split("=", 1)[1] not in ("", "null", "none")), None)
+    keep_remote = next(
+        (
+            int(s.split("=", 1)[1])
+            for s in args.sets
+            if s.startswith("upload.keep_remote=") and s.split("=", 1)[1] not in ("", "null", "none")
+        ),
+        None,
+    )
     max_steps = args.max_steps
     ref_s, train_s = reference_run(common, ref_dir, max_steps)
     setup_s = max(1.0, ref_s - train_s)
@@ -188,7 +222,9 @@ def main() -> int:
     def extend(steps: int, ran: int) -> tuple[int, tuple[float, float]]:
         """The run finished with trials still to run: go on to more steps (the reference too) rather than pass on fewer."""
         steps += max(args.save_every * 2, args.max_steps // 2)
-        print(f"the run finished after {ran} of {args.trials} trials: extending it to {steps} steps (and the reference)")
+        print(
+            f"the run finished after {ran} of {args.trials} trials: extending it to {steps} steps (and the reference)"
+        )
         return steps, reference_run(common, ref_dir, steps)
 
     trials: list[Trial] = []
@@ -198,8 +234,17 @@ def main() -> int:
     while True:
         starts += 1
         log = work / f"start-{starts:03d}.log"
-        sim_cmd = [*common, "--max-steps", str(max_steps), "--set", f"run_dir={sim_dir}", "--set",
-                   f"upload.url=file://{bucket}", "--resume", "auto"]
+        sim_cmd = [
+            *common,
+            "--max-steps",
+            str(max_steps),
+            "--set",
+            f"run_dir={sim_dir}",
+            "--set",
+            f"upload.url=file://{bucket}",
+            "--resume",
+            "auto",
+        ]
         proc = start(sim_cmd, log)
         prev = trials[-1] if trials else None
         if len(trials) >= args.trials:
@@ -215,7 +260,9 @@ def main() -> int:
         aim = rng.choices(["setup", "mid-step", "mid-save", "mid-upload"], weights=[1, 4, 2.5, 2.5])[0]
         if aim == "setup":  # before the first step (or at it, if setup is quicker than the draw)
             deadline = time.monotonic() + rng.uniform(0.2, 1.0) * setup_s
-            while proc.poll() is None and time.monotonic() < deadline and not re.search(r"step \d+/\d+", log.read_text()):
+            while (
+                proc.poll() is None and time.monotonic() < deadline and not re.search(r"step \d+/\d+", log.read_text())
+            ):
                 time.sleep(0.01)
         else:
             while proc.poll() is None and not re.search(r"step \d+/\d+", log.read_text()):
@@ -236,7 +283,9 @@ def main() -> int:
             uploaded |= reported(text)[0]
             if proc.returncode != 0:
                 print(text[-3000:])
-                trials.append(Trial(len(trials) + 1, "none", code=proc.returncode, problem=f"exited {proc.returncode} unprompted"))
+                trials.append(
+                    Trial(len(trials) + 1, "none", code=proc.returncode, problem=f"exited {proc.returncode} unprompted")
+                )
                 break
             # finished with trials still to run: extend the run (and the reference) rather than pass on fewer trials
             extended += 1
@@ -245,7 +294,12 @@ def main() -> int:
         hard = rng.random() < args.sigkill_prob
         text = log.read_text()
         steps = re.findall(r"step (\d+)/\d+", text)
-        trial = Trial(len(trials) + 1, "SIGKILL" if hard else "SIGTERM", kill_point(sim_dir, text), int(steps[-1]) if steps else None)
+        trial = Trial(
+            len(trials) + 1,
+            "SIGKILL" if hard else "SIGTERM",
+            kill_point(sim_dir, text),
+            int(steps[-1]) if steps else None,
+        )
         if hard:
             for q in job_processes(proc.pid) + _upload_workers(sim_dir):
                 try:
@@ -272,7 +326,9 @@ def main() -> int:
         if not hard:
             remote = set(bucket_steps(bucket))
             trial.in_bucket = f"{sum(s in remote for s in local)}/{len(local)}"
-            trial.problem = _sigterm_problems(trial, text, local, remote, said_local, sim_dir, args.grace + args.teardown)
+            trial.problem = _sigterm_problems(
+                trial, text, local, remote, said_local, sim_dir, args.grace + args.teardown
+            )
         if trial.code == 0:  # the stop came on the last step: the run is complete
             trials.append(trial)
             if len(trials) >= args.trials:
@@ -296,8 +352,12 @@ def main() -> int:
         trials.append(trial)
 
     # After the last start: every committed checkpoint uploaded, and nothing in the bucket that no manifest names.
-    up_all = subprocess.run([sys.executable, "-m", "trainer.cli.main", "upload-all", str(sim_dir), "--url", f"file://{bucket}"],
-                            cwd=REPO, capture_output=True, text=True)
+    up_all = subprocess.run(
+        [sys.executable, "-m", "trainer.cli.main", "upload-all", str(sim_dir), "--url", f"file://{bucket}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     objects = {str(q.relative_to(bucket)) for q in bucket.rglob("*") if q.is_file() and not q.name.endswith(".partial")}
     orphans = sorted(objects - manifest_named(bucket))
 
@@ -309,35 +369,51 @@ def main() -> int:
     same_lrs = ma["lr_history"] == mb["lr_history"]
     same_weights = weights_equal(a, b)
 
-    print("\n| trial | signal | kill point | step | exit | SIGTERM->exit (s) | in bucket at exit | next start | resumed at | problem |")
+    print(
+        "\n| trial | signal | kill point | step | exit | SIGTERM->exit (s) | in bucket at exit | next start | resumed at | problem |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for t in trials:
-        resumed = t.resumed_at if t.resumed_at is not None else "-" if t.code == 0 else "- (next start stopped in setup)"
-        print(f"| {t.n} | {t.signal} | {t.point} | {t.step if t.step is not None else '-'} | {t.code} | "
-              f"{f'{t.exit_s:.1f}' if t.exit_s is not None else '-'} | {t.in_bucket or '-'} | "
-              f"{'fresh VM' if t.fresh else 'same VM'} | {resumed} | {t.problem} |")
+        resumed = (
+            t.resumed_at if t.resumed_at is not None else "-" if t.code == 0 else "- (next start stopped in setup)"
+        )
+        print(
+            f"| {t.n} | {t.signal} | {t.point} | {t.step if t.step is not None else '-'} | {t.code} | "
+            f"{f'{t.exit_s:.1f}' if t.exit_s is not None else '-'} | {t.in_bucket or '-'} | "
+            f"{'fresh VM' if t.fresh else 'same VM'} | {resumed} | {t.problem} |"
+        )
     problems = [t for t in trials if t.problem]
     term = [t.exit_s for t in trials if t.exit_s is not None]
     shares = [t.in_bucket for t in trials if t.in_bucket]
     full = sum(1 for s in shares if s.split("/")[0] == s.split("/")[1])
     points = {k: sum(1 for t in trials if t.point == k) for k in ("setup", "mid-step", "mid-save", "mid-upload")}
-    print(f"\nkill points: {', '.join(f'{v} {k}' for k, v in points.items())}; "
-          f"{sum(t.signal == 'SIGKILL' for t in trials)} SIGKILL, {sum(t.fresh for t in trials)} fresh VMs"
-          f"{f'; run extended {extended} time(s) to {max_steps} steps' if extended else ''}")
+    print(
+        f"\nkill points: {', '.join(f'{v} {k}' for k, v in points.items())}; "
+        f"{sum(t.signal == 'SIGKILL' for t in trials)} SIGKILL, {sum(t.fresh for t in trials)} fresh VMs"
+        f"{f'; run extended {extended} time(s) to {max_steps} steps' if extended else ''}"
+    )
     if term:
-        print(f"SIGTERM to exit: median {statistics.median(term):.1f} s, max {max(term):.1f} s (grace {args.grace:.0f} s"
-              f" + teardown {args.teardown:.0f} s allowed)")
+        print(
+            f"SIGTERM to exit: median {statistics.median(term):.1f} s, max {max(term):.1f} s (grace {args.grace:.0f} s"
+            f" + teardown {args.teardown:.0f} s allowed)"
+        )
     if shares:
         print(f"every committed checkpoint in the bucket at exit after SIGTERM: {full} of {len(shares)} stops")
-    print(f"losses per step equal to the reference: {same_losses}; learning rates equal: {same_lrs};"
-          f" final fp32 weights equal: {same_weights}")
-    print(f"upload-all after the last start: exit {up_all.returncode}; objects in the bucket no manifest names:"
-          f" {len(orphans)}{f' ({orphans[:5]})' if orphans else ''}")
+    print(
+        f"losses per step equal to the reference: {same_losses}; learning rates equal: {same_lrs};"
+        f" final fp32 weights equal: {same_weights}"
+    )
+    print(
+        f"upload-all after the last start: exit {up_all.returncode}; objects in the bucket no manifest names:"
+        f" {len(orphans)}{f' ({orphans[:5]})' if orphans else ''}"
+    )
     print(f"corrupt resumes or lost checkpoints: {len(problems)}")
     enough = len(trials) >= args.trials
     if not enough:
         print(f"only {len(trials)} of {args.trials} trials ran")
-    ok = same_losses and same_lrs and same_weights and not problems and not orphans and up_all.returncode == 0 and enough
+    ok = (
+        same_losses and same_lrs and same_weights and not problems and not orphans and up_all.returncode == 0 and enough
+    )
     print(f"verdict: {'PASS' if ok else 'FAIL'} ({len(trials)} trials, {starts} starts)")
     if args.workdir is None and ok:
         shutil.rmtree(work, ignore_errors=True)
@@ -362,8 +438,9 @@ def _check_resume(prev: Optional[Trial], text: str) -> None:
         prev.problem = _join(prev.problem, f"{what} step {prev.expected_at_least} was committed")
 
 
-def _sigterm_problems(t: Trial, text: str, local: list[int], remote: set[int], said_local: set[int], run_dir: Path,
-                      limit_s: float) -> str:
+def _sigterm_problems(
+    t: Trial, text: str, local: list[int], remote: set[int], said_local: set[int], run_dir: Path, limit_s: float
+) -> str:
     """What a SIGTERM stop got wrong: its exit code and time, its emergency checkpoint, where it left each checkpoint."""
     out = ""
     if t.code not in (0, 75):

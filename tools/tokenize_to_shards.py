@@ -21,6 +21,7 @@ at the end, so a failed run leaves nothing behind.
     python tools/tokenize_to_shards.py data/raw_text --tokenizer tokenizers/neox/tokenizer.json --out data/shards
     python tools/tokenize_to_shards.py a.jsonl b.jsonl --tokenizer tokenizers/neox --out data/shards --tokens-per-shard 10000000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,10 @@ def find_inputs(paths: list[Path]) -> list[Path]:
             raise InputError(f"input {path} does not exist")
         if path.is_dir():
             found = sorted(
-                p for p in path.rglob("*")
-                if p.suffix in TEXT_SUFFIXES and p.is_file()
+                p
+                for p in path.rglob("*")
+                if p.suffix in TEXT_SUFFIXES
+                and p.is_file()
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not found:
@@ -102,7 +105,9 @@ def read_documents(path: Path, txt_docs: str, text_field: str) -> Iterator[str]:
                         raise InputError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} field")
                     text = record[text_field]
                     if not isinstance(text, str):
-                        raise InputError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string")
+                        raise InputError(
+                            f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
+                        )
                     yield text
         elif txt_docs == "line":
             with path.open(encoding="utf-8") as fh:
@@ -138,8 +143,14 @@ def batches(files: list[Path], txt_docs: str, text_field: str, batch_docs: int) 
 
 
 class LoadedTokenizer:
-    def __init__(self, encode_batch: Callable[[list[str]], list[list[int]]], vocab_size: int,
-                 eos_id: Optional[int], eos_token: Optional[str], id_to_token: Callable[[int], Optional[str]]):
+    def __init__(
+        self,
+        encode_batch: Callable[[list[str]], list[list[int]]],
+        vocab_size: int,
+        eos_id: Optional[int],
+        eos_token: Optional[str],
+        id_to_token: Callable[[int], Optional[str]],
+    ):
         self.encode_batch = encode_batch
         self.vocab_size = vocab_size
         self.eos_id = eos_id
@@ -199,7 +210,9 @@ def load_tokenizer_folder(path: Path, add_special_tokens: bool) -> LoadedTokeniz
         import transformers
         from transformers import AutoTokenizer
     except ImportError as exc:
-        raise InputError(f"tokenizer {path} is a folder, which needs the transformers package ({one_line(exc)})") from None
+        raise InputError(
+            f"tokenizer {path} is a folder, which needs the transformers package ({one_line(exc)})"
+        ) from None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
@@ -214,8 +227,13 @@ def load_tokenizer_folder(path: Path, add_special_tokens: bool) -> LoadedTokeniz
         eos_id, eos_token = known_eos(special)
 
     def encode_batch(texts: list[str]) -> list[list[int]]:
-        out = tok(texts, add_special_tokens=add_special_tokens, return_attention_mask=False,
-                  return_token_type_ids=False, verbose=False)
+        out = tok(
+            texts,
+            add_special_tokens=add_special_tokens,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )
         return out["input_ids"]
 
     def id_to_token(i: int) -> Optional[str]:
@@ -316,7 +334,9 @@ def tokenize(args: argparse.Namespace) -> str:
 
     if args.eos_id is not None:
         if not 0 <= args.eos_id < tok.vocab_size:
-            raise InputError(f"--eos-id {args.eos_id} is outside the vocabulary [0, {tok.vocab_size}) of tokenizer {args.tokenizer}")
+            raise InputError(
+                f"--eos-id {args.eos_id} is outside the vocabulary [0, {tok.vocab_size}) of tokenizer {args.tokenizer}"
+            )
         eos_id, eos_token = args.eos_id, tok.id_to_token(args.eos_id)
     elif tok.eos_id is not None:
         eos_id, eos_token = int(tok.eos_id), tok.eos_token
@@ -352,25 +372,43 @@ def tokenize(args: argparse.Namespace) -> str:
         raise
     seconds = time.perf_counter() - start
     eos = f"{eos_token}={eos_id}" if eos_token else str(eos_id)
-    return (f"wrote {len(writer.written)} shard(s), {writer.tokens:,} tokens from {documents:,} document(s)"
-            f" (vocab {tok.vocab_size}, {dtype.name}, eos {eos}) to {args.out} in {seconds:.1f}s")
+    return (
+        f"wrote {len(writer.written)} shard(s), {writer.tokens:,} tokens from {documents:,} document(s)"
+        f" (vocab {tok.vocab_size}, {dtype.name}, eos {eos}) to {args.out} in {seconds:.1f}s"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", type=Path, nargs="+", help=".txt/.jsonl files, or folders searched for them")
-    p.add_argument("--tokenizer", type=Path, required=True, help="a tokenizer.json file or a local Hugging Face tokenizer folder")
+    p.add_argument(
+        "--tokenizer", type=Path, required=True, help="a tokenizer.json file or a local Hugging Face tokenizer folder"
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder (created; must be empty unless --overwrite)")
-    p.add_argument("--tokens-per-shard", type=int, default=50_000_000, help="tokens per shard (the last one may be shorter)")
-    p.add_argument("--eos-id", type=int, default=None, help="token id appended after every document (default: the tokenizer's EOS)")
+    p.add_argument(
+        "--tokens-per-shard", type=int, default=50_000_000, help="tokens per shard (the last one may be shorter)"
+    )
+    p.add_argument(
+        "--eos-id", type=int, default=None, help="token id appended after every document (default: the tokenizer's EOS)"
+    )
     p.add_argument("--text-field", default="text", help="the field of each .jsonl record that holds the document")
-    p.add_argument("--txt-docs", choices=["file", "line"], default="file",
-                   help="a .txt file is one document (file) or holds one document per non-empty line (line)")
-    p.add_argument("--add-special-tokens", action="store_true",
-                   help="let the tokenizer add its special tokens (e.g. BOS) to each document; off by default")
+    p.add_argument(
+        "--txt-docs",
+        choices=["file", "line"],
+        default="file",
+        help="a .txt file is one document (file) or holds one document per non-empty line (line)",
+    )
+    p.add_argument(
+        "--add-special-tokens",
+        action="store_true",
+        help="let the tokenizer add its special tokens (e.g. BOS) to each document; off by default",
+    )
     p.add_argument("--batch-size", type=int, default=1000, help="documents per tokenizer batch call")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty output folder, replacing the .npy/.npz files in it (other files stay)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty output folder, replacing the .npy/.npz files in it (other files stay)",
+    )
     args = p.parse_args()
     try:
         print(tokenize(args))

@@ -1,6 +1,7 @@
 """`import deepspeed` without MLflow: DeepSpeed's autotuner imports MLflow whenever it is installed (1.3-1.6 s on
 the CPU VM, pandas and all), and neither the launcher nor the ranks use the autotuner. The block lasts for the
 import only: a rank with `tracking.enabled` imports MLflow itself later, when it starts its run."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Error types and exit codes shared by the CLI and the launcher entry point."""
+
 from __future__ import annotations
 
 EXIT_OK = 0

@@ -4,6 +4,7 @@ Files: rank 0 appends to the run's `train.log`; every node keeps `logs/node-<N>-
 on its own disk (its first rank at the console level, its other ranks' warnings and errors, and any crash's
 traceback), with `<run_dir>/latest-node-<N>.log` pointing at the newest run's.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,8 +76,15 @@ def node_log_name(node_rank: int, host: str) -> str:
 NODES_FILE = "nodes.json"
 
 
-def add_node_log(run_dir: Path, run_root: Path, node_rank: int, host: str, first_on_node: bool, rank: int,
-                 hosts: tuple[str, ...] = ()) -> Path:
+def add_node_log(
+    run_dir: Path,
+    run_root: Path,
+    node_rank: int,
+    host: str,
+    first_on_node: bool,
+    rank: int,
+    hosts: tuple[str, ...] = (),
+) -> Path:
     """This rank's lines in its node's log (the node's first rank at the console level, the others from WARNING);
     the node's first rank points `<run_dir>/latest-node-<N>.log` at it (a link, not a folder: a folder of runs holds
     only runs) and lists every node's host in `logs/nodes.json` (so `trainer monitor --node N` knows where another

@@ -3,6 +3,7 @@
 Everything is read from the run folder, so the monitor works from another shell, another user or a
 cron job, and never touches the training processes.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -32,12 +33,16 @@ def find_run(path: Path) -> Path:
         return path
     runs = [p for p in path.iterdir() if p.is_dir() and is_run(p)]
     if not runs:
-        raise UserError(f"{path}: no run there (expected a run folder with {STATUS_FILE} or {LOG_FILE}, or a folder of runs)")
+        raise UserError(
+            f"{path}: no run there (expected a run folder with {STATUS_FILE} or {LOG_FILE}, or a folder of runs)"
+        )
     return max(runs, key=_last_activity)
 
 
 def _last_activity(run: Path) -> float:
-    return max((p.stat().st_mtime for p in (run / STATUS_FILE, run / LOG_FILE) if p.exists()), default=run.stat().st_mtime)
+    return max(
+        (p.stat().st_mtime for p in (run / STATUS_FILE, run / LOG_FILE) if p.exists()), default=run.stat().st_mtime
+    )
 
 
 def node_log(run: Path, node: int) -> tuple[Optional[str], Path]:
@@ -92,10 +97,20 @@ def snapshot(run: Path, log_lines: int = 12) -> Snapshot:
 
     status = read_status(run)
     state, detail = _state(status)
-    ckpts = [{"tag": c.tag, "step": c.step, "loss": c.loss, "committed_at": c.metadata.get("committed_at"),
-              "reason": c.metadata.get("reason"), "task": c.metadata.get("task"), "world_size": c.metadata.get("world_size"),
-              "upload": read_upload_state(c.path)["state"], "goodput": c.metadata.get("goodput")}
-             for c in CheckpointStore(run).committed([])]
+    ckpts = [
+        {
+            "tag": c.tag,
+            "step": c.step,
+            "loss": c.loss,
+            "committed_at": c.metadata.get("committed_at"),
+            "reason": c.metadata.get("reason"),
+            "task": c.metadata.get("task"),
+            "world_size": c.metadata.get("world_size"),
+            "upload": read_upload_state(c.path)["state"],
+            "goodput": c.metadata.get("goodput"),
+        }
+        for c in CheckpointStore(run).committed([])
+    ]
     return Snapshot(run, status, state, detail, ckpts, tail(run / LOG_FILE, log_lines))
 
 
@@ -140,15 +155,22 @@ def render(s: Snapshot, wrap_log: bool = False) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    log_text = Text("\n".join(s.log) if s.log else f"(no {LOG_FILE} yet)", no_wrap=not wrap_log,
-                    overflow="fold" if wrap_log else "ellipsis")
+    log_text = Text(
+        "\n".join(s.log) if s.log else f"(no {LOG_FILE} yet)",
+        no_wrap=not wrap_log,
+        overflow="fold" if wrap_log else "ellipsis",
+    )
     log_panel = Panel(log_text, title=f"{s.run / LOG_FILE} (last {len(s.log)} lines)", title_align="left")
     st = s.status or {}
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    color = {JobState.RUNNING.value: "green", JobState.FINISHED.value: "blue", JobState.STOPPED.value: "yellow",
-             JobState.STOPPING.value: "yellow"}.get(s.state, "red")
+    color = {
+        JobState.RUNNING.value: "green",
+        JobState.FINISHED.value: "blue",
+        JobState.STOPPED.value: "yellow",
+        JobState.STOPPING.value: "yellow",
+    }.get(s.state, "red")
     last = s.checkpoints[-1] if s.checkpoints else {}
     task, world = st.get("task") or last.get("task"), st.get("world_size") or last.get("world_size")
     about = ", ".join(x for x in (task, f"{world} rank(s)" if world else "") if x)
@@ -157,17 +179,33 @@ def render(s: Snapshot, wrap_log: bool = False) -> Any:
     step, max_steps = st.get("step"), st.get("max_steps")
     if step is not None and max_steps:
         bar = Table.grid(padding=(0, 1))
-        epoch = f", epoch {st['epoch']:.2f}" + (f" of {st['epochs']:g}" if st.get("epochs") else "") if st.get("epoch") is not None else ""
-        bar.add_row(ProgressBar(total=float(max_steps), completed=float(step), width=40), f"step {step}/{max_steps}{epoch}")
+        epoch = (
+            f", epoch {st['epoch']:.2f}" + (f" of {st['epochs']:g}" if st.get("epochs") else "")
+            if st.get("epoch") is not None
+            else ""
+        )
+        bar.add_row(
+            ProgressBar(total=float(max_steps), completed=float(step), width=40), f"step {step}/{max_steps}{epoch}"
+        )
         grid.add_row("progress", bar)
     if st.get("loss") is not None:
-        grid.add_row("loss", f"{st['loss']:.4f}" + (f" (best {st['best_loss']:.4f} at step {st.get('best_step')})"
-                                                   if st.get("best_loss") is not None else ""))
+        grid.add_row(
+            "loss",
+            f"{st['loss']:.4f}"
+            + (
+                f" (best {st['best_loss']:.4f} at step {st.get('best_step')})"
+                if st.get("best_loss") is not None
+                else ""
+            ),
+        )
     if st.get("val_loss") is not None:
         ppl = f", ppl {st['val_ppl']:.3f}" if st.get("val_ppl") is not None else ""
         trend = (st.get("validation_metrics") or {}).get("trend")
-        grid.add_row("val loss", f"{st['val_loss']:.4f} at step {st.get('val_step')}{ppl} (best {st['best_val_loss']:.4f} at step"
-                                 f" {st.get('best_val_step')}{', ' + trend if trend else ''})")
+        grid.add_row(
+            "val loss",
+            f"{st['val_loss']:.4f} at step {st.get('val_step')}{ppl} (best {st['best_val_loss']:.4f} at step"
+            f" {st.get('best_val_step')}{', ' + trend if trend else ''})",
+        )
     if st.get("lr") is not None:
         grid.add_row("learning rate", f"{st['lr']:.3e}")
     if st.get("tokens_per_s") is not None:
@@ -186,14 +224,19 @@ def render(s: Snapshot, wrap_log: bool = False) -> Any:
     if s.checkpoints:
         c = s.checkpoints[-1]
         loss = f", loss {c['loss']:.4f}" if c.get("loss") is not None else ""
-        grid.add_row("last checkpoint", f"{c['tag']} (step {c['step']}{loss}, {c.get('reason')}, {c.get('committed_at')}, upload {c['upload']})")
+        grid.add_row(
+            "last checkpoint",
+            f"{c['tag']} (step {c['step']}{loss}, {c.get('reason')}, {c.get('committed_at')}, upload {c['upload']})",
+        )
         up = s.uploads
         busy = (UploadState.UPLOADING, UploadState.PENDING, UploadState.FAILED)
-        queue = [f"{len(up[k.value])} {k.word}" + (f" ({', '.join(up[k.value][-3:])})" if k in busy else "")
-                 for k in (*busy, UploadState.UPLOADED, UploadState.LOCAL) if up.get(k.value)]
+        queue = [
+            f"{len(up[k.value])} {k.word}" + (f" ({', '.join(up[k.value][-3:])})" if k in busy else "")
+            for k in (*busy, UploadState.UPLOADED, UploadState.LOCAL)
+            if up.get(k.value)
+        ]
         grid.add_row("uploads", "; ".join(queue))
         grid.add_row("checkpoints", f"{len(s.checkpoints)} committed")
     else:
         grid.add_row("last checkpoint", "none yet")
     return Group(Panel(grid, title=f"trainer monitor: {s.run}", title_align="left"), log_panel)
-

@@ -5,6 +5,7 @@ about who listens. While ranks wait for one rank's I/O (`engine.dist.wait_for`),
 publishes the line to the waiting ranks, which log it instead of timing out in a collective.
 Outside such a wait `report` only remembers the line.
 """
+
 from __future__ import annotations
 
 import contextlib

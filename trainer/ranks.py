@@ -1,4 +1,5 @@
 """Which rank this process is: read from the environment the `deepspeed` launcher sets."""
+
 from __future__ import annotations
 
 import base64

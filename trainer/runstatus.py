@@ -3,6 +3,7 @@
 Rank 0 rewrites it at every log point, checkpoint and exit (a rename: readers see one whole
 version). It is a convenience, not state: nothing resumes from it, so it is written without fsync.
 """
+
 from __future__ import annotations
 
 import json

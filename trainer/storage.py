@@ -4,6 +4,7 @@ Both offer the same small interface over object names relative to the URL's pref
 create-only (a generation precondition on GCS, an exclusive rename locally), so a retry can never
 clobber an object written by someone else; objects become visible whole or not at all.
 """
+
 from __future__ import annotations
 
 import base64
@@ -215,7 +216,9 @@ class FileStorage:
         base = self.root / prefix if prefix else self.root
         if not base.exists():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+        return sorted(
+            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.endswith(".partial")
+        )
 
     def delete(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
@@ -254,8 +257,10 @@ class GCSStorage:
             try:
                 self.client = storage.Client()
             except Exception as exc:  # google.auth.exceptions.DefaultCredentialsError and friends
-                raise UserError(f"upload.url {url}: no Google Cloud credentials ({type(exc).__name__}); set"
-                                " GOOGLE_APPLICATION_CREDENTIALS or run on a VM with a service account") from None
+                raise UserError(
+                    f"upload.url {url}: no Google Cloud credentials ({type(exc).__name__}); set"
+                    " GOOGLE_APPLICATION_CREDENTIALS or run on a VM with a service account"
+                ) from None
         self.bucket = self.client.bucket(bucket)
 
     def _key(self, name: str) -> str:
@@ -268,8 +273,18 @@ class GCSStorage:
         """Can we list objects under the prefix? (objects.list: the permission uploads need, unlike
         buckets.get, which least-privilege service accounts often lack.)"""
         try:
-            next(iter(self.client.list_blobs(self.bucket_name, prefix=self._key(""), max_results=1, timeout=timeout_s,
-                                             retry=self.retry.with_timeout(timeout_s))), None)
+            next(
+                iter(
+                    self.client.list_blobs(
+                        self.bucket_name,
+                        prefix=self._key(""),
+                        max_results=1,
+                        timeout=timeout_s,
+                        retry=self.retry.with_timeout(timeout_s),
+                    )
+                ),
+                None,
+            )
         except Exception as exc:
             raise UserError(f"upload.url {self.url}: {describe_error(exc, self.bucket_name)}") from None
 
@@ -314,7 +329,9 @@ class GCSStorage:
         from google.api_core import exceptions as gexc
 
         try:
-            self.bucket.blob(self._key(name)).upload_from_string(data, if_generation_match=0, checksum="crc32c", retry=self.retry)
+            self.bucket.blob(self._key(name)).upload_from_string(
+                data, if_generation_match=0, checksum="crc32c", retry=self.retry
+            )
         except gexc.PreconditionFailed:
             raise ObjectExists(self.display(name)) from None
 
@@ -379,7 +396,9 @@ def describe_error(exc: BaseException, bucket: Optional[str] = None) -> str:
         return f"storage error {exc.code}: {_server_message(exc.message)}"
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
-    if type(exc).__module__.startswith(("requests", "urllib3", "google.auth")) or isinstance(exc, (ConnectionError, TimeoutError)):
+    if type(exc).__module__.startswith(("requests", "urllib3", "google.auth")) or isinstance(
+        exc, (ConnectionError, TimeoutError)
+    ):
         return f"cannot reach the storage service ({type(exc).__name__})"
     return f"{type(exc).__name__}: {exc}"
 
@@ -406,8 +425,9 @@ def is_storage_error(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         pass
     module = type(exc).__module__
-    return (module.startswith(("requests", "urllib3", "google.auth", "google.resumable_media"))
-            or isinstance(exc, (ConnectionError, TimeoutError)))
+    return module.startswith(("requests", "urllib3", "google.auth", "google.resumable_media")) or isinstance(
+        exc, (ConnectionError, TimeoutError)
+    )
 
 
 def is_permanent(exc: BaseException) -> bool:
@@ -424,7 +444,13 @@ def is_permanent(exc: BaseException) -> bool:
             return True
     except ImportError:  # pragma: no cover
         pass
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+    return isinstance(exc, OSError) and exc.errno in (
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+    )
 
 
 def open_storage(url: str, retry_deadline_s: float = 120.0) -> Storage:

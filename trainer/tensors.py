@@ -1,4 +1,5 @@
 """Small tensor utilities shared by tasks and the engine."""
+
 from __future__ import annotations
 
 import hashlib

@@ -8,6 +8,7 @@ checkpoint). Locally a checkpoint is a folder with `metadata.json`; remotely it 
 References (`resolve`): a path or URL; `RUN/TAG` (a run-id prefix); a tag (`step-00000100`, a
 step number, `latest`, `best`); or a run id (prefix), meaning that run's newest checkpoint.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,11 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.checkpoint.layout import MANIFEST, METADATA, TAG_PREFIX, UploadState, read_upload_state, remote_prefix, tag_for
+from trainer.checkpoint.layout import (
+    MANIFEST,
+    METADATA,
+    TAG_PREFIX,
+    UploadState,
+    read_upload_state,
+    remote_prefix,
+    tag_for,
+)
 from trainer.checkpoint.remote import read_manifests, verify_remote
 from trainer.checkpoint.store import CheckpointStore, best_checkpoint, newest, read_metadata, recency, run_roots
 from trainer.checkpoint.universal import is_derived
 from trainer.errors import UserError
+
 
 @dataclass
 class Entry:
@@ -86,28 +96,40 @@ class Catalog:
             chosen = self._run(run_part, runs)
             hit = self._tag(tag_part, chosen[1])
             if hit is None:
-                raise UserError(f"{ref}: run {chosen[0]} has no checkpoint {tag_part!r} (it has {_few(e.tag for e in chosen[1])})")
+                raise UserError(
+                    f"{ref}: run {chosen[0]} has no checkpoint {tag_part!r} (it has {_few(e.tag for e in chosen[1])})"
+                )
             return hit
         hits = [(rid, h) for rid, es in runs if (h := self._tag(ref, es)) is not None]
         if len(hits) == 1:
             return hits[0][1]
         if len(hits) > 1:
-            raise UserError(f"{ref}: in {len(hits)} runs under {self.source} ({_few(rid[:12] for rid, _ in hits)});"
-                            f" name one as RUN/{ref}")
+            raise UserError(
+                f"{ref}: in {len(hits)} runs under {self.source} ({_few(rid[:12] for rid, _ in hits)});"
+                f" name one as RUN/{ref}"
+            )
         matching = [g for g in runs if g[0].startswith(ref)]
         if len(matching) == 1:
             return newest(matching[0][1])
         if len(matching) > 1:
-            raise UserError(f"{ref}: matches {len(matching)} runs ({_few(rid[:12] for rid, _ in matching)}); give more of the run id")
-        raise UserError(f"{ref}: no such checkpoint or run under {self.source} (tags: {_few(sorted({e.tag for e in self.entries}))};"
-                        f" runs: {_few(rid[:12] for rid, _ in runs)})")
+            raise UserError(
+                f"{ref}: matches {len(matching)} runs ({_few(rid[:12] for rid, _ in matching)}); give more of the run id"
+            )
+        raise UserError(
+            f"{ref}: no such checkpoint or run under {self.source} (tags: {_few(sorted({e.tag for e in self.entries}))};"
+            f" runs: {_few(rid[:12] for rid, _ in runs)})"
+        )
 
     def _run(self, prefix: str, runs: list[tuple[str, list[Entry]]]) -> tuple[str, list[Entry]]:
         matching = [g for g in runs if g[0].startswith(prefix)]
         if not matching:
-            raise UserError(f"{prefix}: no run with that id under {self.source} (runs: {_few(rid[:12] for rid, _ in runs)})")
+            raise UserError(
+                f"{prefix}: no run with that id under {self.source} (runs: {_few(rid[:12] for rid, _ in runs)})"
+            )
         if len(matching) > 1:
-            raise UserError(f"{prefix}: matches {len(matching)} runs ({_few(rid[:12] for rid, _ in matching)}); give more of the run id")
+            raise UserError(
+                f"{prefix}: matches {len(matching)} runs ({_few(rid[:12] for rid, _ in matching)}); give more of the run id"
+            )
         return matching[0]
 
     def _tag(self, tag: str, entries: list[Entry]) -> Optional[Entry]:
@@ -140,8 +162,10 @@ def scan(source: str | Path, timeout_s: float = 30.0) -> Catalog:
     if not cat.entries:
         if cat.problems:
             raise UserError("\n".join(cat.problems))
-        raise UserError(f"{source}: no committed checkpoints there (expected a checkpoint, a run folder, a folder of"
-                        " runs, or an upload URL)")
+        raise UserError(
+            f"{source}: no committed checkpoints there (expected a checkpoint, a run folder, a folder of"
+            " runs, or an upload URL)"
+        )
     return cat
 
 
@@ -160,10 +184,16 @@ def _scan_local(path: Path) -> Catalog:
     for d, meta in ckpts:
         state = read_upload_state(d)
         detail = state.get("url", "") if state["state"] == UploadState.UPLOADED.value else state.get("error", "")
-        files = sorted((rel, p.stat().st_size) for p in d.rglob("*")
-                       if p.is_file() and not is_derived(rel := str(p.relative_to(d))))
-        cat.entries.append(Entry(meta, str(d), files, {"state": state["state"], "detail": detail or ""},
-                                 _local_config(d, meta), local=d))
+        files = sorted(
+            (rel, p.stat().st_size)
+            for p in d.rglob("*")
+            if p.is_file() and not is_derived(rel := str(p.relative_to(d)))
+        )
+        cat.entries.append(
+            Entry(
+                meta, str(d), files, {"state": state["state"], "detail": detail or ""}, _local_config(d, meta), local=d
+            )
+        )
     return cat
 
 
@@ -215,10 +245,17 @@ def _scan_remote(url: str, timeout_s: float) -> Catalog:
     cat = Catalog(url, problems=problems)
     for prefix, m in found:
         meta = dict(m["checkpoint"])
-        cat.entries.append(Entry(meta, storage.display(prefix), [(f["path"], int(f["size"])) for f in m.get("files", [])],
-                                 {"state": "uploaded", "detail": f"manifest {m.get('created_at', '')}".strip()},
-                                 meta.get("config") if isinstance(meta.get("config"), dict) else None,
-                                 remote_prefix=prefix, storage=storage))
+        cat.entries.append(
+            Entry(
+                meta,
+                storage.display(prefix),
+                [(f["path"], int(f["size"])) for f in m.get("files", [])],
+                {"state": "uploaded", "detail": f"manifest {m.get('created_at', '')}".strip()},
+                meta.get("config") if isinstance(meta.get("config"), dict) else None,
+                remote_prefix=prefix,
+                storage=storage,
+            )
+        )
     return cat
 
 
@@ -228,7 +265,9 @@ def resolve(ref: str, default_source: str | Path, timeout_s: float = 30.0) -> En
         cat = scan(ref, timeout_s)
         runs = cat.runs()
         if len(runs) > 1:
-            raise UserError(f"{ref}: holds {len(runs)} runs ({_few(rid[:12] for rid, _ in runs)}); name one run or checkpoint")
+            raise UserError(
+                f"{ref}: holds {len(runs)} runs ({_few(rid[:12] for rid, _ in runs)}); name one run or checkpoint"
+            )
         return newest(runs[0][1])
     return scan(default_source, timeout_s).find(ref)
 
@@ -273,13 +312,22 @@ def trend_of(values: list[float]) -> tuple[Optional[str], Optional[float]]:
 def loss_stats(meta: dict, which: str = "train") -> dict:
     """Current, best, mean, std and trend of the logged training loss (`which="train"`) or of the validation
     loss (`"val"`), from the history every checkpoint carries."""
-    hist, best, best_step = (("loss_history", "best_loss", "best_step") if which == "train"
-                             else ("val_history", "best_val_loss", "best_val_step"))
+    hist, best, best_step = (
+        ("loss_history", "best_loss", "best_step")
+        if which == "train"
+        else ("val_history", "best_val_loss", "best_val_step")
+    )
     points = [p for p in meta.get(hist) or [] if p[1] is not None and math.isfinite(float(p[1]))]
     values = [float(v) for _, v in points]
     current = meta.get("loss") if which == "train" else (values[-1] if values else None)
-    out: dict[str, Any] = {"current": current, "best": meta.get(best), "best_step": meta.get(best_step),
-                           "points": len(values), "mean": None, "std": None}
+    out: dict[str, Any] = {
+        "current": current,
+        "best": meta.get(best),
+        "best_step": meta.get(best_step),
+        "points": len(values),
+        "mean": None,
+        "std": None,
+    }
     if which == "val":
         out["current_step"] = int(points[-1][0]) if points else None
     if meta.get(best_step) is not None:

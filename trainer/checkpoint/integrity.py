@@ -7,6 +7,7 @@ so a truncated or bit-flipped shard is named in one line instead of failing deep
 The same CRC32C as the bucket's (`trainer.storage.crc32c_of_file`). Checkpoints saved before this
 have no `files` and are not verified.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,9 @@ def complete_records(ckpt_dir: Path, known: dict[str, dict]) -> dict[str, dict]:
     return {rel: known[rel] if rel in known else file_record(Path(ckpt_dir) / rel) for rel in recorded_names(ckpt_dir)}
 
 
-def damaged_files(ckpt_dir: Path, meta: dict, deep: bool = True,
-                  wanted: Optional[Callable[[str], bool]] = None) -> list[tuple[str, str]]:
+def damaged_files(
+    ckpt_dir: Path, meta: dict, deep: bool = True, wanted: Optional[Callable[[str], bool]] = None
+) -> list[tuple[str, str]]:
     """(relative path, what is wrong) for each recorded file of a checkpoint (of those `wanted` says) that does not
     match its record; empty if all match, or if the checkpoint records none.
 
@@ -66,7 +68,9 @@ def damaged_files(ckpt_dir: Path, meta: dict, deep: bool = True,
         if size != rec.get("size"):
             bad.append((rel, f"{path} has {size} bytes, {METADATA} says {rec.get('size')}"))
         elif deep and rec.get("crc32c") and (crc := crc32c_of_file(path)) != rec["crc32c"]:
-            bad.append((rel, f"{path} has CRC32C {crc}, {METADATA} says {rec['crc32c']} (its bytes changed after the save)"))
+            bad.append(
+                (rel, f"{path} has CRC32C {crc}, {METADATA} says {rec['crc32c']} (its bytes changed after the save)")
+            )
     return bad
 
 

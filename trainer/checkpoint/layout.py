@@ -10,6 +10,7 @@ A checkpoint is the folder `<run_dir>/<run_id>/checkpoints/step-NNNNNNNN/`:
 In a bucket it is the prefix `<run_id>/<tag>/` with tar parts and `manifest.json`, written last.
 Only this module names these files; `checkpoint/` imports nothing from `upload/`.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -95,7 +96,11 @@ def upload_wording(state: dict) -> str:
     """How a checkpoint's upload state reads in a log line: `uploaded`, `upload FAILED`, `not uploaded`, ..."""
     s = str(state.get("state"))
     if s == UploadState.FAILED.value:
-        return "upload interrupted" if str(state.get("error", "")).startswith("interrupted") else f"upload {UploadState.FAILED.word}"
+        return (
+            "upload interrupted"
+            if str(state.get("error", "")).startswith("interrupted")
+            else f"upload {UploadState.FAILED.word}"
+        )
     if s == UploadState.LOCAL.value:
         return "not uploaded"
     return UploadState(s).word if s in UploadState._value2member_map_ else s

@@ -4,6 +4,7 @@ A remote checkpoint is the prefix `<run_id>/<tag>/` holding tar parts and `manif
 (written last: every file with size and CRC32C, every part, and the checkpoint's metadata). A
 prefix without a readable manifest does not exist for readers. Writing them is `upload/`'s job.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,11 @@ def verify_remote(storage: Storage, prefix: str) -> tuple[bool, str, Optional[di
         if info is None:
             return False, f"part {part['name']} is missing", manifest
         if info.size != part["size"] or (info.crc32c and info.crc32c != part["crc32c"]):
-            return False, f"part {part['name']} has size {info.size} crc32c {info.crc32c}, manifest says {part['size']} {part['crc32c']}", manifest
+            return (
+                False,
+                f"part {part['name']} has size {info.size} crc32c {info.crc32c}, manifest says {part['size']} {part['crc32c']}",
+                manifest,
+            )
     return True, "verified", manifest
 
 
@@ -63,7 +68,9 @@ def read_manifests(storage: Storage, threads: int = 8) -> tuple[list[tuple[str, 
     return found, problems
 
 
-def remote_checkpoints(storage: Storage, task: Optional[str] = None, model: Optional[dict] = None) -> list[tuple[str, dict]]:
+def remote_checkpoints(
+    storage: Storage, task: Optional[str] = None, model: Optional[dict] = None
+) -> list[tuple[str, dict]]:
     """(prefix, manifest) of every checkpoint under the URL with a readable manifest, newest first,
     saved by the same task and model architecture when those are given."""
     found, problems = read_manifests(storage)

@@ -5,6 +5,7 @@ states, the resolved config and `metadata.json`. `metadata.json` is written last
 (temp file, fsync, rename, fsync of the folder): a folder without it is partial, never listed or
 resumed from, and removed at the next start.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,8 +94,15 @@ class Checkpoint:
             return False
         return model is None or meta.get("model") is None or not architecture_difference(meta["model"], model)
 
-    def check_resumable(self, spec: str, world_size: int, task: str, max_steps: Optional[int], model: Optional[dict] = None,
-                        stage: Optional[int] = None) -> None:
+    def check_resumable(
+        self,
+        spec: str,
+        world_size: int,
+        task: str,
+        max_steps: Optional[int],
+        model: Optional[dict] = None,
+        stage: Optional[int] = None,
+    ) -> None:
         """`UserError` if this checkpoint cannot continue a job of that shape (`stage`: the job's ZeRO stage).
 
         Another world size is fine for ZeRO-1/2 on both sides (the checkpoint is converted to DeepSpeed's
@@ -102,15 +110,22 @@ class Checkpoint:
         from trainer.checkpoint.universal import ELASTIC_STAGES, ds_version
 
         meta = self.metadata
-        if model is not None and meta.get("model") is not None and (diff := architecture_difference(meta["model"], model)):
+        if (
+            model is not None
+            and meta.get("model") is not None
+            and (diff := architecture_difference(meta["model"], model))
+        ):
             raise UserError(f"--resume {spec}: {self.path} holds a different model than this config ({diff})")
         saved_world = int(meta.get("world_size", world_size))
         saved_stage = meta.get("zero_stage")
         if saved_world != world_size and not (saved_stage in ELASTIC_STAGES and stage in (None, *ELASTIC_STAGES)):
             now = f" with ZeRO stage {stage}" if stage is not None and stage != saved_stage else ""
-            why = (f"DeepSpeed {ds_version()}'s universal load of ZeRO-3 states does not continue the run (its losses drift"
-                   " from the uninterrupted run's)" if 3 in (saved_stage, stage) else
-                   "they are converted to DeepSpeed's universal format")
+            why = (
+                f"DeepSpeed {ds_version()}'s universal load of ZeRO-3 states does not continue the run (its losses drift"
+                " from the uninterrupted run's)"
+                if 3 in (saved_stage, stage)
+                else "they are converted to DeepSpeed's universal format"
+            )
             raise UserError(
                 f"--resume {spec}: {self.path} was saved by {saved_world} ranks with ZeRO stage {saved_stage}, this job has"
                 f" {world_size}{now}; only ZeRO-1/2 checkpoints resume on another world size ({why}): run on"
@@ -120,8 +135,10 @@ class Checkpoint:
             raise UserError(f"--resume {spec}: {self.path} is a {meta.get('task')!r} checkpoint, this run is {task!r}")
         if max_steps is not None and self.step >= max_steps:
             if spec == "auto":
-                raise NothingToDo(f"run {self.run_id} is complete ({self.tag}, train.max_steps {max_steps}); raise"
-                                  " --max-steps to train further, or pass --resume none for a new run")
+                raise NothingToDo(
+                    f"run {self.run_id} is complete ({self.tag}, train.max_steps {max_steps}); raise"
+                    " --max-steps to train further, or pass --resume none for a new run"
+                )
             raise UserError(
                 f"--resume {spec}: {self.tag} is already at step {self.step} >= train.max_steps {max_steps};"
                 " raise --max-steps to train further"
@@ -182,7 +199,9 @@ class CheckpointStore:
                     log.warning("removed partial checkpoint %s (no %s: the save never completed)", d, METADATA)
         return removed
 
-    def commit(self, tag: str, metadata: dict, side_files: dict[str, str], files: Optional[dict[str, dict]] = None) -> Path:
+    def commit(
+        self, tag: str, metadata: dict, side_files: dict[str, str], files: Optional[dict[str, dict]] = None
+    ) -> Path:
         """Write the side files, then `metadata.json` last and atomically: the checkpoint exists.
 
         `files`: the size and CRC32C of files the ranks wrote (`integrity.file_record`); every other file in the
@@ -194,12 +213,19 @@ class CheckpointStore:
         for name, text in side_files.items():
             atomic_write(d / name, text)
         records = complete_records(d, files or {})
-        atomic_write(d / METADATA, json.dumps({"format": METADATA_FORMAT, **metadata, FILES: records}, indent=2, default=str)
-                     + "\n")
+        atomic_write(
+            d / METADATA,
+            json.dumps({"format": METADATA_FORMAT, **metadata, FILES: records}, indent=2, default=str) + "\n",
+        )
         return d
 
-    def retention(self, keep_last: int, keep_best: bool, deletable: Optional[Callable[[Path], bool]] = None,
-                  metric: Optional[str] = None) -> list[Path]:
+    def retention(
+        self,
+        keep_last: int,
+        keep_best: bool,
+        deletable: Optional[Callable[[Path], bool]] = None,
+        metric: Optional[str] = None,
+    ) -> list[Path]:
         """Delete committed checkpoints beyond the newest `keep_last` and the best by `metric` (see `best_checkpoint`).
 
         `deletable` vetoes deletions (with uploads on: only checkpoints verified in the bucket go).
@@ -214,8 +240,13 @@ class CheckpointStore:
             if c.path not in keep and (deletable is None or deletable(c.path)):
                 delete_checkpoint(c.path)
                 deleted.append(c.path)
-                log.info("cleaned up %s (keeping the newest %d and the best by %s%s)", c.tag, keep_last, best_metric_of(ckpts, metric),
-                         "; it is uploaded and verified" if deletable is not None else "")
+                log.info(
+                    "cleaned up %s (keeping the newest %d and the best by %s%s)",
+                    c.tag,
+                    keep_last,
+                    best_metric_of(ckpts, metric),
+                    "; it is uploaded and verified" if deletable is not None else "",
+                )
         return deleted
 
 
@@ -294,8 +325,14 @@ def run_roots(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if (p / "checkpoints").is_dir()) if path.is_dir() else []
 
 
-def resolve_resume(run_dir: Path, spec: Optional[str], task: Optional[str] = None, model: Optional[dict] = None,
-                   verify: str = "none", repair: Optional[Callable[[Checkpoint, list[str]], bool]] = None) -> Optional[Checkpoint]:
+def resolve_resume(
+    run_dir: Path,
+    spec: Optional[str],
+    task: Optional[str] = None,
+    model: Optional[dict] = None,
+    verify: str = "none",
+    repair: Optional[Callable[[Checkpoint, list[str]], bool]] = None,
+) -> Optional[Checkpoint]:
     """The checkpoint `--resume SPEC` names, None for a fresh start, `UserError` if missing (or damaged).
 
     SPEC: `auto` (newest committed checkpoint under run_dir of the same task and model, else a
@@ -323,20 +360,26 @@ def resolve_resume(run_dir: Path, spec: Optional[str], task: Optional[str] = Non
         raise UserError(f"--resume latest: {what} committed checkpoint under {run_dir}/")
     ckpt = _named_checkpoint(run_dir, spec)
     if (problem := _damage(ckpt, verify, repair)) is not None:
-        raise UserError(f"--resume {spec}: the checkpoint is damaged ({problem}); --resume auto steps back to the newest"
-                        " intact one")
+        raise UserError(
+            f"--resume {spec}: the checkpoint is damaged ({problem}); --resume auto steps back to the newest intact one"
+        )
     return ckpt
 
 
-def _damage(ckpt: Checkpoint, verify: str, repair: Optional[Callable[[Checkpoint, list[str]], bool]] = None) -> Optional[str]:
+def _damage(
+    ckpt: Checkpoint, verify: str, repair: Optional[Callable[[Checkpoint, list[str]], bool]] = None
+) -> Optional[str]:
     """What is wrong with `ckpt`'s files after any repair (None: intact)."""
     from trainer.checkpoint.integrity import damaged_files, describe_damage
 
     if verify == "none" or not (bad := damaged_files(ckpt.path, ckpt.metadata, deep=verify == "full")):
         return None
     if repair is not None:
-        log.warning("checkpoint %s is damaged (%s): replacing the damaged files from the bucket", ckpt.path,
-                    describe_damage(bad))
+        log.warning(
+            "checkpoint %s is damaged (%s): replacing the damaged files from the bucket",
+            ckpt.path,
+            describe_damage(bad),
+        )
     if repair is not None and repair(ckpt, [rel for rel, _ in bad]):
         if not (still := damaged_files(ckpt.path, ckpt.metadata, deep=verify == "full")):
             log.warning("repaired %s: %s replaced by verified copies", ckpt.path, ", ".join(rel for rel, _ in bad))
@@ -349,7 +392,9 @@ def _named_checkpoint(run_dir: Path, spec: str) -> Checkpoint:
     path = Path(spec)
     if path.is_dir():
         if not is_committed(path):
-            raise UserError(f"--resume {spec}: {path} is not a committed checkpoint (no {METADATA}: partial or not a checkpoint)")
+            raise UserError(
+                f"--resume {spec}: {path} is not a committed checkpoint (no {METADATA}: partial or not a checkpoint)"
+            )
         return Checkpoint(path, read_metadata(path))
     candidates: list[Checkpoint]
     if "/" in spec and not path.is_absolute():

@@ -19,6 +19,7 @@ the same files DeepSpeed's converter writes (tested tensor for tensor). Anything
 DeepSpeed's `ds_to_universal` in a child process (`python -m trainer.checkpoint.universal`): it
 forks worker processes, which a rank holding threads and a process group must not do.
 """
+
 from __future__ import annotations
 
 import json
@@ -113,8 +114,10 @@ def missing_for_ranks(ckpt_dir: Path, ranks: range, zero_stage: int) -> bool:
 def missing_states_error(ckpt_dir: Path, world_size: int, missing: list[str], url: Optional[str]) -> UserError:
     """The one line for a checkpoint that lacks states the conversion needs (and that no bucket can supply)."""
     where = f"{url} does not hold it" if url else "no upload.url to fetch it from"
-    return UserError(f"--resume: {ckpt_dir} lacks {', '.join(missing)} (saved by {world_size} ranks across nodes without a"
-                     f" shared filesystem?) and {where}: resume on {world_size} rank(s), or from the bucket")
+    return UserError(
+        f"--resume: {ckpt_dir} lacks {', '.join(missing)} (saved by {world_size} ranks across nodes without a"
+        f" shared filesystem?) and {where}: resume on {world_size} rank(s), or from the bucket"
+    )
 
 
 def _size(folder: Path) -> int:
@@ -127,7 +130,9 @@ def ensure_universal(ckpt_dir: Path, workers: Optional[int] = None) -> Conversio
     done = existing(ckpt_dir)
     if done is not None:
         return Conversion(done, None, int(json.loads((done / RECORD).read_text()).get("bytes") or _size(done)))
-    sources = sorted(p for p in ckpt_dir.iterdir() if p.is_file() and p.name.endswith(("_model_states.pt", "_optim_states.pt")))
+    sources = sorted(
+        p for p in ckpt_dir.iterdir() if p.is_file() and p.name.endswith(("_model_states.pt", "_optim_states.pt"))
+    )
     # The converter walks its input folder recursively: it reads a folder of links to DeepSpeed's files
     # only, never a conversion (or another node's staging folder) inside the checkpoint.
     staging = ckpt_dir.parent / f"{STAGING_PREFIX}{ckpt_dir.name}-{uuid.uuid4().hex[:8]}"
@@ -138,13 +143,25 @@ def ensure_universal(ckpt_dir: Path, workers: Optional[int] = None) -> Conversio
     started = time.monotonic()
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     plain = _plain_data_parallel(inputs)
-    log.info("converting %s to DeepSpeed's universal format (%s of ZeRO states, %s)", ckpt_dir.name,
-             gb(sum(p.stat().st_size for p in sources)), "one pass" if plain else "DeepSpeed's ds_to_universal")
+    log.info(
+        "converting %s to DeepSpeed's universal format (%s of ZeRO states, %s)",
+        ckpt_dir.name,
+        gb(sum(p.stat().st_size for p in sources)),
+        "one pass" if plain else "DeepSpeed's ds_to_universal",
+    )
     try:
         if plain:
             _convert_one_pass(inputs, out, workers)
         else:  # DeepSpeed's converter forks workers: in a child process, never in a rank holding threads
-            cmd = [sys.executable, "-m", "trainer.checkpoint.universal", str(inputs), str(out), "--workers", str(workers)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "trainer.checkpoint.universal",
+                str(inputs),
+                str(out),
+                "--workers",
+                str(workers),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if proc.returncode != 0:
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -152,9 +169,19 @@ def ensure_universal(ckpt_dir: Path, workers: Optional[int] = None) -> Conversio
         seconds = time.monotonic() - started
         size = _size(out)
         fsync_tree(out, files=True)
-        atomic_write(out / RECORD, json.dumps({
-            "source": ckpt_dir.name, "seconds": round(seconds, 3), "bytes": size, "deepspeed": ds_version(),
-        }, indent=2) + "\n")
+        atomic_write(
+            out / RECORD,
+            json.dumps(
+                {
+                    "source": ckpt_dir.name,
+                    "seconds": round(seconds, 3),
+                    "bytes": size,
+                    "deepspeed": ds_version(),
+                },
+                indent=2,
+            )
+            + "\n",
+        )
         try:
             os.rename(out, universal_dir(ckpt_dir))
         except OSError:  # another node sharing this filesystem finished first: keep its copy
@@ -183,9 +210,15 @@ def _convert_with_deepspeed(src: Path, out: Path, workers: int) -> None:
 
     from deepspeed.checkpoint import ds_to_universal
 
-    args = argparse.Namespace(input_folder=str(src), output_folder=str(out), num_extract_workers=workers,
-                              num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=str(src),
+        output_folder=str(out),
+        num_extract_workers=workers,
+        num_merge_workers=max(1, workers // 2),
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     ds_to_universal.main(args)  # (it also points a `latest_universal` file in the staging folder at it)
 
 
@@ -197,10 +230,15 @@ def _plain_data_parallel(src: Path) -> bool:
     parallelism, no bf16 optimizer): the layout the one-pass converter reads. Anything else goes to DeepSpeed's."""
     names = {p.name for p in src.iterdir()}
     optim = [n for n in names if n.endswith("_optim_states.pt")]
-    return (names & {"mp_rank_00_model_states.pt"} == {"mp_rank_00_model_states.pt"}
-            and not any(n.startswith(("layer_", "expert_")) or (n.startswith("mp_rank_") and n != "mp_rank_00_model_states.pt")
-                        for n in names)
-            and bool(optim) and all(_PLAIN_OPTIM.match(n) for n in optim))
+    return (
+        names & {"mp_rank_00_model_states.pt"} == {"mp_rank_00_model_states.pt"}
+        and not any(
+            n.startswith(("layer_", "expert_")) or (n.startswith("mp_rank_") and n != "mp_rank_00_model_states.pt")
+            for n in names
+        )
+        and bool(optim)
+        and all(_PLAIN_OPTIM.match(n) for n in optim)
+    )
 
 
 def _convert_one_pass(src: Path, out: Path, workers: int) -> None:
@@ -235,7 +273,11 @@ def _convert_one_pass(src: Path, out: Path, workers: int) -> None:
 
     def flat(rank: int, group: int, state: str) -> torch.Tensor:
         sd = optim[rank]
-        return sd[SINGLE_PARTITION_OF_FP32_GROUPS][group] if state == "fp32" else sd[BASE_OPTIMIZER_STATE]["state"][group][state]
+        return (
+            sd[SINGLE_PARTITION_OF_FP32_GROUPS][group]
+            if state == "fp32"
+            else sd[BASE_OPTIMIZER_STATE]["state"][group][state]
+        )
 
     def one(group: int, name: str, shape: torch.Size) -> str:
         owners = [r for r in range(len(optim)) if name in optim[r][PARAM_SLICE_MAPPINGS][group]]
@@ -261,8 +303,11 @@ def _convert_one_pass(src: Path, out: Path, workers: int) -> None:
         if name in without_state or not (zero / name / "fp32.pt").is_file():
             (zero / name).mkdir(parents=True, exist_ok=True)
             torch.save({PARAM: tensor.float().clone()}, zero / name / "fp32.pt")
-    common = {k: v for k, v in optim[0].items() if k not in (BASE_OPTIMIZER_STATE, PARAM_SLICE_MAPPINGS,
-                                                             SINGLE_PARTITION_OF_FP32_GROUPS)}
+    common = {
+        k: v
+        for k, v in optim[0].items()
+        if k not in (BASE_OPTIMIZER_STATE, PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)
+    }
     common[PARAM_GROUPS] = optim[0][BASE_OPTIMIZER_STATE][PARAM_GROUPS]
     torch.save(common, zero / "optimizer_state.pt")
     source = os.path.realpath(src / "mp_rank_00_model_states.pt")  # (`src` may hold links to the checkpoint's files)
@@ -275,9 +320,11 @@ def _convert_one_pass(src: Path, out: Path, workers: int) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m trainer.checkpoint.universal",
-                                description="DeepSpeed's ds_to_universal on a folder of ZeRO checkpoint files (the child"
-                                " process `ensure_universal` runs for layouts the one pass does not read).")
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.checkpoint.universal",
+        description="DeepSpeed's ds_to_universal on a folder of ZeRO checkpoint files (the child"
+        " process `ensure_universal` runs for layouts the one pass does not read).",
+    )
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--workers", type=int, default=2)

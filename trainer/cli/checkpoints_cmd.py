@@ -1,4 +1,5 @@
 """`trainer checkpoints list|show|compare|plot`: committed checkpoints, local or in the bucket."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -14,18 +15,34 @@ from trainer.errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.checkpoint.catalog import Catalog, Entry
 
-app = typer.Typer(help="Committed checkpoints: list, show, compare, plot (run folders or gs:// / file:// URLs).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Committed checkpoints: list, show, compare, plot (run folders or gs:// / file:// URLs).", no_args_is_help=True
+)
 
-SourceArg = Annotated[str, typer.Argument(help="A run folder, a folder of runs, a checkpoint, or an upload URL"
-                                               " (gs://BUCKET/PREFIX, file:///PATH).")]
-RunsOpt = Annotated[str, typer.Option("--runs", "-r", help="Where references are looked up: a folder of runs or an upload URL.")]
-RefArg = Annotated[str, typer.Argument(help="TAG (step-00000100, 100, latest, best), RUN/TAG, RUN (its newest), a path or a URL.",
-                                       show_default=False)]
+SourceArg = Annotated[
+    str,
+    typer.Argument(
+        help="A run folder, a folder of runs, a checkpoint, or an upload URL (gs://BUCKET/PREFIX, file:///PATH)."
+    ),
+]
+RunsOpt = Annotated[
+    str, typer.Option("--runs", "-r", help="Where references are looked up: a folder of runs or an upload URL.")
+]
+RefArg = Annotated[
+    str,
+    typer.Argument(
+        help="TAG (step-00000100, 100, latest, best), RUN/TAG, RUN (its newest), a path or a URL.", show_default=False
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", min=1, help="Seconds to keep retrying an unreachable bucket.")]
-VerifyOpt = Annotated[bool, typer.Option("--verify", help="Check each checkpoint in its bucket: manifest, parts, sizes, CRC32C.")]
-UrlOpt = Annotated[Optional[str], typer.Option("--url", help="Bucket to verify local checkpoints against (default: each run's upload.url).")]
+VerifyOpt = Annotated[
+    bool, typer.Option("--verify", help="Check each checkpoint in its bucket: manifest, parts, sizes, CRC32C.")
+]
+UrlOpt = Annotated[
+    Optional[str],
+    typer.Option("--url", help="Bucket to verify local checkpoints against (default: each run's upload.url)."),
+]
 
 UPLOAD_WORDS = {**{s.value: s.word for s in UploadState}, "verified": "verified", "unverified": "NOT VERIFIED"}
 
@@ -89,8 +106,13 @@ def _finish(cat: "Catalog") -> int:
 
 
 @app.command("list")
-def list_cmd(source: SourceArg = "runs", as_json: JsonOpt = False, verify: VerifyOpt = False, url: UrlOpt = None,
-             timeout: TimeoutOpt = 30.0) -> int:
+def list_cmd(
+    source: SourceArg = "runs",
+    as_json: JsonOpt = False,
+    verify: VerifyOpt = False,
+    url: UrlOpt = None,
+    timeout: TimeoutOpt = 30.0,
+) -> int:
     """Committed checkpoints, grouped by run (newest run first): step, epoch, loss, val loss, best, time, size, upload state."""
     from rich.table import Table
 
@@ -104,22 +126,56 @@ def list_cmd(source: SourceArg = "runs", as_json: JsonOpt = False, verify: Verif
         out = []
         for rid, entries in cat.runs():
             best, metric = best_checkpoint(entries), best_metric_of(entries)
-            out += [{"run_id": rid, "tag": e.tag, "step": e.step, "epoch": e.metadata.get("epoch"), "loss": e.loss,
-                     "val_loss": e.metadata.get("val_loss"), "best": best is e, "best_metric": metric, "reason": e.metadata.get("reason"), "committed_at": e.metadata.get("committed_at"),
-                     "size_bytes": e.size, "upload": e.upload["state"], "upload_detail": e.upload["detail"],
-                     "where": e.where} for e in entries]
+            out += [
+                {
+                    "run_id": rid,
+                    "tag": e.tag,
+                    "step": e.step,
+                    "epoch": e.metadata.get("epoch"),
+                    "loss": e.loss,
+                    "val_loss": e.metadata.get("val_loss"),
+                    "best": best is e,
+                    "best_metric": metric,
+                    "reason": e.metadata.get("reason"),
+                    "committed_at": e.metadata.get("committed_at"),
+                    "size_bytes": e.size,
+                    "upload": e.upload["state"],
+                    "upload_detail": e.upload["detail"],
+                    "where": e.where,
+                }
+                for e in entries
+            ]
         typer.echo(json.dumps(out, indent=1))
         return _finish(cat)
     console = _console()
     for rid, entries in cat.runs():
         best, metric = best_checkpoint(entries), best_metric_of(entries)
         task = entries[-1].metadata.get("task", "")
-        table = Table("tag", "step", "epoch", "loss", "val loss", "time (UTC)", "size", "upload", "note",
-                      title=f"run {rid} ({task}, {len(entries)} checkpoint{'s' if len(entries) != 1 else ''})",
-                      title_justify="left")
+        table = Table(
+            "tag",
+            "step",
+            "epoch",
+            "loss",
+            "val loss",
+            "time (UTC)",
+            "size",
+            "upload",
+            "note",
+            title=f"run {rid} ({task}, {len(entries)} checkpoint{'s' if len(entries) != 1 else ''})",
+            title_justify="left",
+        )
         for e in entries:
-            table.add_row(e.tag, str(e.step), _num(e.metadata.get("epoch"), ".3f"), _num(e.loss), _num(e.metadata.get("val_loss")),
-                          _when(e.metadata), _mb(e.size), _upload_text(e), _note(e, best, metric))
+            table.add_row(
+                e.tag,
+                str(e.step),
+                _num(e.metadata.get("epoch"), ".3f"),
+                _num(e.loss),
+                _num(e.metadata.get("val_loss")),
+                _when(e.metadata),
+                _mb(e.size),
+                _upload_text(e),
+                _note(e, best, metric),
+            )
         console.print(table)
     console.print(f"{len(cat.entries)} checkpoint(s) in {len(cat.runs())} run(s) under {cat.source}")
     return _finish(cat)
@@ -137,15 +193,23 @@ def _save_text(rec: object) -> str:
     if not isinstance(rec, dict):
         return ""
     if rec.get("async"):
-        return (f"in the background: training blocked {rec.get('blocked_s', 0):.2f} s, on disk after"
-                f" {rec.get('written_after_s', 0):.1f} s")
+        return (
+            f"in the background: training blocked {rec.get('blocked_s', 0):.2f} s, on disk after"
+            f" {rec.get('written_after_s', 0):.1f} s"
+        )
     return f"directly: training blocked {rec.get('blocked_s', 0):.2f} s"
 
 
 @app.command("show")
-def show(ref: RefArg, runs: RunsOpt = "runs", as_json: JsonOpt = False, verify: VerifyOpt = False, url: UrlOpt = None,
-         files: Annotated[int, typer.Option("--files", help="List at most this many files (largest first).")] = 20,
-         timeout: TimeoutOpt = 30.0) -> int:
+def show(
+    ref: RefArg,
+    runs: RunsOpt = "runs",
+    as_json: JsonOpt = False,
+    verify: VerifyOpt = False,
+    url: UrlOpt = None,
+    files: Annotated[int, typer.Option("--files", help="List at most this many files (largest first).")] = 20,
+    timeout: TimeoutOpt = 30.0,
+) -> int:
     """Everything a checkpoint's metadata says: progress, loss statistics, LR, setup, versions, files, upload."""
     from rich.table import Table
 
@@ -159,10 +223,23 @@ def show(ref: RefArg, runs: RunsOpt = "runs", as_json: JsonOpt = False, verify: 
     stats, vstats = loss_stats(e.metadata), loss_stats(e.metadata, "val")
     metric = e.metadata.get("best_metric") or "train_loss"
     if as_json:
-        typer.echo(json.dumps({"where": e.where, "metadata": e.metadata, "loss_stats": stats, "val_stats": vstats,
-                               "best_metric": metric, "lr": current_lr(e.metadata),
-                               "files": [{"path": p, "size": s} for p, s in e.files], "size_bytes": e.size,
-                               "upload": e.upload}, indent=1, default=str))
+        typer.echo(
+            json.dumps(
+                {
+                    "where": e.where,
+                    "metadata": e.metadata,
+                    "loss_stats": stats,
+                    "val_stats": vstats,
+                    "best_metric": metric,
+                    "lr": current_lr(e.metadata),
+                    "files": [{"path": p, "size": s} for p, s in e.files],
+                    "size_bytes": e.size,
+                    "upload": e.upload,
+                },
+                indent=1,
+                default=str,
+            )
+        )
         return _finish(cat)
     m, sysinfo = e.metadata, e.metadata.get("system") or {}
     picked = f" (the `best` reference: the lowest {metric} of its run)" if ref.rpartition("/")[2] == "best" else ""
@@ -177,15 +254,30 @@ def show(ref: RefArg, runs: RunsOpt = "runs", as_json: JsonOpt = False, verify: 
         ("loss", _num(stats["current"])),
         ("best loss", f"{_num(stats['best'])} at step {stats['best_step']}" if stats["best"] is not None else ""),
         ("steps since best", str(stats.get("steps_since_best", ""))),
-        ("mean loss", f"{_num(stats['mean'])} over {stats['points']} logged points" if stats["mean"] is not None else ""),
+        (
+            "mean loss",
+            f"{_num(stats['mean'])} over {stats['points']} logged points" if stats["mean"] is not None else "",
+        ),
         ("loss std", _num(stats["std"])),
         ("loss trend", _trend(stats)),
-        ("val loss", (f"{_num(m.get('val_loss'))} (measured at this step)" if m.get("val_loss") is not None else
-                      f"not measured at this step; last {_num(vstats['current'])} at step {vstats['current_step']}"
-                      if vstats["current"] is not None else "")),
-        ("val perplexity", _num((m.get("validation_metrics") or {}).get("perplexity"), ".3f")
-         if m.get("val_loss") is not None else ""),
-        ("best val loss", f"{_num(vstats['best'])} at step {vstats['best_step']}" if vstats["best"] is not None else ""),
+        (
+            "val loss",
+            (
+                f"{_num(m.get('val_loss'))} (measured at this step)"
+                if m.get("val_loss") is not None
+                else f"not measured at this step; last {_num(vstats['current'])} at step {vstats['current_step']}"
+                if vstats["current"] is not None
+                else ""
+            ),
+        ),
+        (
+            "val perplexity",
+            _num((m.get("validation_metrics") or {}).get("perplexity"), ".3f") if m.get("val_loss") is not None else "",
+        ),
+        (
+            "best val loss",
+            f"{_num(vstats['best'])} at step {vstats['best_step']}" if vstats["best"] is not None else "",
+        ),
         ("steps since best val", str(vstats.get("steps_since_best", ""))),
         ("val trend", _trend(vstats, "evaluations")),
         ("best metric", f"{metric}{picked}"),
@@ -195,7 +287,10 @@ def show(ref: RefArg, runs: RunsOpt = "runs", as_json: JsonOpt = False, verify: 
         ("ZeRO stage", str(m.get("zero_stage", ""))),
         ("precision", str(sysinfo.get("precision", ""))),
         ("accelerator", str(sysinfo.get("accelerator", ""))),
-        ("versions", ", ".join(f"{k} {sysinfo[k]}" for k in ("torch", "deepspeed", "transformers", "python") if k in sysinfo)),
+        (
+            "versions",
+            ", ".join(f"{k} {sysinfo[k]}" for k in ("torch", "deepspeed", "transformers", "python") if k in sysinfo),
+        ),
         ("config hash", str(m.get("config_hash", ""))),
         ("frozen sha256", str(m.get("frozen_sha256") or "")),
         ("model", ", ".join(f"{k}={v}" for k, v in (m.get("model") or {}).items())),
@@ -215,7 +310,9 @@ def show(ref: RefArg, runs: RunsOpt = "runs", as_json: JsonOpt = False, verify: 
     console = _console()
     console.print(grid)
     if files > 0 and e.files:
-        table = Table("file", "size", title=f"largest files ({min(files, len(e.files))} of {len(e.files)})", title_justify="left")
+        table = Table(
+            "file", "size", title=f"largest files ({min(files, len(e.files))} of {len(e.files)})", title_justify="left"
+        )
         for p, s in sorted(e.files, key=lambda f: (-f[1], f[0]))[:files]:
             table.add_row(p, f"{s:,} B")
         console.print(table)
@@ -223,8 +320,14 @@ def show(ref: RefArg, runs: RunsOpt = "runs", as_json: JsonOpt = False, verify: 
 
 
 @app.command("compare")
-def compare(refs: Annotated[list[str], typer.Argument(help="Two or more checkpoints (same references as show).", show_default=False)],
-            runs: RunsOpt = "runs", as_json: JsonOpt = False, timeout: TimeoutOpt = 30.0) -> None:
+def compare(
+    refs: Annotated[
+        list[str], typer.Argument(help="Two or more checkpoints (same references as show).", show_default=False)
+    ],
+    runs: RunsOpt = "runs",
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = 30.0,
+) -> None:
     """Metrics side by side with deltas against the first, and the config keys that differ."""
     from rich.table import Table
 
@@ -260,9 +363,18 @@ def compare(refs: Annotated[list[str], typer.Argument(help="Two or more checkpoi
     diffs = config_differences([e.config for e in entries])
     unknown = [lab for lab, e in zip(labels, entries) if e.config is None]
     if as_json:
-        typer.echo(json.dumps({"checkpoints": [{"label": lab, "where": e.where} for lab, e in zip(labels, entries)],
-                               "metrics": {n: v for n, v, _ in metrics}, "config_differences": diffs,
-                               "config_unknown": unknown}, indent=1, default=str))
+        typer.echo(
+            json.dumps(
+                {
+                    "checkpoints": [{"label": lab, "where": e.where} for lab, e in zip(labels, entries)],
+                    "metrics": {n: v for n, v, _ in metrics},
+                    "config_differences": diffs,
+                    "config_unknown": unknown,
+                },
+                indent=1,
+                default=str,
+            )
+        )
         return
     console = _console()
     table = Table("metric", *labels, title="metrics (Δ against the first)", title_justify="left")
@@ -290,19 +402,35 @@ def compare(refs: Annotated[list[str], typer.Argument(help="Two or more checkpoi
 
 
 @app.command("plot")
-def plot(refs: Annotated[list[str], typer.Argument(help="Checkpoints or runs (a run: its newest checkpoint, whose history is the whole run).",
-                                                   show_default=False)],
-         runs: RunsOpt = "runs",
-         save: Annotated[Optional[Path], typer.Option("--save", help="PNG to write (default: next to the (first) run).")] = None,
-         timeout: TimeoutOpt = 30.0) -> None:
+def plot(
+    refs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Checkpoints or runs (a run: its newest checkpoint, whose history is the whole run).",
+            show_default=False,
+        ),
+    ],
+    runs: RunsOpt = "runs",
+    save: Annotated[
+        Optional[Path], typer.Option("--save", help="PNG to write (default: next to the (first) run).")
+    ] = None,
+    timeout: TimeoutOpt = 30.0,
+) -> None:
     """Loss (training line, validation markers) and learning-rate curves, one colour per run, written as a PNG."""
     from trainer.checkpoint.catalog import resolve
     from trainer.tracking.plots import Curve, save_curves
 
     entries = [resolve(r, runs, timeout) for r in refs]
     labels = _labels(entries)
-    curves = [Curve(lab, e.metadata.get("loss_history") or [], e.metadata.get("lr_history") or [], e.metadata.get("val_history") or [])
-              for lab, e in zip(labels, entries)]
+    curves = [
+        Curve(
+            lab,
+            e.metadata.get("loss_history") or [],
+            e.metadata.get("lr_history") or [],
+            e.metadata.get("val_history") or [],
+        )
+        for lab, e in zip(labels, entries)
+    ]
     if not any(c.loss for c in curves):
         raise UserError(f"{', '.join(refs)}: no logged loss to plot (the checkpoints carry no loss_history)")
     if save is None:

@@ -1,4 +1,5 @@
 """`trainer config show|fields`: the resolved config and DeepSpeed JSON, and the field reference."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from trainer.cli.options import BatchSizeOpt, ConfigArg, HostfileOpt, LearningRateOpt, MaxStepsOpt, NumEpochsOpt, NumRanksOpt, SetOpt, overrides
+from trainer.cli.options import (
+    BatchSizeOpt,
+    ConfigArg,
+    HostfileOpt,
+    LearningRateOpt,
+    MaxStepsOpt,
+    NumEpochsOpt,
+    NumRanksOpt,
+    SetOpt,
+    overrides,
+)
 
 app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
 
@@ -65,7 +76,11 @@ def fields() -> None:
             if isinstance(ann, type) and hasattr(ann, "model_fields"):
                 walk(ann, f"{prefix}{name}.")
                 continue
-            default = "(required)" if f.is_required() else repr(f.default if f.default_factory is None else f.default_factory())
+            default = (
+                "(required)"
+                if f.is_required()
+                else repr(f.default if f.default_factory is None else f.default_factory())
+            )
             typer.echo(f"{prefix}{f.alias or name} = {default}\n    {f.description or ''}")
 
     walk(RunConfig)

@@ -3,6 +3,7 @@
 User errors (`UserError`) print one line and exit 2; anything else is a bug and shows its
 traceback. Heavy libraries are imported inside the commands, so `trainer --help` stays fast.
 """
+
 from __future__ import annotations
 
 import sys
@@ -10,7 +11,18 @@ from typing import Optional
 
 import typer
 
-from trainer.cli import checkpoints_cmd, config_cmd, doctor_cmd, export_cmd, generate_cmd, monitor_cmd, phase1_cmd, train_cmd, upload_cmd, validate_cmd
+from trainer.cli import (
+    checkpoints_cmd,
+    config_cmd,
+    doctor_cmd,
+    export_cmd,
+    generate_cmd,
+    monitor_cmd,
+    phase1_cmd,
+    train_cmd,
+    upload_cmd,
+    validate_cmd,
+)
 from trainer.errors import UserError
 
 app = typer.Typer(

@@ -1,4 +1,5 @@
 """`trainer monitor RUN_DIR`: a live view of a run (status, checkpoints, uploads, log tail)."""
+
 from __future__ import annotations
 
 import time
@@ -9,13 +10,23 @@ import typer
 
 
 def monitor(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder, or a folder of runs (the one active last is shown).")] = Path("runs"),
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run folder, or a folder of runs (the one active last is shown).")
+    ] = Path("runs"),
     refresh: Annotated[float, typer.Option("--refresh", min=0.2, help="Seconds between refreshes.")] = 2.0,
     once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit (scripts, cron).")] = False,
-    logs_only: Annotated[bool, typer.Option("--logs-only", help="Only the log: its tail, followed as it grows.")] = False,
+    logs_only: Annotated[
+        bool, typer.Option("--logs-only", help="Only the log: its tail, followed as it grows.")
+    ] = False,
     lines: Annotated[int, typer.Option("--lines", "-n", min=1, help="Log lines to show.")] = 12,
-    node: Annotated[Optional[int], typer.Option("--node", min=0, help="Node N's log (logs/node-N-HOST.log), followed; another"
-                                                " node's is read over ssh from its host.")] = None,
+    node: Annotated[
+        Optional[int],
+        typer.Option(
+            "--node",
+            min=0,
+            help="Node N's log (logs/node-N-HOST.log), followed; another node's is read over ssh from its host.",
+        ),
+    ] = None,
 ) -> int:
     """Watch a run: step, loss, tokens/s, ETA, last checkpoint, upload queue and the log tail. Ctrl-C leaves."""
     from rich.console import Console
@@ -63,7 +74,16 @@ def _node_log(run: Path, node: int, lines: int, refresh: float, once: bool) -> i
         raise UserError(f"node {node}'s log is on {host}: reading it needs an ssh client here")
     follow = "" if once else "-F "
     tty = ["-tt"] if not once and sys.stdin.isatty() else []  # Ctrl-C then ends the remote tail too
-    cmd = ["ssh", *tty, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", host, f"tail -n {lines} {follow}{shlex.quote(str(path))}"]
+    cmd = [
+        "ssh",
+        *tty,
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=10",
+        host,
+        f"tail -n {lines} {follow}{shlex.quote(str(path))}",
+    ]
     try:
         r = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
 """`trainer train`: validate everything, then start the `deepspeed` launcher as one process group."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from trainer.cli.options import (BatchSizeOpt, ConfigArg, HostfileOpt, LearningRateOpt, MaxStepsOpt, NumEpochsOpt, NumRanksOpt, ResumeOpt,
-                                 SetOpt, overrides)
+from trainer.cli.options import (
+    BatchSizeOpt,
+    ConfigArg,
+    HostfileOpt,
+    LearningRateOpt,
+    MaxStepsOpt,
+    NumEpochsOpt,
+    NumRanksOpt,
+    ResumeOpt,
+    SetOpt,
+    overrides,
+)
 from trainer.errors import UserError
 
 
@@ -29,13 +40,27 @@ def train(
     batch_size: BatchSizeOpt = None,
     learning_rate: LearningRateOpt = None,
     resume: ResumeOpt = None,
-    node_rank: Annotated[Optional[int], typer.Option("--node-rank", min=0, help="Start only this node's ranks (no ssh); run once per node.")] = None,
-    master_addr: Annotated[Optional[str], typer.Option("--master-addr", help="Address of the node with rank 0.")] = None,
-    master_port: Annotated[Optional[int], typer.Option("--master-port", help="Rendezvous port (default: a free one on one"
-                                                       " machine, 29500 across nodes).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the launcher command, run nothing.")] = False,
-    no_background_upload: Annotated[bool, typer.Option("--no-background-upload", help="Upload each checkpoint before training"
-                                                       " goes on (upload.background: false; training waits).")] = False,
+    node_rank: Annotated[
+        Optional[int],
+        typer.Option("--node-rank", min=0, help="Start only this node's ranks (no ssh); run once per node."),
+    ] = None,
+    master_addr: Annotated[
+        Optional[str], typer.Option("--master-addr", help="Address of the node with rank 0.")
+    ] = None,
+    master_port: Annotated[
+        Optional[int],
+        typer.Option("--master-port", help="Rendezvous port (default: a free one on one machine, 29500 across nodes)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and print the launcher command, run nothing.")
+    ] = False,
+    no_background_upload: Annotated[
+        bool,
+        typer.Option(
+            "--no-background-upload",
+            help="Upload each checkpoint before training goes on (upload.background: false; training waits).",
+        ),
+    ] = False,
 ) -> int:
     """Train a run config with DeepSpeed: checks the config, hostfile and data, then launches the ranks."""
     from trainer.config.load import load_config
@@ -54,8 +79,13 @@ def train(
         hosts = parse_hostfile(hostfile)
     else:
         hosts = {"localhost": num_ranks or default_num_ranks()}
-    plan = LaunchPlan(hostfile=hostfile or Path("<generated>"), hosts=hosts, master_addr=master_addr,
-                      master_port=master_port, node_rank=node_rank)
+    plan = LaunchPlan(
+        hostfile=hostfile or Path("<generated>"),
+        hosts=hosts,
+        master_addr=master_addr,
+        master_port=master_port,
+        node_rank=node_rank,
+    )
     if node_rank is not None and node_rank >= len(hosts):
         raise UserError(f"--node-rank {node_rank}: the hostfile has {len(hosts)} host(s)")
     preflight(cfg, plan.world_size, str(config))
@@ -84,11 +114,17 @@ def _check_nodes(hosts: list[str], hostfile: Optional[Path]) -> None:
     from trainer.launcher.over_ssh import ssh_unreachable
 
     if shutil.which("pdsh") is None:
-        raise UserError(f"{hostfile}: the hosts are reached through pdsh (DeepSpeed's runner), which is not installed here"
-                        " (Debian: apt-get install pdsh); or start each node yourself with --node-rank N --master-addr ADDR")
+        raise UserError(
+            f"{hostfile}: the hosts are reached through pdsh (DeepSpeed's runner), which is not installed here"
+            " (Debian: apt-get install pdsh); or start each node yourself with --node-rank N --master-addr ADDR"
+        )
     bad = ssh_unreachable(hosts)
     if bad:
-        raise UserError("\n".join(f"{hostfile}: host {h} is not reachable by ssh without a password: {why}" for h, why in bad.items()))
+        raise UserError(
+            "\n".join(
+                f"{hostfile}: host {h} is not reachable by ssh without a password: {why}" for h, why in bad.items()
+            )
+        )
 
 
 def _default_to_cpu(env: dict[str, str]) -> None:

@@ -1,4 +1,5 @@
 """`trainer upload status|list|upload` and `trainer upload-all`: the uploader's work, by hand."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +12,16 @@ from trainer.errors import UserError
 
 app = typer.Typer(help="Checkpoint uploads: state, and uploading by hand.", no_args_is_help=True)
 
-RunDirArg = Annotated[Path, typer.Argument(help="A run folder (runs/<run_id>) or a run_dir holding several runs.", show_default=False)]
-UrlOpt = Annotated[Optional[str], typer.Option("--url", help="Destination (gs://BUCKET/PREFIX or file:///PATH); default: the run's upload.url.")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", min=1, help="Seconds to keep retrying an unreachable bucket before giving up.")]
+RunDirArg = Annotated[
+    Path, typer.Argument(help="A run folder (runs/<run_id>) or a run_dir holding several runs.", show_default=False)
+]
+UrlOpt = Annotated[
+    Optional[str],
+    typer.Option("--url", help="Destination (gs://BUCKET/PREFIX or file:///PATH); default: the run's upload.url."),
+]
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout", min=1, help="Seconds to keep retrying an unreachable bucket before giving up.")
+]
 
 
 def _runs(run_dir: Path) -> list[Path]:
@@ -89,8 +97,15 @@ def status(run_dir: RunDirArg) -> None:
     for _, c, st in rows:
         counts[st["state"]] = counts.get(st["state"], 0) + 1
         mb = (st.get("bytes") or 0) / 2**20
-        table.add_row(c.tag, st["state"], f"{mb:.1f}", str(st.get("seconds", "")), str(st.get("rate_mb_s", "")),
-                      st.get("updated_at", ""), st.get("error", "") or st.get("url", ""))
+        table.add_row(
+            c.tag,
+            st["state"],
+            f"{mb:.1f}",
+            str(st.get("seconds", "")),
+            str(st.get("rate_mb_s", "")),
+            st.get("updated_at", ""),
+            st.get("error", "") or st.get("url", ""),
+        )
     console = Console(width=160)
     console.print(table)
     order = (UploadState.UPLOADING, UploadState.PENDING, UploadState.UPLOADED, UploadState.FAILED, UploadState.LOCAL)
@@ -98,8 +113,12 @@ def status(run_dir: RunDirArg) -> None:
 
 
 @app.command("upload")
-def upload_one(run_dir: RunDirArg, tag: Annotated[str, typer.Argument(help="Checkpoint tag, e.g. step-00000100.")],
-               url: UrlOpt = None, timeout: TimeoutOpt = 30.0) -> int:
+def upload_one(
+    run_dir: RunDirArg,
+    tag: Annotated[str, typer.Argument(help="Checkpoint tag, e.g. step-00000100.")],
+    url: UrlOpt = None,
+    timeout: TimeoutOpt = 30.0,
+) -> int:
     """Upload one checkpoint now (skipped if it is already verified in the bucket)."""
     from trainer.upload.uploader import UploadFailed
 
@@ -132,8 +151,14 @@ def upload_all(run_dir: RunDirArg, url: UrlOpt = None, timeout: TimeoutOpt = 30.
     done = skipped = 0
     failed: list[str] = []
     uploaders: dict[Path, object] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), transient=False) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    ) as progress:
         for run, c, st in rows:
             up = uploaders.get(run) or uploaders.setdefault(run, _uploader(_upload_settings(run, url), timeout))
             if is_uploaded(c.path) and verify_remote(up.storage, remote_prefix(c.metadata))[0]:  # type: ignore[attr-defined]
@@ -156,8 +181,10 @@ def upload_all(run_dir: RunDirArg, url: UrlOpt = None, timeout: TimeoutOpt = 30.
                 continue
         up = uploaders[run]
         swept += up.sweep_incomplete(run.name, {c.tag for c in CheckpointStore(run).committed()})  # type: ignore[attr-defined]
-    typer.echo(f"upload-all: {done} uploaded, {skipped} already verified, {len(failed)} failed"
-               + (f", {len(swept)} incomplete upload(s) of checkpoints no longer local removed" if swept else ""))
+    typer.echo(
+        f"upload-all: {done} uploaded, {skipped} already verified, {len(failed)} failed"
+        + (f", {len(swept)} incomplete upload(s) of checkpoints no longer local removed" if swept else "")
+    )
     for line in failed:
         typer.echo(f"  failed {line}", err=True)
     return 1 if failed else 0

@@ -1,4 +1,5 @@
 """`trainer validate CONFIG [--quick]`: the preflight of a run config, one process, PASS/FAIL per check."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -12,7 +13,9 @@ def validate(
     config: ConfigArg,
     sets: SetOpt = None,
     quick: Annotated[bool, typer.Option("--quick", help="A 3-step training run instead of 10.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", help="Show the traceback of a check that fails with a bug.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show the traceback of a check that fails with a bug.")
+    ] = False,
 ) -> int:
     """Check a run config end to end on this machine: configuration, model, freezing, data, forward, step,
     checkpoint round trip, MLflow, a short run. Exit 0 only if every check passes (1 otherwise)."""

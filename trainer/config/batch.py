@@ -7,6 +7,7 @@ is taken as configured, except when a job resumes a checkpoint saved on another 
 the checkpoint's global batch is kept the same way. A world size that cannot keep the batch is
 refused with the numbers.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -46,20 +47,34 @@ def resolve_batch(cfg: RunConfig, world_size: int, source: str = "config", resum
     if target is None:
         return _with(cfg, t.grad_accum, per_step * t.grad_accum)
     if target % per_step:
-        what = (f"the global batch {target} of {kept_from} ({saved_world} ranks)" if kept_from
-                else f"{source}: train.global_batch_size {target}")
+        what = (
+            f"the global batch {target} of {kept_from} ({saved_world} ranks)"
+            if kept_from
+            else f"{source}: train.global_batch_size {target}"
+        )
         fits = [w for w in range(1, target + 1) if target % (t.micro_batch_size * w) == 0]
-        raise UserError(f"{what} is not a multiple of train.micro_batch_size {t.micro_batch_size} x world size {world_size}"
-                        f" = {per_step}: the global batch cannot be kept on {world_size} rank(s) (world sizes that keep"
-                        f" it: {', '.join(map(str, fits[:8]))}; or change train.micro_batch_size)")
+        raise UserError(
+            f"{what} is not a multiple of train.micro_batch_size {t.micro_batch_size} x world size {world_size}"
+            f" = {per_step}: the global batch cannot be kept on {world_size} rank(s) (world sizes that keep"
+            f" it: {', '.join(map(str, fits[:8]))}; or change train.micro_batch_size)"
+        )
     accum = target // per_step
     if explicit_accum and accum != t.grad_accum:
         if kept_from is None:
-            raise UserError(f"{source}: train.global_batch_size: {target} != train.micro_batch_size {t.micro_batch_size}"
-                            f" x train.grad_accum {t.grad_accum} x world size {world_size} = {per_step * t.grad_accum};"
-                            " leave train.grad_accum out to derive it from the global batch on any world size")
-        log.info("keeping the global batch %d of %s (saved on %d ranks): train.grad_accum %d -> %d on %d rank(s)",
-                 target, kept_from, saved_world, t.grad_accum, accum, world_size)
+            raise UserError(
+                f"{source}: train.global_batch_size: {target} != train.micro_batch_size {t.micro_batch_size}"
+                f" x train.grad_accum {t.grad_accum} x world size {world_size} = {per_step * t.grad_accum};"
+                " leave train.grad_accum out to derive it from the global batch on any world size"
+            )
+        log.info(
+            "keeping the global batch %d of %s (saved on %d ranks): train.grad_accum %d -> %d on %d rank(s)",
+            target,
+            kept_from,
+            saved_world,
+            t.grad_accum,
+            accum,
+            world_size,
+        )
     return _with(cfg, accum, target)
 
 

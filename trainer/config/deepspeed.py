@@ -4,6 +4,7 @@ Values written as "auto" in a template are filled from the run config; the batch
 `train_batch_size = micro_batch x grad_accum x world_size` and the precision switches are checked
 after the overrides are merged, so a hand-edited template cannot drift from the run config.
 """
+
 from __future__ import annotations
 
 import copy
@@ -99,7 +100,9 @@ def _autos_left(node: Any, path: str = "") -> list[str]:
 BUCKET_FLOOR = 50_000_000  # elements: the smallest gradient bucket rendered (see render_ds_config)
 
 
-def render_ds_config(cfg: RunConfig, world_size: int, hidden_size: Optional[int] = None, source: str = "config") -> dict:
+def render_ds_config(
+    cfg: RunConfig, world_size: int, hidden_size: Optional[int] = None, source: str = "config"
+) -> dict:
     """The DeepSpeed config dict for `cfg` on `world_size` ranks; `UserError` if inconsistent."""
     if world_size < 1:
         raise UserError(f"world size must be >= 1, got {world_size}")
@@ -137,16 +140,27 @@ def render_ds_config(cfg: RunConfig, world_size: int, hidden_size: Optional[int]
             }
         )
     # Keys that the run config always owns, even when a custom template leaves them out.
-    owned = {"train_batch_size": AUTO, "train_micro_batch_size_per_gpu": AUTO, "gradient_accumulation_steps": AUTO,
-             "gradient_clipping": AUTO, "bf16": {"enabled": AUTO}, "fp16": {"enabled": AUTO}}
+    owned = {
+        "train_batch_size": AUTO,
+        "train_micro_batch_size_per_gpu": AUTO,
+        "gradient_accumulation_steps": AUTO,
+        "gradient_clipping": AUTO,
+        "bf16": {"enabled": AUTO},
+        "fp16": {"enabled": AUTO},
+    }
     template = _merge(owned, load_template(cfg.deepspeed.template))
     merged = _merge(template, cfg.deepspeed.overrides)
     ds = _fill(merged, values)
-    problems = [f"{source}: deepspeed: {key} is \"auto\" but nothing fills it" for key in _autos_left(ds)]
+    problems = [f'{source}: deepspeed: {key} is "auto" but nothing fills it' for key in _autos_left(ds)]
     micro = ds.get("train_micro_batch_size_per_gpu")
     accum = ds.get("gradient_accumulation_steps")
     total = ds.get("train_batch_size")
-    if isinstance(micro, int) and isinstance(accum, int) and isinstance(total, int) and total != micro * accum * world_size:
+    if (
+        isinstance(micro, int)
+        and isinstance(accum, int)
+        and isinstance(total, int)
+        and total != micro * accum * world_size
+    ):
         problems.append(
             f"{source}: deepspeed: train_batch_size {total} != micro batch {micro} x grad accum {accum}"
             f" x world size {world_size} = {micro * accum * world_size}"
@@ -157,11 +171,15 @@ def render_ds_config(cfg: RunConfig, world_size: int, hidden_size: Optional[int]
             f" train.grad_accum ({t.micro_batch_size}, {t.grad_accum}); set them in train, not in the DeepSpeed JSON"
         )
     if "scheduler" in ds:
-        problems.append(f"{source}: deepspeed: a \"scheduler\" section is not used; set the LR schedule with optim.schedule,"
-                        " optim.warmup_steps and optim.decay_steps")
+        problems.append(
+            f'{source}: deepspeed: a "scheduler" section is not used; set the LR schedule with optim.schedule,'
+            " optim.warmup_steps and optim.decay_steps"
+        )
     if ds.get("gradient_clipping") != o.grad_clip:
-        problems.append(f"{source}: deepspeed: gradient_clipping {ds.get('gradient_clipping')!r} differs from optim.grad_clip"
-                        f" {o.grad_clip}; set it in optim, not in the DeepSpeed JSON")
+        problems.append(
+            f"{source}: deepspeed: gradient_clipping {ds.get('gradient_clipping')!r} differs from optim.grad_clip"
+            f" {o.grad_clip}; set it in optim, not in the DeepSpeed JSON"
+        )
     if ds.get("bf16", {}).get("enabled") is True and ds.get("fp16", {}).get("enabled") is True:
         problems.append(f"{source}: deepspeed: bf16 and fp16 are both enabled; choose one with train.precision")
     stage = ds.get("zero_optimization", {}).get("stage", 0)

@@ -4,6 +4,7 @@ Errors are `UserError`s with one line per problem naming the file and line (or t
 override) and the field, e.g. `configs/x.yaml:12: train.micro_batch_size: Input should be
 greater than or equal to 1 (got 0)`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -98,8 +99,10 @@ def _read_yaml(path: Path) -> tuple[dict, Optional[yaml.Node]]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{where}: invalid YAML: {problem}") from None
     if data is None:  # an empty file (or only comments) is a mistake: a run of nothing but defaults is never meant
-        raise UserError(f"{path}: the config file is empty (expected sections such as task:, data:, train:; see"
-                        " configs/pretrain_tiny.yaml)")
+        raise UserError(
+            f"{path}: the config file is empty (expected sections such as task:, data:, train:; see"
+            " configs/pretrain_tiny.yaml)"
+        )
     if not isinstance(data, dict):
         raise UserError(f"{path}:1: expected a mapping of config sections at the top level, got {type(data).__name__}")
     return data, node
@@ -235,7 +238,12 @@ def architecture(model: dict) -> dict:
         from trainer.models.neox import dims_of
 
         try:
-            model = {**model, **dims_of(ModelConfig.model_validate({k: v for k, v in model.items() if k in ModelConfig.model_fields}))}
+            model = {
+                **model,
+                **dims_of(
+                    ModelConfig.model_validate({k: v for k, v in model.items() if k in ModelConfig.model_fields})
+                ),
+            }
         except ValidationError:
             pass  # a preset this version does not know: compare what was recorded
         model.pop("preset", None)  # the sizes decide, not the name they came from

@@ -5,6 +5,7 @@
 consumes (the global batch). They are resolved once at start, printed, and stored in every
 checkpoint's metadata; everything that needs a step count asks the plan, never the raw config.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,7 +71,9 @@ class Plan:
         return step * self.global_batch / self.train_size
 
     def eval_due(self, step: int) -> bool:
-        return self.evaluates and (step == self.max_steps or Cadence(self.eval_every, self.global_batch, self.train_size).due(step))
+        return self.evaluates and (
+            step == self.max_steps or Cadence(self.eval_every, self.global_batch, self.train_size).due(step)
+        )
 
     def save_due(self, step: int) -> bool:
         return Cadence(self.save_every, self.global_batch, self.train_size).due(step)
@@ -82,10 +85,13 @@ class Plan:
         return {**asdict(self), "steps_per_epoch": round(self.steps_per_epoch, 6)}
 
     def describe(self) -> str:
-        length = (f"train.epochs {self.epochs:g} x {self.train_size:,} samples / global batch {self.global_batch}"
-                  f" ({self.steps_per_epoch:.2f} steps per epoch) = {self.max_steps} steps" if self.epochs is not None
-                  else f"{self.max_steps} steps = {self.epoch_of(self.max_steps):.2f} epochs of {self.train_size:,} samples"
-                  f" (global batch {self.global_batch})")
+        length = (
+            f"train.epochs {self.epochs:g} x {self.train_size:,} samples / global batch {self.global_batch}"
+            f" ({self.steps_per_epoch:.2f} steps per epoch) = {self.max_steps} steps"
+            if self.epochs is not None
+            else f"{self.max_steps} steps = {self.epoch_of(self.max_steps):.2f} epochs of {self.train_size:,} samples"
+            f" (global batch {self.global_batch})"
+        )
         return f"plan: {length}; warmup {self.warmup_steps} steps"
 
 
@@ -105,22 +111,38 @@ def resolve_plan(cfg: RunConfig, sizes: DataSizes, world_size: int) -> Plan:
     elif o.warmup_steps is not None:
         warmup = o.warmup_steps
         if warmup > decay:
-            raise UserError(f"optim.warmup_steps ({warmup}) must not exceed the schedule length ({decay} steps"
-                            f"{', derived from train.epochs' if t.epochs is not None and not o.decay_steps else ''})")
+            raise UserError(
+                f"optim.warmup_steps ({warmup}) must not exceed the schedule length ({decay} steps"
+                f"{', derived from train.epochs' if t.epochs is not None and not o.decay_steps else ''})"
+            )
     else:
         warmup = min(DEFAULT_WARMUP_STEPS, decay)
     evaluates = cfg.eval.enabled and sizes.val > 0
     eval_batch = t.micro_batch_size * world_size
     if evaluates and sizes.val < eval_batch:
-        raise UserError(f"{sizes.val_source or 'validation data'}: {sizes.val} validation sample(s), fewer than one evaluation"
-                        f" batch (train.micro_batch_size {t.micro_batch_size} x {world_size} rank(s) = {eval_batch}); add"
-                        " validation data or lower train.micro_batch_size")
+        raise UserError(
+            f"{sizes.val_source or 'validation data'}: {sizes.val} validation sample(s), fewer than one evaluation"
+            f" batch (train.micro_batch_size {t.micro_batch_size} x {world_size} rank(s) = {eval_batch}); add"
+            " validation data or lower train.micro_batch_size"
+        )
     best = cfg.checkpoint.best_metric or ("val_loss" if evaluates else "train_loss")
     if best == "val_loss" and not evaluates:
-        raise UserError("checkpoint.best_metric val_loss: this run has no validation data (set data.val_path, data.val_fraction"
-                        " or data.val_file) or eval.enabled is false")
+        raise UserError(
+            "checkpoint.best_metric val_loss: this run has no validation data (set data.val_path, data.val_fraction"
+            " or data.val_file) or eval.enabled is false"
+        )
     if cfg.checkpoint.save_best and not evaluates:
         raise UserError("checkpoint.save_best: this run does not evaluate (no validation data, or eval.enabled false)")
-    return Plan(max_steps=max_steps, warmup_steps=warmup, decay_steps=decay, global_batch=global_batch, train_size=sizes.train,
-                val_size=sizes.val, epochs=t.epochs, eval_every=cfg.eval.every, save_every=cfg.checkpoint.save_every,
-                evaluates=evaluates, best_metric=best)
+    return Plan(
+        max_steps=max_steps,
+        warmup_steps=warmup,
+        decay_steps=decay,
+        global_batch=global_batch,
+        train_size=sizes.train,
+        val_size=sizes.val,
+        epochs=t.epochs,
+        eval_every=cfg.eval.every,
+        save_every=cfg.checkpoint.save_every,
+        evaluates=evaluates,
+        best_metric=best,
+    )

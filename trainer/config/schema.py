@@ -4,6 +4,7 @@ Every field carries a docstring (shown by `trainer config fields` and in error
 messages), unknown keys are rejected, and cross-field rules live in one validator per section so
 that all problems of a file are collected in one pass.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,15 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False,
-                              validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=True,
+        allow_inf_nan=False,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
 
 
 class ModelConfig(Section):
@@ -113,7 +121,9 @@ class LoraSection(Section):
     """Dropout on the LoRA input."""
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
     """LLM module names that get LoRA adapters."""
-    soft_tokens: dict[Literal["image", "audio", "text"], int] = Field(default_factory=lambda: {"image": 8, "audio": 8, "text": 8})
+    soft_tokens: dict[Literal["image", "audio", "text"], int] = Field(
+        default_factory=lambda: {"image": 8, "audio": 8, "text": 8}
+    )
     """Soft tokens per modality prepended to the prompt (modalities absent here or in Phase 1 are not used)."""
     projector_hidden: int = Field(default=1024, ge=1)
     """Hidden width of each projector MLP (aligned feature -> hidden -> K x LLM hidden)."""
@@ -126,7 +136,9 @@ class LoraSection(Section):
     def _tokens(self) -> "LoraSection":
         bad = {k: v for k, v in self.soft_tokens.items() if v < 1}
         if bad or not self.soft_tokens:
-            raise ValueError(f"soft_tokens needs at least one modality with >= 1 token each, got {dict(self.soft_tokens)}")
+            raise ValueError(
+                f"soft_tokens needs at least one modality with >= 1 token each, got {dict(self.soft_tokens)}"
+            )
         return self
 
 
@@ -187,7 +199,9 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
         if self.max_steps is not None and self.epochs is not None:
-            raise ValueError("max_steps and epochs: give one (the run's length in optimizer steps, or in passes over the data)")
+            raise ValueError(
+                "max_steps and epochs: give one (the run's length in optimizer steps, or in passes over the data)"
+            )
         return self
 
 
@@ -350,21 +364,31 @@ class RunConfig(Section):
             raise ValueError("task: lora needs a `lora:` section (llm_path, phase1_checkpoint, ...)")
         if self.task != "lora" and self.lora is not None:
             raise ValueError(f"the `lora:` section is for task: lora, this config has task: {self.task}")
-        schedule_steps = self.optim.decay_steps or self.train.max_steps or (None if self.train.epochs else DEFAULT_MAX_STEPS)
-        if self.optim.warmup_steps is not None and schedule_steps is not None and self.optim.warmup_steps > schedule_steps:
+        schedule_steps = (
+            self.optim.decay_steps or self.train.max_steps or (None if self.train.epochs else DEFAULT_MAX_STEPS)
+        )
+        if (
+            self.optim.warmup_steps is not None
+            and schedule_steps is not None
+            and self.optim.warmup_steps > schedule_steps
+        ):
             raise ValueError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) must not exceed the schedule length"
                 f" ({schedule_steps}, optim.decay_steps or train.max_steps)"
             )
         for name in ("fields", "num_workers"):
             if self.task == "pretrain" and getattr(self.data, name):
-                raise ValueError(f"data.{name} is for task: lora (pretraining reads memory-mapped token shards on the"
-                                 " training thread)")
+                raise ValueError(
+                    f"data.{name} is for task: lora (pretraining reads memory-mapped token shards on the"
+                    " training thread)"
+                )
         if self.task == "pretrain" and self.data.val_file is not None:
             raise ValueError("data.val_file is for task: lora; pretraining takes data.val_path or data.val_fraction")
         if self.task == "lora" and (self.data.val_path is not None or self.data.val_fraction is not None):
-            raise ValueError("data.val_path and data.val_fraction are for task: pretrain; task: lora takes data.val_file"
-                             " (and lines with \"split\": \"val\")")
+            raise ValueError(
+                "data.val_path and data.val_fraction are for task: pretrain; task: lora takes data.val_file"
+                ' (and lines with "split": "val")'
+            )
         return self
 
 

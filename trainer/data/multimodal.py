@@ -9,6 +9,7 @@ input): the layout of Purr-Sight's `data/processed/*.jsonl`. `split` is `train` 
 `validation` / `dev` (validation, never trained on) or `test` (left out). `scan_index` checks every line
 before training (JSON, fields, files that exist and decode) and reports problems as `FILE:LINE: what`.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,9 +89,15 @@ def _problem(exc: Exception) -> str:
 FIELDS = ("sample_id", "instruction", "response")
 
 
-def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = MEDIA, default_instruction: str = "",
-               field: str = "data.train_file", names: Optional[dict[str, str]] = None,
-               need_response: bool = True) -> tuple[list[Sample], list[str]]:
+def scan_index(
+    data_dir: Path,
+    train_file: str,
+    modalities: tuple[str, ...] = MEDIA,
+    default_instruction: str = "",
+    field: str = "data.train_file",
+    names: Optional[dict[str, str]] = None,
+    need_response: bool = True,
+) -> tuple[list[Sample], list[str]]:
     """Every good sample of the index, and one `FILE:LINE: problem` per bad line. `names` renames the fields of
     `FIELDS` (data.fields: ours -> the file's); `need_response=False` (prompts to answer) lets lines lack a response."""
     key = {f: (names or {}).get(f, f) for f in FIELDS}
@@ -157,7 +164,9 @@ def scan_index(data_dir: Path, train_file: str, modalities: tuple[str, ...] = ME
     return samples, problems
 
 
-def _field_problem(rec: dict, default_instruction: str, key: dict[str, str], need_response: bool = True) -> Optional[str]:
+def _field_problem(
+    rec: dict, default_instruction: str, key: dict[str, str], need_response: bool = True
+) -> Optional[str]:
     """What is wrong with the fields of one JSONL record (None: nothing). `key`: our field -> the file's name."""
 
     def name(f: str) -> str:
@@ -171,8 +180,10 @@ def _field_problem(rec: dict, default_instruction: str, key: dict[str, str], nee
             if rec.get("text") in (None, "") and need_response:
                 others = sorted(k for k in rec if k not in (*key.values(), "split", *MEDIA))
                 hint = f"; the line has {others} (name yours with data.fields.response)" if others else ""
-                return (f"missing field {name(f)} (a non-empty string, or a `text` file whose contents are the"
-                        f" response){hint}")
+                return (
+                    f"missing field {name(f)} (a non-empty string, or a `text` file whose contents are the"
+                    f" response){hint}"
+                )
             continue
         if not isinstance(value, str) or not value:
             return f"missing field {name(f)} (a non-empty string)"
@@ -182,7 +193,9 @@ def _field_problem(rec: dict, default_instruction: str, key: dict[str, str], nee
 class Featurizer:
     """Sample -> tensors: LLM token ids with response-only labels, pixels, log-mel features, text-encoder ids."""
 
-    def __init__(self, architecture: dict, modalities: tuple[str, ...], llm_tokenizer: Any, text_tokenizer: Any, max_length: int):
+    def __init__(
+        self, architecture: dict, modalities: tuple[str, ...], llm_tokenizer: Any, text_tokenizer: Any, max_length: int
+    ):
         self.mods = modalities
         self.tok, self.text_tok, self.max_length = llm_tokenizer, text_tokenizer, max_length
         specs = architecture["modalities"]
@@ -203,11 +216,15 @@ class Featurizer:
             self.mels, self.frames = int(c["num_mel_bins"]), frames
         if "text" in modalities:
             self.text_len = min(128, int(specs["text"]["config"].get("max_position_embeddings", 512)))
-        self.pad_id = llm_tokenizer.pad_token_id if llm_tokenizer.pad_token_id is not None else llm_tokenizer.eos_token_id
+        self.pad_id = (
+            llm_tokenizer.pad_token_id if llm_tokenizer.pad_token_id is not None else llm_tokenizer.eos_token_id
+        )
 
     def prompt_ids(self, instruction: str) -> list[int]:
         if getattr(self.tok, "chat_template", None):
-            text = self.tok.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False)
+            text = self.tok.apply_chat_template(
+                [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+            )
         else:
             text = f"{instruction}\n"
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
@@ -282,7 +299,9 @@ def response_room(featurizer: Featurizer, samples: list[Sample], index: Path) ->
     for s in samples:
         n = len(featurizer.prompt_ids(s.instruction))
         if n >= featurizer.max_length:
-            out[s.line] = f"{index}:{s.line}: the prompt is {n} tokens, max_length {featurizer.max_length} leaves no room for the response"
+            out[s.line] = (
+                f"{index}:{s.line}: the prompt is {n} tokens, max_length {featurizer.max_length} leaves no room for the response"
+            )
     return out
 
 

@@ -11,6 +11,7 @@ stopped through their queues, at exit before multiprocessing's own exit handler 
 workers that ignore its SIGTERM); a training process killed outright leaves none behind either (torch's
 workers exit when their parent is gone).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -75,9 +76,16 @@ class Prefetcher:
 
         self.close()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the fast tokenizers' threads do not survive a fork
-        loader = DataLoader(_Made(self.make), sampler=_Keys(key, self.ga), batch_size=None, collate_fn=_as_is,  # type: ignore[arg-type]
-                            num_workers=self.workers, prefetch_factor=self.ahead, worker_init_fn=_ignore_stop_signals,
-                            multiprocessing_context="fork")
+        loader = DataLoader(
+            _Made(self.make),
+            sampler=_Keys(key, self.ga),
+            batch_size=None,
+            collate_fn=_as_is,  # type: ignore[arg-type]
+            num_workers=self.workers,
+            prefetch_factor=self.ahead,
+            worker_init_fn=_ignore_stop_signals,
+            multiprocessing_context="fork",
+        )
         self._it, self._next = iter(loader), key
         if not self.restarts:
             atexit.register(self.close)  # runs before multiprocessing's handler, registered earlier

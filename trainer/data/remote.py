@@ -1,5 +1,6 @@
 """Token shards in a bucket (`data.path: gs://BUCKET/PREFIX`): listed, then downloaded to a local
 cache with their CRC32C verified, and read from there like a local folder."""
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,11 @@ def is_remote(path: str) -> bool:
 
 
 def cache_dir_for(url: str, cache_root: Optional[str]) -> Path:
-    root = Path(cache_root) if cache_root else Path(os.environ.get("TRAINER_CACHE", Path.home() / ".cache" / "trainer")) / "shards"
+    root = (
+        Path(cache_root)
+        if cache_root
+        else Path(os.environ.get("TRAINER_CACHE", Path.home() / ".cache" / "trainer")) / "shards"
+    )
     return root / url.removeprefix("gs://").strip("/")
 
 
@@ -35,7 +40,9 @@ def list_remote_shards(url: str, max_files: Optional[int], field: str = "data.pa
     return names[:max_files] if max_files else names
 
 
-def fetch_shards(url: str, max_files: Optional[int], cache_root: Optional[str] = None, field: str = "data.path") -> Path:
+def fetch_shards(
+    url: str, max_files: Optional[int], cache_root: Optional[str] = None, field: str = "data.path"
+) -> Path:
     """Download the shards not yet cached (size and CRC32C must match the bucket's); return the folder."""
     from trainer.storage import crc32c_of_file, open_storage
 
@@ -48,14 +55,28 @@ def fetch_shards(url: str, max_files: Optional[int], cache_root: Optional[str] =
         report(f"fetching data shards into {dest}: {i} of {len(names)} done")
         info = storage.stat(name)
         local = dest / name
-        if info is not None and local.exists() and local.stat().st_size == info.size and crc32c_of_file(local) == info.crc32c:
+        if (
+            info is not None
+            and local.exists()
+            and local.stat().st_size == info.size
+            and crc32c_of_file(local) == info.crc32c
+        ):
             continue
         tmp = dest / f".{name}.download"
         storage.download(name, tmp)  # the client verifies the CRC32C of what it received
         if info is not None and info.crc32c and crc32c_of_file(tmp) != info.crc32c:
             tmp.unlink(missing_ok=True)
-            raise UserError(f"{field}: {storage.display(name)} changed while downloading (checksum mismatch); run again")
+            raise UserError(
+                f"{field}: {storage.display(name)} changed while downloading (checksum mismatch); run again"
+            )
         os.replace(tmp, local)
         fetched += 1
-    log.info("data: %d shard(s) from %s in %s (%d downloaded, %d cached)", len(names), url, dest, fetched, len(names) - fetched)
+    log.info(
+        "data: %d shard(s) from %s in %s (%d downloaded, %d cached)",
+        len(names),
+        url,
+        dest,
+        fetched,
+        len(names) - fetched,
+    )
     return dest

@@ -5,6 +5,7 @@ of (seed, step, micro, rank, world size, batch shape): nothing depends on what r
 resumed run reads exactly what the uninterrupted run would have read, without saving any sampler
 state beyond the step. Each epoch is a fresh seeded permutation of all windows.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

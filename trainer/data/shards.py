@@ -4,6 +4,7 @@ A shard is a 1-D array of integer token ids in a `.npy` file (memory-mapped, nev
 or a `.npz` file holding one array. Shards are read in name order; each contributes
 `(len - 1) // seq_len` windows of `seq_len + 1` tokens (inputs plus the shifted labels).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,7 +40,9 @@ def open_shard(path: Path) -> np.ndarray:
         else:
             with np.load(path, allow_pickle=False) as z:
                 if len(z.files) != 1:
-                    raise UserError(f"{path}: expected one array in the .npz shard, found {len(z.files)} ({', '.join(z.files)})")
+                    raise UserError(
+                        f"{path}: expected one array in the .npz shard, found {len(z.files)} ({', '.join(z.files)})"
+                    )
                 arr = z[z.files[0]]
     except UserError:
         raise
@@ -132,7 +135,9 @@ class WindowSplit:
 class WindowView:
     """A subset of a `TokenShards`' windows, numbered 0..len-1 through `to_window` (identity: all of them)."""
 
-    def __init__(self, shards: TokenShards, length: Optional[int] = None, to_window: Optional[Callable[[int], int]] = None):
+    def __init__(
+        self, shards: TokenShards, length: Optional[int] = None, to_window: Optional[Callable[[int], int]] = None
+    ):
         self.shards = shards
         self.length = len(shards) if length is None else int(length)
         self.to_window = to_window

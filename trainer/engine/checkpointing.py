@@ -19,6 +19,7 @@ is in flight: one that comes due while the previous is still being written waits
 stall, logged and counted). The protocol on disk is unchanged: a folder without metadata is
 partial, never listed or resumed, and removed at the next start.
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,7 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from trainer.checkpoint.layout import UploadState, is_uploaded, read_upload_state, rng_file_name, tag_for, upload_wording, utc_now
+from trainer.checkpoint.layout import (
+    UploadState,
+    is_uploaded,
+    read_upload_state,
+    rng_file_name,
+    tag_for,
+    upload_wording,
+    utc_now,
+)
 from trainer.checkpoint.store import CheckpointStore, checkpoint_bytes
 from trainer.engine import dist
 from trainer.engine.goodput import Goodput
@@ -43,7 +52,12 @@ from trainer.ranks import RankInfo
 log = get_logger("checkpoint")
 
 # The write state each rank contributes to the loop's all-reduce (MAX over ranks).
-WRITE_DONE, WRITE_BUSY, WRITE_FAILED, WRITE_DISK_FULL = 0.0, 1.0, 2.0, 3.0  # (a full disk anywhere: one line everywhere)
+WRITE_DONE, WRITE_BUSY, WRITE_FAILED, WRITE_DISK_FULL = (
+    0.0,
+    1.0,
+    2.0,
+    3.0,
+)  # (a full disk anywhere: one line everywhere)
 
 
 def report_locations(ckpts: list[Any], uploaded_too: bool = True) -> None:
@@ -127,9 +141,19 @@ class SaveTimes:
 
 
 class CheckpointManager:
-    def __init__(self, cfg: Any, plan: Any, ranks: RankInfo, store: CheckpointStore, task: Any, goodput: Goodput,
-                 describe: Callable[[int, str], dict], side_files: Callable[[], dict[str, str]],
-                 uploader: Any = None, on_commit: Optional[Callable[[str, dict], None]] = None):
+    def __init__(
+        self,
+        cfg: Any,
+        plan: Any,
+        ranks: RankInfo,
+        store: CheckpointStore,
+        task: Any,
+        goodput: Goodput,
+        describe: Callable[[int, str], dict],
+        side_files: Callable[[], dict[str, str]],
+        uploader: Any = None,
+        on_commit: Optional[Callable[[str, dict], None]] = None,
+    ):
         self.cfg, self.plan, self.ranks, self.store, self.task, self.goodput = cfg, plan, ranks, store, task, goodput
         self.describe = describe  # (step, reason) -> the metadata of a checkpoint captured now
         self.side_files = side_files
@@ -167,14 +191,23 @@ class CheckpointManager:
         scratch = tempfile.mkdtemp(prefix="trainer-sizing-")  # this rank's own: DeepSpeed creates folders in it
         try:
             with self.goodput.clock.phase_of("checkpoint"):
-                reserved = self.files.prepare(lambda: self.engine.save_checkpoint(
-                    scratch, tag="sizing", client_state={"trainer_step": step}, save_latest=False,
-                    exclude_frozen_parameters=not self.task.save_frozen))
+                reserved = self.files.prepare(
+                    lambda: self.engine.save_checkpoint(
+                        scratch,
+                        tag="sizing",
+                        client_state={"trainer_step": step},
+                        save_latest=False,
+                        exclude_frozen_parameters=not self.task.save_frozen,
+                    )
+                )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         if reserved:
-            log.info("reserving %s of host memory for background saves (sized in %.2f s; filled in the background)",
-                     gb(reserved), time.monotonic() - t0)
+            log.info(
+                "reserving %s of host memory for background saves (sized in %.2f s; filled in the background)",
+                gb(reserved),
+                time.monotonic() - t0,
+            )
 
     def due(self, step: int) -> bool:
         return self.plan.save_due(step)
@@ -213,8 +246,12 @@ class CheckpointManager:
                 self.wait()
                 stall = time.monotonic() - t0
                 self.stall_s += stall
-                log.warning("the save of %s waited %.1f s for the write of the previous checkpoint to finish (saves come"
-                            " faster than the disk takes them: raise checkpoint.save_every)", tag_for(step), stall)
+                log.warning(
+                    "the save of %s waited %.1f s for the write of the previous checkpoint to finish (saves come"
+                    " faster than the disk takes them: raise checkpoint.save_every)",
+                    tag_for(step),
+                    stall,
+                )
             try:
                 pending = self._capture(step, reason, background, rng)
             except OSError as exc:
@@ -223,8 +260,13 @@ class CheckpointManager:
                 raise
             if background:
                 self.pending = pending
-                log.info("checkpoint %s (%s): state captured in %.2f s, writing %s in the background", pending.tag, reason,
-                         pending.blocked_s, gb(pending.job.bytes_total))
+                log.info(
+                    "checkpoint %s (%s): state captured in %.2f s, writing %s in the background",
+                    pending.tag,
+                    reason,
+                    pending.blocked_s,
+                    gb(pending.job.bytes_total),
+                )
             else:
                 dist.barrier()  # every rank's files are on disk before anyone commits
                 self._commit(pending)
@@ -236,8 +278,13 @@ class CheckpointManager:
         tag = tag_for(step)
         t0 = time.monotonic()
         self.files.background = background
-        self.engine.save_checkpoint(str(self.store.root), tag=tag, client_state={"trainer_step": step}, save_latest=False,
-                                    exclude_frozen_parameters=not self.task.save_frozen)
+        self.engine.save_checkpoint(
+            str(self.store.root),
+            tag=tag,
+            client_state={"trainer_step": step},
+            save_latest=False,
+            exclude_frozen_parameters=not self.task.save_frozen,
+        )
         folder = self.store.path(tag)
         self.files.add(folder / rng_file_name(self.ranks.rank), rng if rng is not None else capture_rng())
         extra = self.task.on_save(self.engine.module, folder, self.ranks.is_main, reason == "final")
@@ -262,12 +309,18 @@ class CheckpointManager:
             self.times.write_rate_bps = total / p.blocked_s
         self.times.bytes = total or self.times.bytes
         records: dict[str, dict] = {}
-        for rank_records in dist.all_gather_object(job.records):  # each file's size and CRC32C, from the rank that wrote it
+        for rank_records in dist.all_gather_object(
+            job.records
+        ):  # each file's size and CRC32C, from the rank that wrote it
             records.update(rank_records)
         if self.ranks.is_local_main:
             try:
-                self.store.commit(p.tag, {**p.metadata, "committed_at": utc_now(),
-                                          "save": self._save_record(p)}, self.side_files(), records)
+                self.store.commit(
+                    p.tag,
+                    {**p.metadata, "committed_at": utc_now(), "save": self._save_record(p)},
+                    self.side_files(),
+                    records,
+                )
             except OSError as exc:
                 if is_disk_full(exc):
                     raise self._disk_full(p.tag) from exc
@@ -277,7 +330,13 @@ class CheckpointManager:
             self.retention()
         self.last_saved_step = p.step
         written = f", written in {job.finished - job.started:.1f} s while training went on" if job.bytes_total else ""
-        log.info("saved checkpoint %s (%s): training blocked %.2f s%s", self.store.path(p.tag), p.reason, p.blocked_s, written)
+        log.info(
+            "saved checkpoint %s (%s): training blocked %.2f s%s",
+            self.store.path(p.tag),
+            p.reason,
+            p.blocked_s,
+            written,
+        )
         if self.ranks.is_main and self.on_commit is not None:
             self.on_commit(p.tag, p.metadata)
 
@@ -285,13 +344,18 @@ class CheckpointManager:
         job = p.job
         rec: dict[str, Any] = {"async": bool(job.bytes_total), "blocked_s": round(p.blocked_s, 3)}
         if job.bytes_total:
-            rec.update(write_s=round(job.write_s, 3), bytes=job.bytes_total,
-                       written_after_s=round((job.finished or time.monotonic()) - job.started, 3))
+            rec.update(
+                write_s=round(job.write_s, 3),
+                bytes=job.bytes_total,
+                written_after_s=round((job.finished or time.monotonic()) - job.started, 3),
+            )
         return rec
 
     def _submit_upload(self, path: Path) -> None:
         if getattr(self.uploader, "synchronous", False):  # the other ranks wait here, reported, without a timeout
-            dist.wait_for(lambda: self.uploader.submit(path), dist.local_mains(self.ranks), f"the upload of {path.name}")
+            dist.wait_for(
+                lambda: self.uploader.submit(path), dist.local_mains(self.ranks), f"the upload of {path.name}"
+            )
         else:
             self.uploader.submit(path)
 
@@ -302,7 +366,9 @@ class CheckpointManager:
         if state == WRITE_DISK_FULL:  # on every rank, whichever ran out of space: the same line
             raise self._disk_full(tag, shared=True) from (job.error if job is not None else None)
         if job is not None and job.error is not None:
-            raise CheckpointWriteFailed(f"writing checkpoint {tag} failed on rank {self.ranks.rank}: {job.error}") from job.error
+            raise CheckpointWriteFailed(
+                f"writing checkpoint {tag} failed on rank {self.ranks.rank}: {job.error}"
+            ) from job.error
         raise CheckpointWriteFailed(f"writing checkpoint {tag} failed on another rank (its log names the error)")
 
     def _disk_full(self, tag: str, shared: bool = False) -> UserError:
@@ -320,7 +386,8 @@ class CheckpointManager:
             f"checkpoint {tag}: no space left on {disk_of(self.store.root)}: a checkpoint takes {gb(need)} on this node,"
             f" {gb(free)} is free, so {gb(max(0, need - free))} more is needed (checkpoint.keep_last {keep} keeps {keep} +"
             f" the one being saved); the partial save was removed, the committed checkpoints are intact (newest: {newest})",
-            shared=shared)
+            shared=shared,
+        )
 
     def wait(self, deadline: Optional[float] = None) -> bool:
         """Wait for the write in flight (until `deadline`, monotonic), then commit it. Collective.
@@ -338,8 +405,12 @@ class CheckpointManager:
         if state == WRITE_BUSY:
             self.pending = None
             newest = tag_for(self.last_saved_step) if self.last_saved_step is not None else "none"
-            log.warning("abandoned the write of %s: not on disk on every rank by the deadline (a partial folder, removed at"
-                        " the next start); newest committed checkpoint: %s", p.tag, newest)
+            log.warning(
+                "abandoned the write of %s: not on disk on every rank by the deadline (a partial folder, removed at"
+                " the next start); newest committed checkpoint: %s",
+                p.tag,
+                newest,
+            )
             return False
         self._commit(p)
         return True
@@ -360,8 +431,15 @@ class CheckpointManager:
         fits = bool(dist.broadcast_object(left >= 1.2 * need))
         if not fits:
             newest = tag_for(self.last_saved_step) if self.last_saved_step is not None else "none"
-            log.warning("not saving at step %d: %.1f s of the %.0f s grace left, a save takes ~%.1f s (newest committed"
-                        " checkpoint: %s)", step, left, self.cfg.preemption.grace_s, need, newest)
+            log.warning(
+                "not saving at step %d: %.1f s of the %.0f s grace left, a save takes ~%.1f s (newest committed"
+                " checkpoint: %s)",
+                step,
+                left,
+                self.cfg.preemption.grace_s,
+                need,
+                newest,
+            )
         return fits
 
     def emergency_save_s(self) -> Optional[float]:
@@ -382,8 +460,9 @@ class CheckpointManager:
         self.task.check_resume(meta)
         source = universal or ckpt_dir
         with self.goodput.clock.phase_of("restore"):
-            load_path, _ = self.engine.load_checkpoint(str(source.parent), tag=source.name,
-                                                       load_module_strict=self.task.save_frozen)
+            load_path, _ = self.engine.load_checkpoint(
+                str(source.parent), tag=source.name, load_module_strict=self.task.save_frozen
+            )
             if load_path is None:
                 raise UserError(f"--resume: DeepSpeed found no loadable checkpoint in {source}")
             reapply_schedule(self.engine.lr_scheduler, self.cfg.optim, self.plan)
@@ -391,8 +470,12 @@ class CheckpointManager:
             if rng_file.exists():
                 restore_rng(torch.load(rng_file, weights_only=False))
             elif universal is not None:  # a rank the saving job did not have
-                log.info("no RNG state for rank %d in %s (saved on %s ranks): this rank starts a fresh RNG stream",
-                         self.ranks.rank, ckpt_dir.name, meta.get("world_size"))
+                log.info(
+                    "no RNG state for rank %d in %s (saved on %s ranks): this rank starts a fresh RNG stream",
+                    self.ranks.rank,
+                    ckpt_dir.name,
+                    meta.get("world_size"),
+                )
             else:
                 log.warning("no RNG state for rank %d in %s; continuing with fresh RNG", self.ranks.rank, ckpt_dir)
         self.last_saved_step = int(meta["step"])
@@ -400,8 +483,12 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------- retention
     def retention(self) -> None:
         c = self.cfg.checkpoint
-        self.store.retention(c.keep_last, c.keep_best, deletable=is_uploaded if self.uploader is not None else None,
-                             metric=self.plan.best_metric)
+        self.store.retention(
+            c.keep_last,
+            c.keep_best,
+            deletable=is_uploaded if self.uploader is not None else None,
+            metric=self.plan.best_metric,
+        )
 
     # --------------------------------------------------------------------------------- uploads
     def drain(self, stopped: bool, deadline: Optional[float], stop: Any) -> None:
@@ -415,6 +502,7 @@ class CheckpointManager:
 
         def give_up() -> bool:
             return stop.urgent or (stop.is_set() and stop.elapsed() > p.grace_s - p.exit_reserve_s)
+
         if stopped:
             self.uploader.prioritize_newest()
             assert deadline is not None
@@ -423,7 +511,12 @@ class CheckpointManager:
             timeout = self.cfg.upload.drain_timeout_s
         waiting = self.uploader.pending()
         if waiting:
-            log.info("waiting up to %.0f s for %d checkpoint upload(s): %s", timeout, len(waiting), ", ".join(x.name for x in waiting))
+            log.info(
+                "waiting up to %.0f s for %d checkpoint upload(s): %s",
+                timeout,
+                len(waiting),
+                ", ".join(x.name for x in waiting),
+            )
         if not self.uploader.close(timeout, abort=give_up):
             log.warning("stopped waiting for uploads: %s", "a second signal" if stop.urgent else "the time is up")
         self.retention()

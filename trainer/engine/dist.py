@@ -1,4 +1,5 @@
 """Process-group helpers: rank info from the launcher's environment, init, and small collectives."""
+
 from __future__ import annotations
 
 import itertools
@@ -37,7 +38,9 @@ def init_distributed(timeout_s: float = 600) -> None:
     accel = get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), timeout=timedelta(seconds=timeout_s), verbose=False)
+    deepspeed.init_distributed(
+        dist_backend=accel.communication_backend_name(), timeout=timedelta(seconds=timeout_s), verbose=False
+    )
     if accel.device_name() == "cpu":
         _unlink_shm_buffers()
     global _HOST_GROUP
@@ -45,7 +48,6 @@ def init_distributed(timeout_s: float = 600) -> None:
         import torch.distributed
 
         _HOST_GROUP = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-
 
 
 def _unlink_shm_buffers() -> None:
@@ -184,10 +186,17 @@ def wait_for(fn: Callable[[], T], runners: Sequence[int], what: str) -> tuple[st
         if not pending:
             break
         if time.monotonic() >= next_log:
-            said = [f"rank {r}: {store.get(f'{key}/progress/{r}').decode()}" for r in pending
-                    if store.check([f"{key}/progress/{r}"])]
-            log.info("waiting %.0f s for %s (%s)", time.monotonic() - started, what,
-                     "; ".join(said) or f"rank(s) {', '.join(map(str, pending))}, no progress reported yet")
+            said = [
+                f"rank {r}: {store.get(f'{key}/progress/{r}').decode()}"
+                for r in pending
+                if store.check([f"{key}/progress/{r}"])
+            ]
+            log.info(
+                "waiting %.0f s for %s (%s)",
+                time.monotonic() - started,
+                what,
+                "; ".join(said) or f"rank(s) {', '.join(map(str, pending))}, no progress reported yet",
+            )
             next_log += WAIT_LOG_EVERY_S
         time.sleep(delay)
         delay = min(0.5, delay * 2)

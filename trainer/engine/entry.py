@@ -3,6 +3,7 @@
 Parses the same config flags as `trainer train` (plus the `--local_rank` the launcher injects),
 runs the task's training, and maps the outcome to the documented exit codes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,9 @@ from trainer.log import to_log_files
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="launch/train.py", description="Train one rank of a run (started by the deepspeed launcher).")
+    p = argparse.ArgumentParser(
+        prog="launch/train.py", description="Train one rank of a run (started by the deepspeed launcher)."
+    )
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override any field")
     p.add_argument("--max-steps", type=int)
@@ -59,9 +62,11 @@ def _stopped_while_starting(trainer: Any, reason: str) -> None:
     conversion, a download) is a hidden staging folder that the next start removes."""
     if not _leaving.acquire(blocking=False):
         return  # the other one is leaving
-    logging.getLogger("trainer.signals").warning("stop requested (%s) while the job was starting: nothing trained yet,"
-                                                 " nothing to save; leaving now (run the same command to start again)",
-                                                 reason)
+    logging.getLogger("trainer.signals").warning(
+        "stop requested (%s) while the job was starting: nothing trained yet,"
+        " nothing to save; leaving now (run the same command to start again)",
+        reason,
+    )
     try:
         trainer.say_where_checkpoints_are()
         from trainer.engine.signals import reap_sibling_ranks_later
@@ -78,7 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _epilogue(code: int) -> int:
     """The exit code in this node's log and, from rank 0, where the launcher reads it."""
-    to_log_files(logging.INFO if code in (0, 75) else logging.WARNING, f"rank {os.environ.get('RANK', '0')} exits with code {code}")
+    to_log_files(
+        logging.INFO if code in (0, 75) else logging.WARNING,
+        f"rank {os.environ.get('RANK', '0')} exits with code {code}",
+    )
     status = os.environ.get(STATUS_FILE_ENV)
     if status and int(os.environ.get("RANK", "0")) == 0:
         try:
@@ -102,8 +110,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     trainer = None
     try:
-        overrides = Overrides(sets=args.sets, max_steps=args.max_steps, epochs=args.num_epochs, batch_size=args.batch_size,
-                              learning_rate=args.learning_rate, resume=args.resume)
+        overrides = Overrides(
+            sets=args.sets,
+            max_steps=args.max_steps,
+            epochs=args.num_epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            resume=args.resume,
+        )
         cfg = load_config(args.config, overrides)
         from trainer.engine.loop import Trainer
         from trainer.tasks import build_task

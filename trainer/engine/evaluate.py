@@ -12,6 +12,7 @@ Evaluation leaves training as it was: modules return to the train/eval mode they
 states (Python, NumPy, torch, CUDA) are put back, so a run's training losses are the same bit for
 bit with evaluation on or off.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ def rank_batches(subset: np.ndarray, micro_batch: int, ranks: RankInfo) -> list[
     out = []
     for start in range(0, len(subset), per):
         lo = start + ranks.rank * micro_batch
-        out.append([int(i) for i in subset[lo: min(lo + micro_batch, start + per, len(subset))]])
+        out.append([int(i) for i in subset[lo : min(lo + micro_batch, start + per, len(subset))]])
     return out
 
 
@@ -61,8 +62,10 @@ class Evaluator:
         self.batches = rank_batches(self.subset, micro_batch, ranks)
 
     def describe(self) -> str:
-        return (f"evaluation: {len(self.subset):,} of {self.task.val_size():,} validation samples"
-                f" ({len(self.batches)} batch(es) per rank), the same ones every time")
+        return (
+            f"evaluation: {len(self.subset):,} of {self.task.val_size():,} validation samples"
+            f" ({len(self.batches)} batch(es) per rank), the same ones every time"
+        )
 
     def run(self, step: int) -> EvalResult:
         """Evaluate the model as it is now (collective)."""

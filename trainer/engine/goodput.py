@@ -18,6 +18,7 @@ after k was lost, and is carried as `recomputed` (steps) or in its own phase (sa
 fresh machine has no ledger: the time a lost VM spent after its last checkpoint in the bucket is
 not known there and is left out (`unrecorded_attempts` says when that happened).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,12 @@ def add(a: dict[str, float], b: dict[str, float], sign: float = 1.0) -> dict[str
 def summary(seconds: dict[str, float], attempts: int = 1) -> dict[str, Any]:
     """The record stored in metadata and status: seconds per phase, total, goodput and attempts."""
     total = sum(seconds.get(p, 0.0) for p in PHASES)
-    return {"seconds": {p: round(seconds.get(p, 0.0), 3) for p in PHASES}, "total_s": round(total, 3),
-            "goodput": round(seconds.get("productive", 0.0) / total, 4) if total > 0 else None, "attempts": attempts}
+    return {
+        "seconds": {p: round(seconds.get(p, 0.0), 3) for p in PHASES},
+        "total_s": round(total, 3),
+        "goodput": round(seconds.get("productive", 0.0) / total, 4) if total > 0 else None,
+        "attempts": attempts,
+    }
 
 
 def describe(record: Optional[dict]) -> str:
@@ -113,8 +118,9 @@ class Goodput:
         self._ledger: dict = {"attempts": []}
         self._me: Optional[dict] = None
 
-    def begin(self, run_root: Path, resumed: Optional[dict], source_run_root: Optional[Path], attempt_id: str,
-              writer: bool) -> None:
+    def begin(
+        self, run_root: Path, resumed: Optional[dict], source_run_root: Optional[Path], attempt_id: str, writer: bool
+    ) -> None:
         """Start this attempt: carry the resumed checkpoint's totals and the work lost after it.
 
         `source_run_root`: the run folder the resumed checkpoint belongs to (a branch starts a new one)."""
@@ -125,14 +131,23 @@ class Goodput:
             self.carried = add(zero(), rec.get("seconds") or {})
             self.attempts = int(rec.get("attempts") or 1) + 1
             self.unrecorded = int(rec.get("unrecorded_attempts") or 0)
-            source = ledger if source_run_root is None or Path(source_run_root) == Path(run_root) else _read(Path(source_run_root) / LEDGER)
+            source = (
+                ledger
+                if source_run_root is None or Path(source_run_root) == Path(run_root)
+                else _read(Path(source_run_root) / LEDGER)
+            )
             lost, found = _lost_after(source["attempts"], int(resumed["step"]))
             self.carried = add(self.carried, lost)
             if not found:
                 self.unrecorded += 1
         self._ledger = ledger
-        self._me = {"id": attempt_id, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "resumed_from_step": None if resumed is None else int(resumed["step"]), "seconds": zero(), "commits": {}}
+        self._me = {
+            "id": attempt_id,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "resumed_from_step": None if resumed is None else int(resumed["step"]),
+            "seconds": zero(),
+            "commits": {},
+        }
         ledger["attempts"].append(self._me)
         self.flush()
 
@@ -185,7 +200,7 @@ def _lost_after(attempts: list[dict], step: int) -> tuple[dict[str, float], bool
     if at is None:
         return zero(), False
     lost = add(attempts[at].get("seconds") or {}, attempts[at]["commits"][key], -1.0)
-    for a in attempts[at + 1:]:
+    for a in attempts[at + 1 :]:
         lost = add(lost, a.get("seconds") or {})
     lost["recomputed"] += lost["productive"]
     lost["productive"] = 0.0

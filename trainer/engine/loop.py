@@ -5,6 +5,7 @@ Checkpoints (saving in the background, committing, loading, uploads and retentio
 TensorBoard, status file, summary) is the `Reporter`'s; where the wall time goes is the `Goodput`
 clock's. The run's length and cadences come from its `Plan`. The loop steps and asks them.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -20,8 +21,15 @@ from typing import Any, Optional
 
 from trainer.checkpoint.catalog import trend_of
 from trainer.checkpoint.layout import MANIFEST, remote_prefix, tag_for, utc_now
-from trainer.checkpoint.store import (Checkpoint, CheckpointStore, all_committed, atomic_write, is_committed, read_metadata,
-                                     resolve_resume)
+from trainer.checkpoint.store import (
+    Checkpoint,
+    CheckpointStore,
+    all_committed,
+    atomic_write,
+    is_committed,
+    read_metadata,
+    resolve_resume,
+)
 from trainer.checkpoint.universal import UNIVERSAL_DIR
 from trainer.config.batch import resolve_batch
 from trainer.config.deepspeed import render_ds_config, uses_ds_optimizer, zero_stage
@@ -94,12 +102,18 @@ class RunState:
             return None
         trend, change = trend_of([float(v) for _, v in self.val_history])
         last_step, last = self.val_history[-1]
-        return {"current_val_loss": last, "current_step": last_step,
-                "perplexity": self.last_ppl if last_step == step else None,
-                "best_val_loss": self.best_val_loss, "best_val_step": self.best_val_step,
-                "steps_since_best": step - self.best_val_step if self.best_val_step is not None else None,
-                "evaluations": len(self.val_history), "trend": trend,
-                "trend_change": round(change, 6) if change is not None else None, "best_metric": metric}
+        return {
+            "current_val_loss": last,
+            "current_step": last_step,
+            "perplexity": self.last_ppl if last_step == step else None,
+            "best_val_loss": self.best_val_loss,
+            "best_val_step": self.best_val_step,
+            "steps_since_best": step - self.best_val_step if self.best_val_step is not None else None,
+            "evaluations": len(self.val_history),
+            "trend": trend,
+            "trend_change": round(change, 6) if change is not None else None,
+            "best_metric": metric,
+        }
 
     @classmethod
     def from_metadata(cls, meta: dict) -> "RunState":
@@ -173,7 +187,9 @@ class Trainer:
         self.uploader: Any = None
         self.ckpt: Optional[CheckpointManager] = None
         self.state = RunState()
-        self.boundary_rng: Optional[dict] = None  # RNG at the start of the step in progress (for a stop between micro-batches)
+        self.boundary_rng: Optional[dict] = (
+            None  # RNG at the start of the step in progress (for a stop between micro-batches)
+        )
         self.stop_deadline: Optional[float] = None  # monotonic time by which a stopped job must have left
         self.resumed_from_world_size: Optional[int] = None  # the resumed checkpoint's world size, when it differs
         self._grace_warned: set[str] = set()
@@ -185,8 +201,14 @@ class Trainer:
 
         model = model_identity(self.cfg)
         with self.clock.phase_of("restore"):  # every recorded file's size and CRC32C checked before anything loads
-            ckpt = resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume, task=self.cfg.task, model=model,
-                                  verify="full", repair=self._repair_from_bucket if self.cfg.upload.url else None)
+            ckpt = resolve_resume(
+                self.cfg.run_dir,
+                self.cfg.checkpoint.resume,
+                task=self.cfg.task,
+                model=model,
+                verify="full",
+                repair=self._repair_from_bucket if self.cfg.upload.url else None,
+            )
         restored = None
         if ckpt is None and self.cfg.checkpoint.resume == "auto" and self.cfg.upload.url:
             log.info("no local checkpoint: looking for the newest complete one in %s", redact(self.cfg.upload.url))
@@ -197,22 +219,30 @@ class Trainer:
             except Exception as exc:
                 if not is_storage_error(exc):
                     raise
-                raise UserError(f"--resume auto: could not restore from {redact(self.cfg.upload.url)} ({describe_error(exc)});"
-                                " nothing was trained: run the same command again when the bucket answers, or pass"
-                                " --resume none to start a new run") from None
+                raise UserError(
+                    f"--resume auto: could not restore from {redact(self.cfg.upload.url)} ({describe_error(exc)});"
+                    " nothing was trained: run the same command again when the bucket answers, or pass"
+                    " --resume none to start a new run"
+                ) from None
             if path is not None:
                 ckpt, restored = Checkpoint(path, read_metadata(path)), remote_prefix(read_metadata(path))
                 if path in damaged_here:  # restore() keeps a local folder of that tag, and this one failed its check
-                    raise UserError(f"--resume auto: {path} is damaged (named above) and could not be repaired from the"
-                                    " bucket; pass --resume with an older checkpoint, or --resume none")
+                    raise UserError(
+                        f"--resume auto: {path} is damaged (named above) and could not be repaired from the"
+                        " bucket; pass --resume with an older checkpoint, or --resume none"
+                    )
         if ckpt is None:
             return RunDecision(self.cfg.run_id or new_run_id())
         meta = dict(ckpt.metadata)
         newer = [c.tag for c in CheckpointStore(ckpt.path.parent.parent).committed() if c.step > ckpt.step]
         if newer:  # never overwrite the later checkpoints of that run: continue as a new run
             run_id = new_run_id()
-            log.warning("resuming from %s, which has newer checkpoints (%s): continuing as a new run %s", ckpt.tag,
-                        ", ".join(newer), run_id)
+            log.warning(
+                "resuming from %s, which has newer checkpoints (%s): continuing as a new run %s",
+                ckpt.tag,
+                ", ".join(newer),
+                run_id,
+            )
             meta["mlflow_run_id"] = None
             return RunDecision(run_id, str(ckpt.path), meta, branched_from=str(ckpt.path))
         return RunDecision(ckpt.run_id, str(ckpt.path), meta, restored=restored)
@@ -269,7 +299,9 @@ class Trainer:
                 wanted = (lambda name: needed_by_ranks(name, mine, stage)) if same_world else None
                 if bad := damaged_files(src, read_metadata(src), wanted=wanted):
                     damaged = f"; its damaged files were removed ({describe_damage(bad)})"
-                    log.warning("this node's copy of %s is damaged (%s): fetching the files again", src, describe_damage(bad))
+                    log.warning(
+                        "this node's copy of %s is damaged (%s): fetching the files again", src, describe_damage(bad)
+                    )
                     for rel, _ in bad:
                         (src / rel).unlink(missing_ok=True)
             if decision.restored and not is_committed(src):
@@ -277,16 +309,19 @@ class Trainer:
                 manifest = json.loads(storage.get_bytes(f"{decision.restored}/{MANIFEST}") or b"{}")
                 with self.clock.phase_of("restore"):
                     restore(storage, decision.restored, manifest, self.cfg.run_dir)
-            if is_committed(src) and (int(meta.get("world_size", r.world_size)) != r.world_size
-                                      or not missing_for_ranks(src, mine, stage)):
+            if is_committed(src) and (
+                int(meta.get("world_size", r.world_size)) != r.world_size or not missing_for_ranks(src, mine, stage)
+            ):
                 return  # (another world size: the conversion fetches what it needs)
             url = self.cfg.upload.url
             raw = open_storage(url).get_bytes(f"{remote_prefix(meta)}/{MANIFEST}") if url else None
             if raw is None:
                 where = f"{redact(url)} holds no complete copy of it" if url else "no upload.url to fetch them from"
                 what = "lacks files its ranks load, written on another node" if is_committed(src) else "is missing"
-                raise UserError(f"--resume: this node's copy of {src} {what} (nodes without a shared filesystem), and {where}"
-                                f"{damaged}")
+                raise UserError(
+                    f"--resume: this node's copy of {src} {what} (nodes without a shared filesystem), and {where}"
+                    f"{damaged}"
+                )
             storage, prefix, manifest = open_storage(url), remote_prefix(meta), json.loads(raw)  # type: ignore[arg-type]
             with self.clock.phase_of("restore"):
                 if not is_committed(src):  # a node that never had it (a replaced VM): the whole checkpoint
@@ -322,10 +357,19 @@ class Trainer:
         dist.agree(convert, dist.local_mains(r), f"each node converting {src.name} to the universal format")
         conv = done.get("conversion")
         if r.is_main and conv is not None:
-            how = (f"converted to universal in {conv.seconds:.1f} s" if conv.seconds is not None
-                   else "reusing its universal conversion")
-            log.info("resuming %s saved on %d ranks onto %d: %s (%s)", src.name, self.resumed_from_world_size, r.world_size,
-                     how, gb(conv.bytes))
+            how = (
+                f"converted to universal in {conv.seconds:.1f} s"
+                if conv.seconds is not None
+                else "reusing its universal conversion"
+            )
+            log.info(
+                "resuming %s saved on %d ranks onto %d: %s (%s)",
+                src.name,
+                self.resumed_from_world_size,
+                r.world_size,
+                how,
+                gb(conv.bytes),
+            )
         return src / UNIVERSAL_DIR
 
     def setup(self) -> None:
@@ -338,16 +382,29 @@ class Trainer:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         dist.init_distributed()
         cfg, r = self.cfg, self.ranks
-        render_ds_config(resolve_batch(cfg, r.world_size, self.source), r.world_size, self.task.model_hints().get("hidden_size"),
-                         self.source)  # bad input before any work
+        render_ds_config(
+            resolve_batch(cfg, r.world_size, self.source),
+            r.world_size,
+            self.task.model_hints().get("hidden_size"),
+            self.source,
+        )  # bad input before any work
         dist.agree(self.task.prepare_data, dist.local_mains(r), "the first rank of each node preparing the data")
         sizes = dist.on_main_then_share(self.task.preflight, r, "rank 0 checking the data")
         if cfg.upload.url:
             dist.on_main_then_share(lambda: open_storage(cfg.upload.url).check(), r, "rank 0 checking upload.url")
-        decision = dist.on_main_then_share(self._decide_run, r, "rank 0 choosing (and restoring) the checkpoint to resume")
+        decision = dist.on_main_then_share(
+            self._decide_run, r, "rank 0 choosing (and restoring) the checkpoint to resume"
+        )
         node = node_identity(r)  # each node's log, from here on (what each node restores or fetches is in it)
-        add_node_log(Path(cfg.run_dir), Path(cfg.run_dir) / decision.run_id, node.node_rank, node.host, r.is_local_main,
-                     r.rank, node.hosts)
+        add_node_log(
+            Path(cfg.run_dir),
+            Path(cfg.run_dir) / decision.run_id,
+            node.node_rank,
+            node.host,
+            r.is_local_main,
+            r.rank,
+            node.hosts,
+        )
         meta = decision.metadata
         # the global batch on this world size (a checkpoint saved on another one keeps its own), then what follows from it
         self.cfg = cfg = resolve_batch(cfg, r.world_size, self.source, meta)
@@ -357,9 +414,18 @@ class Trainer:
         self.report = Reporter(cfg, r, self.plan)
         if decision.resume:
             resume = Checkpoint(Path(decision.resume), meta)
-            dist.on_main_then_share(lambda: resume.check_resumable(str(cfg.checkpoint.resume), r.world_size, cfg.task,
-                                                                   self.plan.max_steps, model_identity(cfg), self.stage),
-                                    r, "rank 0 checking the checkpoint to resume")
+            dist.on_main_then_share(
+                lambda: resume.check_resumable(
+                    str(cfg.checkpoint.resume),
+                    r.world_size,
+                    cfg.task,
+                    self.plan.max_steps,
+                    model_identity(cfg),
+                    self.stage,
+                ),
+                r,
+                "rank 0 checking the checkpoint to resume",
+            )
             self._restore_on_this_node(decision)
             if int(meta.get("world_size", r.world_size)) != r.world_size:
                 self.resumed_from_world_size = int(meta["world_size"])
@@ -379,8 +445,15 @@ class Trainer:
         source_root = Path(decision.resume).parent.parent if decision.resume else None
         self.goodput.begin(self.run_root, meta, source_root, attempt_id=uuid.uuid4().hex[:12], writer=r.is_main)
         self.config_hash = config_hash(self.written_cfg)  # as written: the same on any world size
-        log.info("run %s: %d rank(s), ZeRO stage %d, %s, config %s (hash %s)", self.run_id, r.world_size, self.stage,
-                 cfg.train.precision, self.source, self.config_hash)
+        log.info(
+            "run %s: %d rank(s), ZeRO stage %d, %s, config %s (hash %s)",
+            self.run_id,
+            r.world_size,
+            self.stage,
+            cfg.train.precision,
+            self.source,
+            self.config_hash,
+        )
         log.info(self.plan.describe())
 
         model = self._build_model(deepspeed)
@@ -390,34 +463,63 @@ class Trainer:
         if cfg.upload.url and r.is_local_main:
             from trainer.upload.uploader import NodeInfo, make_uploader
 
-            node = NodeInfo(r.rank // r.local_world_size, max(1, r.world_size // r.local_world_size), r.local_world_size)
+            node = NodeInfo(
+                r.rank // r.local_world_size, max(1, r.world_size // r.local_world_size), r.local_world_size
+            )
             self.uploader = make_uploader(cfg.upload, node)
-        self.ckpt = CheckpointManager(cfg, self.plan, r, self.store, self.task, self.goodput, self._metadata, self._side_files,
-                                      uploader=self.uploader, on_commit=self._on_commit)
+        self.ckpt = CheckpointManager(
+            cfg,
+            self.plan,
+            r,
+            self.store,
+            self.task,
+            self.goodput,
+            self._metadata,
+            self._side_files,
+            uploader=self.uploader,
+            on_commit=self._on_commit,
+        )
         self.ckpt.attach(self.engine)
         if decision.resume:
             self.ckpt.load(Path(decision.resume), meta, universal)
             self.state = RunState.from_metadata(meta)
             if meta.get("config_hash") != self.config_hash:
-                log.warning("resuming %s saved with config hash %s; this config hashes to %s (training settings changed)",
-                            Path(decision.resume).name, meta.get("config_hash"), self.config_hash)
+                log.warning(
+                    "resuming %s saved with config hash %s; this config hashes to %s (training settings changed)",
+                    Path(decision.resume).name,
+                    meta.get("config_hash"),
+                    self.config_hash,
+                )
             log.info("resumed from %s at step %d (run %s)", decision.resume, self.state.step, self.run_id)
         self.task.setup_data(r, cfg.train.micro_batch_size, cfg.train.grad_accum)
         if self.plan.evaluates:
             self.evaluator = Evaluator(self.task, self.engine, r, cfg.train.micro_batch_size, cfg.eval.batches)
-            log.info("%s; %s, best checkpoint by %s", self.evaluator.describe(),
-                     "every epoch" if self.plan.eval_every == "epoch" else f"every {self.plan.eval_every} steps", self.plan.best_metric)
-        self.mlflow_run_id = dist.on_main_then_share(lambda: self._start_tracking(meta), r, "rank 0 starting MLflow tracking")
+            log.info(
+                "%s; %s, best checkpoint by %s",
+                self.evaluator.describe(),
+                "every epoch" if self.plan.eval_every == "epoch" else f"every {self.plan.eval_every} steps",
+                self.plan.best_metric,
+            )
+        self.mlflow_run_id = dist.on_main_then_share(
+            lambda: self._start_tracking(meta), r, "rank 0 starting MLflow tracking"
+        )
         self.flops_per_token = self.task.flops_per_token(model)
         self.peak = peak_flops(accelerator_name()) if self._on_gpu() else None
 
     def _start_tracking(self, meta: Optional[dict]) -> Optional[str]:
         """Rank 0: the MLflow run (continued on a resume), with params and the config. Returns its id."""
         assert self.report is not None and self.plan is not None
-        return self.report.start_tracking(meta, {"world_size": self.ranks.world_size, "zero_stage": self.stage,
-                                                 "plan.max_steps": self.plan.max_steps, "plan.warmup_steps": self.plan.warmup_steps,
-                                                 "plan.steps_per_epoch": round(self.plan.steps_per_epoch, 4)},
-                                          {"trainer.run_id": self.run_id, "trainer.config_hash": self.config_hash})
+        return self.report.start_tracking(
+            meta,
+            {
+                "world_size": self.ranks.world_size,
+                "zero_stage": self.stage,
+                "plan.max_steps": self.plan.max_steps,
+                "plan.warmup_steps": self.plan.warmup_steps,
+                "plan.steps_per_epoch": round(self.plan.steps_per_epoch, 4),
+            },
+            {"trainer.run_id": self.run_id, "trainer.config_hash": self.config_hash},
+        )
 
     def initialize_engine(self, model: Any) -> None:
         """The DeepSpeed engine around `model` (trainable parameters only in the optimizer) at step 0."""
@@ -430,8 +532,11 @@ class Trainer:
         if self.resumed_from_world_size:  # the resume reads the checkpoint's universal conversion
             config = {**config, "checkpoint": {**config.get("checkpoint", {}), "load_universal": True}}
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=groups, optimizer=optimizer,
-            lr_scheduler=scheduler_factory(cfg.optim, self.plan), config=config,
+            model=model,
+            model_parameters=groups,
+            optimizer=optimizer,
+            lr_scheduler=scheduler_factory(cfg.optim, self.plan),
+            config=config,
         )
         self.state = RunState()
 
@@ -563,8 +668,9 @@ class Trainer:
         with self.clock.phase_of("eval"):
             result = self.evaluator.run(s.step)
         improved = s.record_val(result)
-        self.report.val_point(result, improved, (s.best_val_loss, s.best_val_step),
-                              s.validation_metrics(s.step, self.plan.best_metric))
+        self.report.val_point(
+            result, improved, (s.best_val_loss, s.best_val_step), s.validation_metrics(s.step, self.plan.best_metric)
+        )
         return improved and self.plan.best_metric == "val_loss"
 
     def _stop_here(self, window: LossWindow, lr: float, tokens_per_step: int, completed: bool) -> None:
@@ -577,8 +683,12 @@ class Trainer:
         reserve = self.cfg.preemption.exit_reserve_s
         if self.ckpt.pending is not None:
             need = self.ckpt.in_flight_remaining_s()
-            log.info("stop: the write of %s has %s to go; waiting for it until %.1f s before the deadline",
-                     self.ckpt.pending.tag, f"~{need:.1f} s" if need < 1e8 else "an unknown time", reserve)
+            log.info(
+                "stop: the write of %s has %s to go; waiting for it until %.1f s before the deadline",
+                self.ckpt.pending.tag,
+                f"~{need:.1f} s" if need < 1e8 else "an unknown time",
+                reserve,
+            )
             self.ckpt.wait(self.stop_deadline - reserve)
         saved = self.ckpt.last_saved_step == s.step
         if not saved and self.ckpt.pending is None and self.ckpt.save_fits(s.step, self.stop_deadline):
@@ -586,8 +696,13 @@ class Trainer:
             self.ckpt.maybe_save(s.step, "preemption", rng=None if completed else self.boundary_rng)
             saved = True
         where = "" if completed else " (between micro-batches: the state of the last complete step)"
-        log.warning("stop requested (%s): stopped at step %d%s%s", self.stop.signal_name, s.step, where,
-                    " after saving" if saved else "")
+        log.warning(
+            "stop requested (%s): stopped at step %d%s%s",
+            self.stop.signal_name,
+            s.step,
+            where,
+            " after saving" if saved else "",
+        )
         self.report.stopping(s.step, self.stop.signal_name)
 
     def tokens_per_step(self) -> int:
@@ -626,9 +741,14 @@ class Trainer:
         step_time = elapsed / steps
         tps = tokens_per_step / step_time
         grad_norm = self.engine.get_global_grad_norm()
-        point = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                 "step_time_s": step_time, "tokens_per_s": tps,
-                 "mfu": mfu(tps / self.ranks.world_size, self.flops_per_token, self.peak)}
+        point = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "step_time_s": step_time,
+            "tokens_per_s": tps,
+            "mfu": mfu(tps / self.ranks.world_size, self.flops_per_token, self.peak),
+        }
         self.report.train_point(s.step, point, self.goodput.record(), (s.best_loss, s.best_step))
         self.goodput.flush()
         if s.step >= 2:  # the first step is a warm-up
@@ -647,9 +767,20 @@ class Trainer:
             return
         s = self.state
         committed = self.store.committed()
-        self.report.finish(s, s.step - start_step, elapsed, tokens_per_step, stopped, self.stop, self.goodput.record(),
-                           self.ckpt.last_saved_step == s.step, self.ckpt, committed[-1].tag if committed else "none",
-                           self.store.root, self._log_export)
+        self.report.finish(
+            s,
+            s.step - start_step,
+            elapsed,
+            tokens_per_step,
+            stopped,
+            self.stop,
+            self.goodput.record(),
+            self.ckpt.last_saved_step == s.step,
+            self.ckpt,
+            committed[-1].tag if committed else "none",
+            self.store.root,
+            self._log_export,
+        )
         self.goodput.flush()
 
     def _log_export(self) -> None:
@@ -669,12 +800,21 @@ class Trainer:
                 shutil.rmtree(out)
             _, files = export_checkpoint(final, out, self.task)
         except Exception as exc:  # the run itself succeeded: say so, and keep its exit code
-            log.warning("tracking.log_export: exporting %s failed (%s: %s); `trainer export` can retry it", final.name,
-                        type(exc).__name__, str(exc)[:300])
+            log.warning(
+                "tracking.log_export: exporting %s failed (%s: %s); `trainer export` can retry it",
+                final.name,
+                type(exc).__name__,
+                str(exc)[:300],
+            )
             return
         self.report.tracker.log_artifacts(out, "model")
-        log.info("exported %s to %s (%s) in %.1f s and logged it to MLflow as model/", final.name, out, ", ".join(files),
-                 time.perf_counter() - t0)
+        log.info(
+            "exported %s to %s (%s) in %.1f s and logged it to MLflow as model/",
+            final.name,
+            out,
+            ", ".join(files),
+            time.perf_counter() - t0,
+        )
 
     def fail(self) -> None:
         """Mark the tracking run FAILED (called on an exception)."""
@@ -693,11 +833,21 @@ def grace_problems(cfg: RunConfig, step_time: float, save_s: Optional[float]) ->
     unit = "micro-batch" if micro else "step"
     budget = p.grace_s - p.exit_reserve_s
     if wait > budget:
-        return [("step", f"a {unit} takes {wait:.1f} s, more than the {p.grace_s:g} s grace (minus {p.exit_reserve_s:g} s to leave):"
+        return [
+            (
+                "step",
+                f"a {unit} takes {wait:.1f} s, more than the {p.grace_s:g} s grace (minus {p.exit_reserve_s:g} s to leave):"
                 f" a SIGTERM cannot be honoured at a {unit} boundary with these settings; the run resumes from its last"
-                " checkpoint (lower train.micro_batch_size" + ("" if micro else ", or raise train.grad_accum") + ")")]
+                " checkpoint (lower train.micro_batch_size" + ("" if micro else ", or raise train.grad_accum") + ")",
+            )
+        ]
     if save_s is not None and wait + 1.2 * save_s > budget:
-        return [("save", f"a {unit} ({wait:.1f} s) and an emergency save (~{save_s:.1f} s) take more than the {p.grace_s:g} s grace"
+        return [
+            (
+                "save",
+                f"a {unit} ({wait:.1f} s) and an emergency save (~{save_s:.1f} s) take more than the {p.grace_s:g} s grace"
                 f" (minus {p.exit_reserve_s:g} s to leave): a SIGTERM will usually stop without saving, losing the work since"
-                " the last checkpoint (save more often, or lower the step time)")]
+                " the last checkpoint (save more often, or lower the step time)",
+            )
+        ]
     return []

@@ -1,4 +1,5 @@
 """Throughput and utilisation: tokens/s, model FLOPs utilisation (MFU), and system info."""
+
 from __future__ import annotations
 
 import platform

@@ -1,4 +1,5 @@
 """Optimizer parameter groups and the warmup + decay learning-rate schedule."""
+
 from __future__ import annotations
 
 import math
@@ -49,11 +50,14 @@ class LRSchedule:
 
 def optimizer_factory(cfg: OptimConfig, fused: bool) -> Callable[[Any], Any]:
     """A callable DeepSpeed calls with the parameter groups: torch's AdamW (exact, resumable state)."""
+
     def make(groups: Any) -> Any:
         import torch
 
         kwargs = {"fused": True} if fused else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, **kwargs)
+        return torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, **kwargs
+        )
 
     return make
 

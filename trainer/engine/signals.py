@@ -1,4 +1,5 @@
 """Stop requests from signals: handlers only set a flag; the loop acts on it at a step boundary."""
+
 from __future__ import annotations
 
 import os
@@ -95,8 +96,11 @@ def _is_deepspeed_launcher(proc: "object") -> bool:
     except Exception:
         return False
     head = " ".join(cmd[:4])
-    return ("deepspeed.launcher" in head or "trainer.launcher.ds_" in head  # DeepSpeed's, or started through our shims
-            or any(os.path.basename(a) == "deepspeed" for a in cmd[:2]))
+    return (
+        "deepspeed.launcher" in head
+        or "trainer.launcher.ds_" in head  # DeepSpeed's, or started through our shims
+        or any(os.path.basename(a) == "deepspeed" for a in cmd[:2])
+    )
 
 
 def watch_launchers(stop: StopFlag, interval_s: float = 0.5) -> Optional[threading.Thread]:
@@ -155,6 +159,11 @@ def reap_sibling_ranks_later(wait_s: float = 2.0) -> int:
     except psutil.Error:
         return 0
     if pids:
-        subprocess.Popen(["sh", "-c", f"sleep {wait_s:g}; kill -KILL {' '.join(pids)} 2>/dev/null"], start_new_session=True,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.Popen(
+            ["sh", "-c", f"sleep {wait_s:g}; kill -KILL {' '.join(pids)} 2>/dev/null"],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     return len(pids)

@@ -15,6 +15,7 @@ at neox-1.2b on a GPU a step is ~1 s and a write 40-80 s, so nearly nothing woul
 The file bytes are DeepSpeed's: the same state dicts, written by the same `torch.save`, loaded
 by DeepSpeed's `load_checkpoint` unchanged. The commit (metadata.json) stays the caller's.
 """
+
 from __future__ import annotations
 
 import collections
@@ -199,7 +200,9 @@ def snapshot(obj: Any, buffers: HostBuffers, memo: Optional[dict[int, Any]] = No
         src = obj.detach()
         buf = buffers.take(src.dtype, src.numel()).view(src.shape)
         buf.copy_(src, non_blocking=buffers.pin)
-        out: Any = torch.nn.Parameter(buf, requires_grad=obj.requires_grad) if isinstance(obj, torch.nn.Parameter) else buf
+        out: Any = (
+            torch.nn.Parameter(buf, requires_grad=obj.requires_grad) if isinstance(obj, torch.nn.Parameter) else buf
+        )
         memo[id(obj)] = out
         return out
     if isinstance(obj, dict):
@@ -412,6 +415,10 @@ class SnapshotCheckpointEngine:
         vm = psutil.virtual_memory()
         ok = vm.available - need >= MEMORY_RESERVE_FRACTION * vm.total
         if not ok and not quiet:
-            log.warning("not enough free host memory for a %.1f GB snapshot (%.1f GB available): writing this file"
-                        " directly (training waits for it)", need / 1e9, vm.available / 1e9)
+            log.warning(
+                "not enough free host memory for a %.1f GB snapshot (%.1f GB available): writing this file"
+                " directly (training waits for it)",
+                need / 1e9,
+                vm.available / 1e9,
+            )
         return ok

@@ -3,6 +3,7 @@ reported PASS/FAIL with a one-line reason. Knows no task: it drives the `Task` a
 own step. Nothing is written outside a temporary folder (MLflow: a temporary store unless
 `tracking.uri` names a server, where the check logs to a run tagged `trainer.validate`).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,18 @@ from typing import Any, Callable, Optional
 
 from trainer.errors import UserError
 
-CHECKS = ("configuration", "model initialization", "parameter freezing", "data pipeline", "forward pass", "training step",
-          "checkpoint save and load", "MLflow logging", "short training run", "preemption timing")
+CHECKS = (
+    "configuration",
+    "model initialization",
+    "parameter freezing",
+    "data pipeline",
+    "forward pass",
+    "training step",
+    "checkpoint save and load",
+    "MLflow logging",
+    "short training run",
+    "preemption timing",
+)
 
 
 @dataclass
@@ -54,7 +65,10 @@ class Validator:
         cfg.run_dir = self.tmp / "runs"
         cfg.checkpoint.resume = "none"
         cfg.upload.url = None
-        self.configured = (cfg.train.micro_batch_size, cfg.train.grad_accum)  # the checks run smaller; timing scales back
+        self.configured = (
+            cfg.train.micro_batch_size,
+            cfg.train.grad_accum,
+        )  # the checks run smaller; timing scales back
         cfg.train.global_batch_size = None
         cfg.train.grad_accum = 1
         cfg.train.micro_batch_size = min(cfg.train.micro_batch_size, 2)
@@ -66,8 +80,10 @@ class Validator:
         sizes = self.task.preflight() or DataSizes(1)
         self.plan = resolve_plan(cfg, sizes, 1)
         val = f", {sizes.val:,} validation samples" if sizes.val else ", no validation data"
-        return (f"task {cfg.task}, ZeRO stage {self.ds_config['zero_optimization']['stage']}, {cfg.train.precision},"
-                f" {sizes.train:,} training samples{val}")
+        return (
+            f"task {cfg.task}, ZeRO stage {self.ds_config['zero_optimization']['stage']}, {cfg.train.precision},"
+            f" {sizes.train:,} training samples{val}"
+        )
 
     def model_initialization(self) -> str:
         from trainer.engine.loop import Trainer
@@ -130,7 +146,9 @@ class Validator:
         root = self.tmp / "ckpt"
         tag = "step-check"
         t0 = time.perf_counter()
-        t.engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=not self.task.save_frozen)
+        t.engine.save_checkpoint(
+            str(root), tag=tag, save_latest=False, exclude_frozen_parameters=not self.task.save_frozen
+        )
         self.task.on_save(t.engine.module, root / tag, True, False)
         os.sync()  # a save is on disk only once flushed: the emergency-save budget needs the whole time
         self.save_s = time.perf_counter() - t0
@@ -188,8 +206,10 @@ class Validator:
         wait = step_s / accum if unit == "micro-batch" else step_s
         if problems:
             raise UserError(f"(estimated on this machine, 1 rank) {problems[0][1]}")
-        return (f"a stop waits for one {unit} (~{wait:.2f} s here) and an emergency save takes ~{self.save_s:.2f} s: within"
-                f" the {p.grace_s:.0f} s grace")
+        return (
+            f"a stop waits for one {unit} (~{wait:.2f} s here) and an emergency save takes ~{self.save_s:.2f} s: within"
+            f" the {p.grace_s:.0f} s grace"
+        )
 
     # ----------------------------------------------------------------------------- driver
     def _snapshot(self) -> dict[str, dict[str, str]]:
@@ -227,7 +247,11 @@ class Validator:
                     status = "SKIP" if detail.startswith("SKIP: ") else "PASS"
                     self._report(Result(name, status, time.perf_counter() - t0, detail.removeprefix("SKIP: ")))
                 except Exception as exc:
-                    reason = str(exc).splitlines()[0] if isinstance(exc, UserError) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    reason = (
+                        str(exc).splitlines()[0]
+                        if isinstance(exc, UserError)
+                        else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    )
                     self._report(Result(name, "FAIL", time.perf_counter() - t0, reason))
                     if self.verbose and not isinstance(exc, UserError):
                         self.echo(traceback.format_exc())
@@ -236,8 +260,14 @@ class Validator:
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
         passed = sum(r.status != "FAIL" for r in self.results)
-        self.echo(f"{passed}/{len(self.results)} checks passed" + ("" if passed == len(self.results) else
-                  f"; first failure: {next(r.name for r in self.results if r.status == 'FAIL')}"))
+        self.echo(
+            f"{passed}/{len(self.results)} checks passed"
+            + (
+                ""
+                if passed == len(self.results)
+                else f"; first failure: {next(r.name for r in self.results if r.status == 'FAIL')}"
+            )
+        )
         return passed == len(self.results)
 
     def _report(self, r: Result) -> None:

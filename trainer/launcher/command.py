@@ -1,4 +1,5 @@
 """The `deepspeed` launcher command for a run, and running it as one process group."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,14 @@ def free_port() -> int:
 
 def one_rank_env() -> dict[str, str]:
     """What the deepspeed launcher sets for the only rank of a one-process job on this host."""
-    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port())}
+    return {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
 
 
 def become_one_rank() -> None:
@@ -73,8 +80,14 @@ class LaunchPlan:
                 cmd += ["--master_addr", self.master_addr]  # else the runner asks the first host (`hostname -I`)
             cmd += ["--master_port", str(self.master_port or 29500)]
         else:
-            cmd = [sys.executable, "-m", "trainer.launcher.ds_launch", f"--world_info={encode_world_info(self.hosts)}",
-                   f"--master_addr={self.master_addr or '127.0.0.1'}", f"--master_port={self.master_port or 29500}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "trainer.launcher.ds_launch",
+                f"--world_info={encode_world_info(self.hosts)}",
+                f"--master_addr={self.master_addr or '127.0.0.1'}",
+                f"--master_port={self.master_port or 29500}",
+            ]
             if self.node_rank is not None:  # one launcher per node, started on each node by hand or a scheduler
                 cmd.append(f"--node_rank={self.node_rank}")
         return cmd + script + ["--config", config, *worker_args]
@@ -138,8 +151,12 @@ def run_process_group(cmd: list[str], env: dict[str, str], grace_s: float = 25.0
         return int(Path(status).read_text())
     except (OSError, ValueError):
         if stopped and code in _died_of(stopped[0]):  # a rank died of the signal before its handler was in place
-            print(f"trainer: stopped by {signal.Signals(stopped[0]).name} while the ranks were starting: nothing trained,"
-                  " nothing to save; run the same command again", file=sys.stderr, flush=True)
+            print(
+                f"trainer: stopped by {signal.Signals(stopped[0]).name} while the ranks were starting: nothing trained,"
+                " nothing to save; run the same command again",
+                file=sys.stderr,
+                flush=True,
+            )
             return EXIT_PREEMPTED
         return 128 - code if code < 0 else code
     finally:

@@ -4,6 +4,7 @@ Torch and the accelerator (CUDA, NCCL, every GPU's name, memory, compute capabil
 its ops, and with a config: free disk at `run_dir` against that run's checkpoints, the bucket (a create-only
 probe object, deleted), the MLflow server; with a hostfile: every host over ssh. Nothing else is written.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,17 +43,44 @@ def check_torch(precision: Optional[str] = None) -> list[Check]:
             p = torch.cuda.get_device_properties(i)
             cc = f"{p.major}.{p.minor}"
             bf16 = p.major >= 8
-            out.append(Check(f"gpu {i}", bf16 or precision != "bf16", f"{p.name}, {p.total_memory / 2**30:.1f} GiB, compute"
-                             f" capability {cc}," + (" bf16 supported" if bf16 else " no bf16 (compute capability < 8.0)"
-                                                     + (": train.precision bf16 will fail, use fp16" if precision == "bf16" else ""))))
+            out.append(
+                Check(
+                    f"gpu {i}",
+                    bf16 or precision != "bf16",
+                    f"{p.name}, {p.total_memory / 2**30:.1f} GiB, compute"
+                    f" capability {cc},"
+                    + (
+                        " bf16 supported"
+                        if bf16
+                        else " no bf16 (compute capability < 8.0)"
+                        + (": train.precision bf16 will fail, use fp16" if precision == "bf16" else "")
+                    ),
+                )
+            )
     elif _cpu_mode():
         gloo = torch.distributed.is_available() and torch.distributed.is_gloo_available()
-        out.append(Check("cuda", gloo, f"no GPU; DS_ACCELERATOR=cpu: ranks train on the CPU over gloo ({os.cpu_count()} cores)"
-                         + ("" if gloo else ", but this torch has no gloo")))
+        out.append(
+            Check(
+                "cuda",
+                gloo,
+                f"no GPU; DS_ACCELERATOR=cpu: ranks train on the CPU over gloo ({os.cpu_count()} cores)"
+                + ("" if gloo else ", but this torch has no gloo"),
+            )
+        )
     else:
-        build = "a CPU-only build of torch" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build, no device seen"
-        out.append(Check("cuda", False, f"no GPU visible ({build}); check the driver with nvidia-smi, or set DS_ACCELERATOR=cpu"
-                         " to train on the CPU"))
+        build = (
+            "a CPU-only build of torch"
+            if torch.version.cuda is None
+            else f"CUDA {torch.version.cuda} build, no device seen"
+        )
+        out.append(
+            Check(
+                "cuda",
+                False,
+                f"no GPU visible ({build}); check the driver with nvidia-smi, or set DS_ACCELERATOR=cpu"
+                " to train on the CPU",
+            )
+        )
     return out
 
 
@@ -62,7 +90,9 @@ def check_deepspeed(build: bool = False) -> list[Check]:
         from deepspeed.accelerator import get_accelerator
     except Exception as exc:  # an import that fails here fails every rank
         return [Check("deepspeed", False, f"import failed: {type(exc).__name__}: {exc}")]
-    out = [Check("deepspeed", True, f"DeepSpeed {deepspeed.__version__}, accelerator {get_accelerator().device_name()}")]
+    out = [
+        Check("deepspeed", True, f"DeepSpeed {deepspeed.__version__}, accelerator {get_accelerator().device_name()}")
+    ]
     from torch.utils.cpp_extension import is_ninja_available
 
     builders = _op_builders()
@@ -72,16 +102,24 @@ def check_deepspeed(build: bool = False) -> list[Check]:
     where = os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")
     names = ", ".join(name for name, _ in builders)
     ok = not bad and ninja and cxx
-    detail = (f"ops {names}: " + ("compatible" if not bad else f"not compatible here: {', '.join(bad)}")
-              + ("" if ninja else "; ninja missing (pip install ninja)") + ("" if cxx else "; no C++ compiler")
-              + f"; JIT builds cached in {where}")
+    detail = (
+        f"ops {names}: "
+        + ("compatible" if not bad else f"not compatible here: {', '.join(bad)}")
+        + ("" if ninja else "; ninja missing (pip install ninja)")
+        + ("" if cxx else "; no C++ compiler")
+        + f"; JIT builds cached in {where}"
+    )
     out.append(Check("deepspeed ops", ok, detail))
     if build and ok:
         for name, builder in builders:
             t0 = time.perf_counter()
             try:
                 builder.load(verbose=False)
-                out.append(Check(f"build {name}", True, f"built (or loaded from the cache) in {time.perf_counter() - t0:.1f} s"))
+                out.append(
+                    Check(
+                        f"build {name}", True, f"built (or loaded from the cache) in {time.perf_counter() - t0:.1f} s"
+                    )
+                )
             except Exception as exc:
                 last = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
                 out.append(Check(f"build {name}", False, f"{type(exc).__name__}: {last[0]}"))
@@ -139,8 +177,10 @@ def check_disk(cfg: Any) -> Check:
     if size is None:
         return Check("disk", True, f"{gb(free)} free at {where} (a checkpoint's size is known after the first one)")
     need = size * (cfg.checkpoint.keep_last + 1)  # the kept ones and the one being written
-    detail = (f"{gb(free)} free at {where}; a checkpoint is {gb(size)} ({source}), checkpoint.keep_last"
-              f" {cfg.checkpoint.keep_last} + 1 being written need {gb(need)}")
+    detail = (
+        f"{gb(free)} free at {where}; a checkpoint is {gb(size)} ({source}), checkpoint.keep_last"
+        f" {cfg.checkpoint.keep_last} + 1 being written need {gb(need)}"
+    )
     return Check("disk", free >= need, detail)
 
 
@@ -157,9 +197,17 @@ def check_bucket(url: str) -> Check:
         try:
             storage.delete(name)
         except Exception as exc:
-            return Check("bucket", False, f"{redact(url)}: created a probe object but could not delete it ({describe_error(exc)}):"
-                         f" uploads work, retention of old checkpoints in the bucket will not")
-        return Check("bucket", True, f"{redact(url)}: listed, created and deleted a probe object in {time.perf_counter() - t0:.2f} s")
+            return Check(
+                "bucket",
+                False,
+                f"{redact(url)}: created a probe object but could not delete it ({describe_error(exc)}):"
+                f" uploads work, retention of old checkpoints in the bucket will not",
+            )
+        return Check(
+            "bucket",
+            True,
+            f"{redact(url)}: listed, created and deleted a probe object in {time.perf_counter() - t0:.2f} s",
+        )
     except UserError as exc:
         return Check("bucket", False, str(exc))
     except Exception as exc:
@@ -183,9 +231,12 @@ def check_mlflow(cfg: Any) -> Check:
             with urllib.request.urlopen(url, timeout=10) as r:
                 return Check("mlflow", True, f"{redact(uri)} answers ({r.status})")
         except urllib.error.HTTPError as exc:
-            return Check("mlflow", exc.code < 500 and exc.code not in (401, 403),
-                         f"{redact(uri)} answers HTTP {exc.code}" + (" (credentials: MLFLOW_TRACKING_TOKEN or _USERNAME/_PASSWORD)"
-                                                                     if exc.code in (401, 403) else ""))
+            return Check(
+                "mlflow",
+                exc.code < 500 and exc.code not in (401, 403),
+                f"{redact(uri)} answers HTTP {exc.code}"
+                + (" (credentials: MLFLOW_TRACKING_TOKEN or _USERNAME/_PASSWORD)" if exc.code in (401, 403) else ""),
+            )
         except Exception as exc:
             return Check("mlflow", False, f"{redact(uri)} unreachable: {getattr(exc, 'reason', exc)}")
     return Check("mlflow", True, f"{redact(uri)} (a local store)")
@@ -198,8 +249,15 @@ def check_hosts(hostfile: Path) -> list[Check]:
     hosts = list(parse_hostfile(hostfile))
     if len(hosts) == 1:  # DeepSpeed's runner starts one host's ranks on this machine, without ssh
         return [Check(f"host {hosts[0]}", True, "one host: the ranks start on this machine (no ssh, no pdsh)")]
-    out = [Check("pdsh", shutil.which("pdsh") is not None, "found" if shutil.which("pdsh") else
-                 "not installed: DeepSpeed's runner reaches the hosts through it (apt-get install pdsh)")]
+    out = [
+        Check(
+            "pdsh",
+            shutil.which("pdsh") is not None,
+            "found"
+            if shutil.which("pdsh")
+            else "not installed: DeepSpeed's runner reaches the hosts through it (apt-get install pdsh)",
+        )
+    ]
     bad = ssh_unreachable(hosts)  # this machine too: pdsh reaches every host, its own included, over ssh
     for h in hosts:
         note = " (this machine)" if is_local(h) else ""
@@ -207,7 +265,9 @@ def check_hosts(hostfile: Path) -> list[Check]:
     return out
 
 
-def run_doctor(cfg: Optional[Any], hostfile: Optional[Path], echo: Callable[[str], None], build_ops: bool = False) -> bool:
+def run_doctor(
+    cfg: Optional[Any], hostfile: Optional[Path], echo: Callable[[str], None], build_ops: bool = False
+) -> bool:
     precision = cfg.train.precision if cfg is not None else None
     checks: list[Callable[[], list[Check]]] = [lambda: check_torch(precision), lambda: check_deepspeed(build_ops)]
     if cfg is not None:

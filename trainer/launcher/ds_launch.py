@@ -5,6 +5,7 @@ DeepSpeed's runner (the `deepspeed` command) adds nothing on one node but the `-
 importing it costs seconds: `trainer train` builds that argument itself and starts this launcher directly. The
 launcher process imports DeepSpeed without MLflow (`trainer.dsimport`): over a second more per start.
 """
+
 from __future__ import annotations
 
 import base64

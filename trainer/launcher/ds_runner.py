@@ -4,6 +4,7 @@ The runner logs its whole pdsh command, `export NAME=VALUE` for every variable i
 (all MLFLOW* ones by default, so a tracking password too). `trainer train` starts the runner through this
 module on multi-node jobs; everything else is the runner's, unchanged.
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """DeepSpeed hostfiles: `HOSTNAME slots=N` per line, `#` comments, blank lines ignored."""
+
 from __future__ import annotations
 
 import re

@@ -10,6 +10,7 @@ What differs from one machine:
 - A node that fails is named at the end with its last error line. If the other nodes have not ended within
   the grace period after it, they are stopped, then killed: a dead node never leaves the job hanging.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,10 +25,13 @@ from dataclasses import dataclass, field
 from typing import IO, Optional
 
 from trainer.errors import EXIT_PREEMPTED, STATUS_FILE_ENV, STATUS_TO_STDERR
+
 _EXIT = re.compile(r"^(?P<host>[^\s:]+): trainer: rank 0 exit code (?P<code>-?\d+)\s*$")
 _NODE_EXIT = re.compile(r"^pdsh@[^:]+: (?P<host>[^\s:]+): ssh exited with exit code (?P<code>\d+)")
 _HOST_LINE = re.compile(r"^(?P<host>[^\s:@]+): (?P<text>.*\S)\s*$")
-_LAUNCHER_UP = re.compile(r"launch\.py:\d+:main\] nnodes=\d+, num_local_procs=\d+, node_rank=\d+")  # DeepSpeed's launcher
+_LAUNCHER_UP = re.compile(
+    r"launch\.py:\d+:main\] nnodes=\d+, num_local_procs=\d+, node_rank=\d+"
+)  # DeepSpeed's launcher
 _ERROR_TEXT = re.compile(r"^(\[rank\d+\] )?error: |^[\w.]*(Error|Exception|Exit)\b.*:|^Killed\b")
 _NOT_ERROR = re.compile(r"^Exception ignored in")
 
@@ -55,22 +59,32 @@ def ssh_unreachable(hosts: list[str], timeout_s: float = 10.0, env: Optional[dic
 
 def launcher_pattern(master_port: int) -> str:
     """Matches this job's per-node DeepSpeed launcher (not the bash, ssh or pdsh processes carrying its command)."""
-    return (r"^[^ ]*python[^ ]* -u -m deepspeed\.launcher\.launch --world_info=[^ ]* --node_rank=[^ ]* "
-            rf"--master_addr=[^ ]* --master_port={master_port}( |$)")
+    return (
+        r"^[^ ]*python[^ ]* -u -m deepspeed\.launcher\.launch --world_info=[^ ]* --node_rank=[^ ]* "
+        rf"--master_addr=[^ ]* --master_port={master_port}( |$)"
+    )
 
 
 def signal_nodes(hosts: list[str], master_port: int, signum: int, env: dict) -> subprocess.Popen:
     """Send `signum` to the training ranks on every node (the launchers themselves where no rank exists yet)."""
     sig = signal.Signals(signum).name.removeprefix("SIG")
-    script = (f"l=$(pgrep -d, -f '{launcher_pattern(master_port)}'); [ -z \"$l\" ] || pkill -{sig} -P \"$l\""
-              f" || kill -{sig} $(echo \"$l\" | tr , ' ')")
-    return subprocess.Popen(["pdsh", "-w", ",".join(hosts), script], env={**env, "PDSH_RCMD_TYPE": "ssh"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    script = (
+        f'l=$(pgrep -d, -f \'{launcher_pattern(master_port)}\'); [ -z "$l" ] || pkill -{sig} -P "$l"'
+        f" || kill -{sig} $(echo \"$l\" | tr , ' ')"
+    )
+    return subprocess.Popen(
+        ["pdsh", "-w", ",".join(hosts), script],
+        env={**env, "PDSH_RCMD_TYPE": "ssh"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 @dataclass
 class _Watch:
     """What the runner's output says about the job: rank 0's code, the nodes that failed and their last error."""
+
     hosts: list[str]
     rank0_code: Optional[int] = None
     failed: dict[str, int] = field(default_factory=dict)
@@ -117,7 +131,9 @@ def run_over_ssh(cmd: list[str], env: dict[str, str], hosts: list[str], master_p
     # what the user's shell has (not this machine's CPU defaults, nor its own data check), and rank 0's exit line
     env_file = write_env_file({**os.environ, STATUS_FILE_ENV: STATUS_TO_STDERR})
     try:
-        return _run(cmd, {**env, STATUS_FILE_ENV: STATUS_TO_STDERR, "DS_ENV_FILE": str(env_file)}, hosts, master_port, grace_s)
+        return _run(
+            cmd, {**env, STATUS_FILE_ENV: STATUS_TO_STDERR, "DS_ENV_FILE": str(env_file)}, hosts, master_port, grace_s
+        )
     finally:
         env_file.unlink(missing_ok=True)
 
@@ -149,8 +165,10 @@ def _run(cmd: list[str], env: dict[str, str], hosts: list[str], master_port: int
         raise
     for signum in early:
         forward(signum, None)
-    pumps = [threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, watch), daemon=True),
-             threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, watch), daemon=True)]
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, watch), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, watch), daemon=True),
+    ]
     for t in pumps:
         t.start()
     stop_sent: Optional[float] = None
@@ -161,8 +179,11 @@ def _run(cmd: list[str], env: dict[str, str], hosts: list[str], master_port: int
             now = time.monotonic()
             if watch.first_failure and stop_sent is None and now - watch.first_failure > wait_s:
                 hosts_failed = ", ".join(sorted(watch.failed))
-                print(f"trainer: {hosts_failed} failed {wait_s:.0f} s ago and the job goes on: stopping the other nodes",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"trainer: {hosts_failed} failed {wait_s:.0f} s ago and the job goes on: stopping the other nodes",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 senders.append(signal_nodes(hosts, master_port, signal.SIGTERM, env))
                 stop_sent = now
             elif stop_sent is not None and now - stop_sent > wait_s:

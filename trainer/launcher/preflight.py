@@ -1,4 +1,5 @@
 """Everything checked before any process starts: config consistency, data, resume target, storage."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -21,13 +22,18 @@ def preflight(cfg: RunConfig, world_size: int, source: str) -> Optional[Checkpoi
     sizes = task.preflight()  # None: remote shards not downloaded yet; the ranks resolve the plan then
     model = model_identity(cfg)
     # sizes only (rank 0 checks CRC32Cs); with a bucket none: rank 0 may repair a damaged checkpoint from it
-    ckpt = resolve_resume(cfg.run_dir, cfg.checkpoint.resume, task=cfg.task, model=model,
-                          verify="none" if cfg.upload.url else "sizes")
-    cfg = resolve_batch(cfg, world_size, source, ckpt.metadata if ckpt else None)  # a resumed run keeps its global batch
+    ckpt = resolve_resume(
+        cfg.run_dir, cfg.checkpoint.resume, task=cfg.task, model=model, verify="none" if cfg.upload.url else "sizes"
+    )
+    cfg = resolve_batch(
+        cfg, world_size, source, ckpt.metadata if ckpt else None
+    )  # a resumed run keeps its global batch
     stage = zero_stage(render_ds_config(cfg, world_size, hidden, source))
     plan = resolve_plan(cfg, sizes, world_size) if sizes is not None else None
     if ckpt is not None:
-        ckpt.check_resumable(str(cfg.checkpoint.resume), world_size, cfg.task, plan.max_steps if plan else None, model, stage)
+        ckpt.check_resumable(
+            str(cfg.checkpoint.resume), world_size, cfg.task, plan.max_steps if plan else None, model, stage
+        )
         saved_world = int(ckpt.metadata.get("world_size", world_size))
         if saved_world != world_size and not cfg.upload.url and (missing := missing_states(ckpt.path, saved_world)):
             raise missing_states_error(ckpt.path, saved_world, missing, None)  # (with a bucket, the ranks fetch them)

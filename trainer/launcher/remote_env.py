@@ -8,6 +8,7 @@ the user's own `.deepspeed_env` lines, which keep precedence), so a remote rank 
 credentials file, the tracking server and the CPU settings. The runner logs its pdsh command with every
 exported value: `ds_runner` masks the secret ones.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,14 +19,29 @@ from typing import Mapping
 
 from trainer.errors import UserError
 
-FORWARDED = ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CORE_PROJECT",
-             "DS_ACCELERATOR", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-             "TOKENIZERS_PARALLELISM", "CUDA_DEVICE_MAX_CONNECTIONS", "PYTORCH_CUDA_ALLOC_CONF")
+FORWARDED = (
+    "STORAGE_EMULATOR_HOST",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_CLOUD_PROJECT",
+    "CLOUDSDK_CORE_PROJECT",
+    "DS_ACCELERATOR",
+    "OMP_NUM_THREADS",
+    "TORCH_EXTENSIONS_DIR",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    "CUDA_DEVICE_MAX_CONNECTIONS",
+    "PYTORCH_CUDA_ALLOC_CONF",
+)
 FORWARDED_PREFIXES = ("TRAINER_", "MLFLOW_", "NCCL_", "GLOO_")
 NOT_FORWARDED = ("TRAINER_SHARDS_CHECKED",)  # this machine's own data check says nothing of another node's copy
 # names whose values are secrets: masked wherever the runner would print them
-_SECRET_NAME = re.compile(r"(^|_)(PASSWORD|PASSWD|PASS|TOKEN|SECRET|KEY|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?|AUTH"
-                          r"|CONNECTION_STRING)(_|$)", re.IGNORECASE)
+_SECRET_NAME = re.compile(
+    r"(^|_)(PASSWORD|PASSWD|PASS|TOKEN|SECRET|KEY|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?|AUTH"
+    r"|CONNECTION_STRING)(_|$)",
+    re.IGNORECASE,
+)
 _URL_SECRET = re.compile(r"//[^/@\s]+@|[?&](token|key|sig|signature|password|secret)=", re.IGNORECASE)
 # The runner puts a value with other characters in double quotes, where the remote shell would expand these; pdsh
 # itself rewrites %n, %h, %u and %% in the command it runs.
@@ -62,8 +78,10 @@ def write_env_file(env: Mapping[str, str], cwd: Path | None = None) -> Path:
     lines = []
     for name, value in forwarded(env).items():
         if _UNSAFE.search(value):
-            raise UserError(f"environment variable {name}: its value holds a character (\" $ ` \\ % or a newline) that the"
-                            " deepspeed runner and pdsh cannot pass to the other nodes intact; set it on each node instead")
+            raise UserError(
+                f'environment variable {name}: its value holds a character (" $ ` \\ % or a newline) that the'
+                " deepspeed runner and pdsh cannot pass to the other nodes intact; set it on each node instead"
+            )
         lines.append(f"{name}={value}")
     for path in user_env_files(cwd):
         for number, raw in enumerate(path.read_text().splitlines(), start=1):

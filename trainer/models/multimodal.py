@@ -10,6 +10,7 @@ Phase 1 checkpoint format (one `.safetensors` file, no pickle):
 `load_phase1` verifies all of it and raises `UserError` naming the first problem. A torch file is never
 unpickled here: `trainer phase1 import` (trainer.models.phase1_import) converts one once.
 """
+
 from __future__ import annotations
 
 import glob
@@ -57,12 +58,29 @@ def tiny_architecture(text_vocab_size: int) -> dict:
         "align_dim": 32,
         "modalities": {
             "image": {"type": "clip_vision", "config": {**small, "image_size": 32, "patch_size": 8}},
-            "audio": {"type": "whisper_encoder", "config": {"d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 2,
-                                                            "encoder_ffn_dim": 64, "num_mel_bins": 80, "max_source_positions": 50,
-                                                            "decoder_layers": 1, "decoder_attention_heads": 2, "decoder_ffn_dim": 64,
-                                                            "vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1,
-                                                            "eos_token_id": 2, "decoder_start_token_id": 1}},
-            "text": {"type": "bert", "config": {**small, "vocab_size": text_vocab_size, "max_position_embeddings": 128}},
+            "audio": {
+                "type": "whisper_encoder",
+                "config": {
+                    "d_model": 32,
+                    "encoder_layers": 2,
+                    "encoder_attention_heads": 2,
+                    "encoder_ffn_dim": 64,
+                    "num_mel_bins": 80,
+                    "max_source_positions": 50,
+                    "decoder_layers": 1,
+                    "decoder_attention_heads": 2,
+                    "decoder_ffn_dim": 64,
+                    "vocab_size": 64,
+                    "pad_token_id": 0,
+                    "bos_token_id": 1,
+                    "eos_token_id": 2,
+                    "decoder_start_token_id": 1,
+                },
+            },
+            "text": {
+                "type": "bert",
+                "config": {**small, "vocab_size": text_vocab_size, "max_position_embeddings": 128},
+            },
         },
     }
 
@@ -72,12 +90,38 @@ def full_architecture(text_vocab_size: int = 30522) -> dict:
     return {
         "align_dim": 512,
         "modalities": {
-            "image": {"type": "clip_vision", "config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                                                        "num_attention_heads": 12, "image_size": 224, "patch_size": 16}},
-            "audio": {"type": "whisper_encoder", "config": {"d_model": 512, "encoder_layers": 6, "encoder_attention_heads": 8,
-                                                            "encoder_ffn_dim": 2048, "num_mel_bins": 80, "max_source_positions": 1500}},
-            "text": {"type": "bert", "config": {"vocab_size": text_vocab_size, "hidden_size": 768, "num_hidden_layers": 12,
-                                                "num_attention_heads": 12, "intermediate_size": 3072}},
+            "image": {
+                "type": "clip_vision",
+                "config": {
+                    "hidden_size": 768,
+                    "intermediate_size": 3072,
+                    "num_hidden_layers": 12,
+                    "num_attention_heads": 12,
+                    "image_size": 224,
+                    "patch_size": 16,
+                },
+            },
+            "audio": {
+                "type": "whisper_encoder",
+                "config": {
+                    "d_model": 512,
+                    "encoder_layers": 6,
+                    "encoder_attention_heads": 8,
+                    "encoder_ffn_dim": 2048,
+                    "num_mel_bins": 80,
+                    "max_source_positions": 1500,
+                },
+            },
+            "text": {
+                "type": "bert",
+                "config": {
+                    "vocab_size": text_vocab_size,
+                    "hidden_size": 768,
+                    "num_hidden_layers": 12,
+                    "num_attention_heads": 12,
+                    "intermediate_size": 3072,
+                },
+            },
         },
     }
 
@@ -95,10 +139,12 @@ def _modules() -> tuple[Any, Any]:
             d = int(architecture["align_dim"])
             mods = architecture["modalities"]
             self.encoders = nn.ModuleDict({m: _encoder(spec["type"], spec["config"]) for m, spec in mods.items()})
-            self.aligner = nn.ModuleDict({
-                m: nn.Sequential(nn.Linear(encoder_width(spec["type"], spec["config"]), d), nn.LayerNorm(d))
-                for m, spec in mods.items()
-            })
+            self.aligner = nn.ModuleDict(
+                {
+                    m: nn.Sequential(nn.Linear(encoder_width(spec["type"], spec["config"]), d), nn.LayerNorm(d))
+                    for m, spec in mods.items()
+                }
+            )
 
         def encode(self, modality: str, inputs: dict) -> Any:
             enc = self.encoders[modality]
@@ -140,9 +186,12 @@ def load_pretrained_encoders(paths: dict[str, Path]) -> dict[str, Any]:
     CLIP-vision, Whisper, BERT); a folder that does not load is one line naming the modality and folder."""
     loaders = {
         "image": lambda p: __import__("transformers").CLIPVisionModel.from_pretrained(str(p), local_files_only=True),
-        "audio": lambda p: __import__("transformers").WhisperModel.from_pretrained(str(p), local_files_only=True).get_encoder(),
-        "text": lambda p: __import__("transformers").BertModel.from_pretrained(str(p), local_files_only=True,
-                                                                            add_pooling_layer=False),
+        "audio": lambda p: (
+            __import__("transformers").WhisperModel.from_pretrained(str(p), local_files_only=True).get_encoder()
+        ),
+        "text": lambda p: __import__("transformers").BertModel.from_pretrained(
+            str(p), local_files_only=True, add_pooling_layer=False
+        ),
     }
     unknown = sorted(set(paths) - set(loaders))
     if unknown:
@@ -170,8 +219,12 @@ def load_pretrained_encoders(paths: dict[str, Path]) -> dict[str, Any]:
 
 def phase1_architecture(encoders: dict[str, Any], align_dim: int) -> dict:
     """The architecture header of a Phase 1 model over these encoders (their transformers configs)."""
-    return {"align_dim": int(align_dim),
-            "modalities": {m: {"type": ENCODER_TYPES[m], "config": enc.config.to_diff_dict()} for m, enc in encoders.items()}}
+    return {
+        "align_dim": int(align_dim),
+        "modalities": {
+            m: {"type": ENCODER_TYPES[m], "config": enc.config.to_diff_dict()} for m, enc in encoders.items()
+        },
+    }
 
 
 def phase1_shapes(architecture: dict) -> dict[str, tuple[int, ...]]:
@@ -203,8 +256,15 @@ def save_phase1(model: Any, path: Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": PHASE1_FORMAT, "format_version": str(PHASE1_VERSION),
-                                          "architecture": json.dumps(model.architecture)})
+    save_file(
+        state,
+        str(path),
+        metadata={
+            "format": PHASE1_FORMAT,
+            "format_version": str(PHASE1_VERSION),
+            "architecture": json.dumps(model.architecture),
+        },
+    )
 
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -241,9 +301,15 @@ def is_torch_file(path: Path) -> bool:
 def torch_file_hint(path: Path, what: str = "lora.phase1_checkpoint") -> str:
     """One line for a torch file given where a Phase 1 safetensors file is expected: the command that converts it."""
     path = Path(path)
-    out = path.with_name(f"{path.stem}.phase1.safetensors") if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
-    return (f"{what} {path} is a torch file; convert it once: trainer phase1 import {path} --image DIR --audio DIR"
-            f" --text DIR --out {out} (then point lora.phase1_checkpoint at {out})")
+    out = (
+        path.with_name(f"{path.stem}.phase1.safetensors")
+        if path.suffix == ".safetensors"
+        else path.with_suffix(".safetensors")
+    )
+    return (
+        f"{what} {path} is a torch file; convert it once: trainer phase1 import {path} --image DIR --audio DIR"
+        f" --text DIR --out {out} (then point lora.phase1_checkpoint at {out})"
+    )
 
 
 def resolve_phase1_checkpoint(spec: str) -> Path:
@@ -277,13 +343,19 @@ def read_phase1_header(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:
-        raise UserError(f"Phase 1 checkpoint {path}: not a safetensors file ({str(exc).splitlines()[0][:120]})") from None
+        raise UserError(
+            f"Phase 1 checkpoint {path}: not a safetensors file ({str(exc).splitlines()[0][:120]})"
+        ) from None
     if meta.get("format") != PHASE1_FORMAT:
-        raise UserError(f"Phase 1 checkpoint {path}: header format is {meta.get('format')!r}, expected {PHASE1_FORMAT!r}"
-                        " (write it with trainer.models.multimodal.save_phase1)")
+        raise UserError(
+            f"Phase 1 checkpoint {path}: header format is {meta.get('format')!r}, expected {PHASE1_FORMAT!r}"
+            " (write it with trainer.models.multimodal.save_phase1)"
+        )
     if meta.get("format_version") != str(PHASE1_VERSION):
-        raise UserError(f"Phase 1 checkpoint {path}: format_version {meta.get('format_version')!r}, this trainer reads"
-                        f" version {PHASE1_VERSION}")
+        raise UserError(
+            f"Phase 1 checkpoint {path}: format_version {meta.get('format_version')!r}, this trainer reads"
+            f" version {PHASE1_VERSION}"
+        )
     try:
         arch = json.loads(meta["architecture"])
         mods = arch["modalities"]
@@ -292,10 +364,14 @@ def read_phase1_header(path: Path) -> dict:
         raise UserError(f"Phase 1 checkpoint {path}: architecture header is unreadable ({exc})") from None
     unknown = sorted(set(mods) - set(MODALITIES))
     if unknown or not mods:
-        raise UserError(f"Phase 1 checkpoint {path}: modalities {sorted(mods)}, expected a non-empty subset of {list(MODALITIES)}")
+        raise UserError(
+            f"Phase 1 checkpoint {path}: modalities {sorted(mods)}, expected a non-empty subset of {list(MODALITIES)}"
+        )
     for m, spec in mods.items():
         if spec.get("type") != ENCODER_TYPES[m]:
-            raise UserError(f"Phase 1 checkpoint {path}: {m} encoder type {spec.get('type')!r}, expected {ENCODER_TYPES[m]!r}")
+            raise UserError(
+                f"Phase 1 checkpoint {path}: {m} encoder type {spec.get('type')!r}, expected {ENCODER_TYPES[m]!r}"
+            )
     return arch
 
 
@@ -316,8 +392,10 @@ def verify_phase1(path: Path) -> dict:
         raise UserError(f"Phase 1 checkpoint {path}: {len(unexpected)} unexpected tensor(s), first {unexpected[0]!r}")
     for k, shape in expected.items():
         if got[k] != shape:
-            raise UserError(f"Phase 1 checkpoint {path}: tensor {k!r} has shape {list(got[k])}, the architecture in its"
-                            f" header needs {list(shape)}")
+            raise UserError(
+                f"Phase 1 checkpoint {path}: tensor {k!r} has shape {list(got[k])}, the architecture in its"
+                f" header needs {list(shape)}"
+            )
     return arch
 
 
@@ -363,7 +441,9 @@ def parameter_table(named: Iterable[tuple[str, Any]]) -> list[str]:
     for comp, (a, b) in rows.items():
         out.append(f"{comp:<18} {a + b:>14,} {a:>14,} {b:>14,} {(a + b) / total:>7.2%}")
     out.append(f"{'total':<18} {total:>14,} {trainable:>14,} {total - trainable:>14,} {1:>7.2%}")
-    out.append(f"trainable {trainable:,} ({trainable / total:.2%}), frozen {total - trainable:,} ({(total - trainable) / total:.2%})")
+    out.append(
+        f"trainable {trainable:,} ({trainable / total:.2%}), frozen {total - trainable:,} ({(total - trainable) / total:.2%})"
+    )
     return out
 
 
@@ -399,9 +479,10 @@ def _llm_modules() -> Any:
             inputs = torch.cat([soft, embeds], dim=1)
             full_mask = torch.cat([torch.ones(soft.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
             logits = self.llm(inputs_embeds=inputs, attention_mask=full_mask, use_cache=False).logits
-            logits = logits[:, soft.shape[1]:, :]  # text positions only
-            return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
-                                   reduction=reduction)
+            logits = logits[:, soft.shape[1] :, :]  # text positions only
+            return F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction=reduction
+            )
 
         @torch.no_grad()
         def generate(self, media: dict, prompt_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -437,7 +518,9 @@ def check_adapter_tensors(state: dict, expected: dict[str, tuple[int, ...]], whe
         raise RuntimeError(f"{where}: {len(got)} LoRA tensors written, the model has {len(expected)}")
     for k, v in got.items():
         if v.numel() == 0:
-            raise RuntimeError(f"{where}: LoRA tensor {k} is empty {tuple(v.shape)} (ZeRO-3 parameters saved without gathering)")
+            raise RuntimeError(
+                f"{where}: LoRA tensor {k} is empty {tuple(v.shape)} (ZeRO-3 parameters saved without gathering)"
+            )
     for shape in expected.values():
         if 0 in shape:
             raise RuntimeError(f"{where}: a configured LoRA shape is empty {shape}")
@@ -445,4 +528,3 @@ def check_adapter_tensors(state: dict, expected: dict[str, tuple[int, ...]], whe
     have = sorted(tuple(v.shape) for v in got.values())
     if want != have:
         raise RuntimeError(f"{where}: LoRA tensor shapes {have[:3]}... differ from the configured {want[:3]}...")
-

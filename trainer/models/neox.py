@@ -1,4 +1,5 @@
 """GPT-NeoX presets built from `transformers.GPTNeoXConfig` (architecture only, no weights downloaded)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,12 +22,18 @@ class NeoXPreset:
 
 PRESETS: dict[str, NeoXPreset] = {
     # Pythia-1.4B shape: ~1.41B parameters in total, ~1.21B without the embeddings.
-    "neox-1.2b": NeoXPreset(num_layers=24, hidden_size=2048, num_heads=16, intermediate_size=8192, vocab_size=50257, seq_len=2048),
+    "neox-1.2b": NeoXPreset(
+        num_layers=24, hidden_size=2048, num_heads=16, intermediate_size=8192, vocab_size=50257, seq_len=2048
+    ),
     # Pythia-410M shape: ~405M parameters (302M without the embeddings); a 6 GB full-state checkpoint in fp32
     # (4 bytes of weights + 12 of Adam state per parameter): the size at which saves and uploads take seconds.
-    "neox-410m": NeoXPreset(num_layers=24, hidden_size=1024, num_heads=16, intermediate_size=4096, vocab_size=50257, seq_len=2048),
+    "neox-410m": NeoXPreset(
+        num_layers=24, hidden_size=1024, num_heads=16, intermediate_size=4096, vocab_size=50257, seq_len=2048
+    ),
     # A few milliseconds per step on one CPU core: tests and demos.
-    "neox-tiny": NeoXPreset(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=256, vocab_size=512, seq_len=128),
+    "neox-tiny": NeoXPreset(
+        num_layers=2, hidden_size=64, num_heads=4, intermediate_size=256, vocab_size=512, seq_len=128
+    ),
 }
 DIMENSIONS = ("num_layers", "hidden_size", "num_heads", "intermediate_size")
 """Architecture sizes a config may set over its preset (besides vocab_size and seq_len)."""
@@ -36,8 +43,9 @@ def padded_vocab(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def resolve_dims(preset: str, vocab_size: int | None = None, pad_to: int = 128, seq_len: int | None = None,
-                 **overrides: int | None) -> dict[str, int]:
+def resolve_dims(
+    preset: str, vocab_size: int | None = None, pad_to: int = 128, seq_len: int | None = None, **overrides: int | None
+) -> dict[str, int]:
     """The concrete sizes of a configured model: the preset's, with any of `DIMENSIONS` overridden (no torch needed)."""
     p = PRESETS[preset]
     unknown = set(overrides) - set(DIMENSIONS)
@@ -55,8 +63,13 @@ def resolve_dims(preset: str, vocab_size: int | None = None, pad_to: int = 128, 
 
 def dims_of(model: Any) -> dict[str, int]:
     """`resolve_dims` of a `ModelConfig` (or anything with its fields)."""
-    return resolve_dims(model.preset, model.vocab_size, model.pad_vocab_to, model.seq_len,
-                        **{k: getattr(model, k, None) for k in DIMENSIONS})
+    return resolve_dims(
+        model.preset,
+        model.vocab_size,
+        model.pad_vocab_to,
+        model.seq_len,
+        **{k: getattr(model, k, None) for k in DIMENSIONS},
+    )
 
 
 def dimension_problems(dims: dict[str, int], rotary_pct: float = 0.25) -> list[tuple[str, str]]:
@@ -64,14 +77,21 @@ def dimension_problems(dims: dict[str, int], rotary_pct: float = 0.25) -> list[t
     out = []
     hidden, heads = dims["hidden_size"], dims["num_heads"]
     if hidden % heads:
-        out.append(("num_heads", f"{heads} does not divide hidden_size {hidden} (each head gets hidden_size / num_heads)"))
+        out.append(
+            ("num_heads", f"{heads} does not divide hidden_size {hidden} (each head gets hidden_size / num_heads)")
+        )
     else:
         head = hidden // heads
         rotary = int(head * rotary_pct)
         if rotary < 2 or rotary % 2:
-            out.append(("num_heads", f"hidden_size {hidden} / num_heads {heads} = head size {head}, whose rotary part"
-                                     f" ({rotary_pct:.0%}: {rotary}) must be even and at least 2; use a head size of 8, 16, 32,"
-                                     " 64 or 128"))
+            out.append(
+                (
+                    "num_heads",
+                    f"hidden_size {hidden} / num_heads {heads} = head size {head}, whose rotary part"
+                    f" ({rotary_pct:.0%}: {rotary}) must be even and at least 2; use a head size of 8, 16, 32,"
+                    " 64 or 128",
+                )
+            )
     return out
 
 
@@ -105,6 +125,7 @@ def parameter_counts(model: Any) -> dict[str, int]:
 
     Works under ZeRO-3 too: partitioned parameters report their full size in `ds_numel`.
     """
+
     def numel(p: Any) -> int:
         return int(getattr(p, "ds_numel", 0) or p.numel())
 

@@ -8,6 +8,7 @@ longest matching OLD), then a key that is a tensor name of the model, or becomes
 `model.` / `module.` (Lightning, DDP), or with `aligner.` in front (`image.0.weight`, the aligner-only
 layout). Every aligner tensor must come from the file; tensors for the encoders replace the folders'.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainer.errors import UserError
-from trainer.models.multimodal import (MODALITIES, is_safetensors_file, load_pretrained_encoders, phase1_architecture,
-                                       phase1_from_encoders, phase1_shapes, save_phase1, verify_phase1, written_by_torch_save)
+from trainer.models.multimodal import (
+    MODALITIES,
+    is_safetensors_file,
+    load_pretrained_encoders,
+    phase1_architecture,
+    phase1_from_encoders,
+    phase1_shapes,
+    save_phase1,
+    verify_phase1,
+    written_by_torch_save,
+)
 
 STATE_WRAPPERS = ("state_dict", "model_state_dict", "model", "aligner")
 STRIPPED_PREFIXES = ("model.", "module.")
@@ -47,20 +57,27 @@ def read_tensors(path: Path) -> dict[str, Any]:
         try:
             return load_file(str(path))
         except Exception as exc:
-            raise UserError(f"aligner file {path}: unreadable safetensors file ({str(exc).splitlines()[0][:120]})") from None
+            raise UserError(
+                f"aligner file {path}: unreadable safetensors file ({str(exc).splitlines()[0][:120]})"
+            ) from None
     if not written_by_torch_save(path):
-        raise UserError(f"aligner file {path}: not a torch or safetensors file (expected what torch.save or"
-                        " safetensors writes)")
+        raise UserError(
+            f"aligner file {path}: not a torch or safetensors file (expected what torch.save or safetensors writes)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc) or "Unsupported operand" in str(exc):  # a damaged pickle
             why = re.search(r"WeightsUnpickler error: ([^\n]{1,120})", str(exc))
-            raise UserError(f"aligner file {path}: unreadable torch file ({why.group(1) if why else 'damaged pickle'})") from None
+            raise UserError(
+                f"aligner file {path}: unreadable torch file ({why.group(1) if why else 'damaged pickle'})"
+            ) from None
         needs = re.search(r"GLOBAL (\S+)", str(exc))
-        raise UserError(f"aligner file {path} holds Python objects other than tensors"
-                        f"{f' (first: {needs.group(1)})' if needs else ''}; only tensor state dicts are read: save"
-                        " `model.state_dict()` (or `{'state_dict': ...}`) with torch.save") from None
+        raise UserError(
+            f"aligner file {path} holds Python objects other than tensors"
+            f"{f' (first: {needs.group(1)})' if needs else ''}; only tensor state dicts are read: save"
+            " `model.state_dict()` (or `{'state_dict': ...}`) with torch.save"
+        ) from None
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise UserError(f"aligner file {path}: unreadable torch file ({first})") from None
@@ -78,8 +95,10 @@ def state_dict_of(obj: Any, path: Path) -> dict[str, Any]:
     inner = next((obj[k] for k in STATE_WRAPPERS if isinstance(obj.get(k), dict)), obj)
     tensors = {k: v for k, v in inner.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
-        raise UserError(f"aligner file {path} holds no tensors (top-level keys {_names(sorted(map(str, obj)))}); expected a"
-                        f" state dict or a dict with one under {' / '.join(STATE_WRAPPERS)}")
+        raise UserError(
+            f"aligner file {path} holds no tensors (top-level keys {_names(sorted(map(str, obj)))}); expected a"
+            f" state dict or a dict with one under {' / '.join(STATE_WRAPPERS)}"
+        )
     return tensors
 
 
@@ -89,7 +108,9 @@ def parse_maps(specs: Sequence[str]) -> list[tuple[str, str]]:
     for spec in specs:
         old, eq, new = spec.partition("=")
         if not eq or not old:
-            raise UserError(f"--map {spec!r}: expected OLD_PREFIX=NEW_PREFIX, e.g. --map image_head.proj.=aligner.image.0.")
+            raise UserError(
+                f"--map {spec!r}: expected OLD_PREFIX=NEW_PREFIX, e.g. --map image_head.proj.=aligner.image.0."
+            )
         out.append((old, new))
     return out
 
@@ -97,7 +118,7 @@ def parse_maps(specs: Sequence[str]) -> list[tuple[str, str]]:
 def target_name(key: str, names: Collection[str], maps: Sequence[tuple[str, str]]) -> Optional[str]:
     """The model tensor a file's key stands for (the rules in this module's docstring), or None."""
     old, new = max(((o, n) for o, n in maps if key.startswith(o)), key=lambda m: len(m[0]), default=("", ""))
-    key = new + key[len(old):]
+    key = new + key[len(old) :]
     while True:
         for candidate in (key, f"aligner.{key}"):
             if candidate in names:
@@ -105,11 +126,16 @@ def target_name(key: str, names: Collection[str], maps: Sequence[tuple[str, str]
         prefix = next((p for p in STRIPPED_PREFIXES if key.startswith(p)), None)
         if prefix is None:
             return None
-        key = key[len(prefix):]
+        key = key[len(prefix) :]
 
 
-def map_keys(state: dict[str, Any], names: Collection[str], path: Path, maps: Sequence[tuple[str, str]] = (),
-             ignore: Sequence[str] = ()) -> dict[str, Any]:
+def map_keys(
+    state: dict[str, Any],
+    names: Collection[str],
+    path: Path,
+    maps: Sequence[tuple[str, str]] = (),
+    ignore: Sequence[str] = (),
+) -> dict[str, Any]:
     """The file's tensors under the model's names. A key that matches nothing (and no `ignore` prefix), or two keys
     that land on one name, is a one-line UserError naming them, with a hint to use --map / --ignore."""
     mapped: dict[str, Any] = {}
@@ -122,25 +148,33 @@ def map_keys(state: dict[str, Any], names: Collection[str], path: Path, maps: Se
         if name is None:
             unmatched.append(key)
         elif name in source:
-            raise UserError(f"aligner file {path}: {source[name]!r} and {key!r} both map to {name!r}; keep one (--ignore PREFIX)")
+            raise UserError(
+                f"aligner file {path}: {source[name]!r} and {key!r} both map to {name!r}; keep one (--ignore PREFIX)"
+            )
         else:
             mapped[name], source[name] = value, key
     if unmatched:
         have = {n.split(".")[1] for n in names}
         absent = [m for m in MODALITIES if m not in have and any(f"{m}." in k or f"{m}_" in k for k in unmatched)]
         also = f"; or give --{' / --'.join(absent)} DIR for the {'/'.join(absent)} weights" if absent else ""
-        raise UserError(f"aligner file {path}: {len(unmatched)} tensor(s) match no Phase 1 tensor name: {_names(unmatched)};"
-                        f" rename them with --map OLD_PREFIX=NEW_PREFIX (names look like 'aligner.image.0.weight',"
-                        f" 'encoders.image.<...>') or skip them with --ignore PREFIX{also}")
+        raise UserError(
+            f"aligner file {path}: {len(unmatched)} tensor(s) match no Phase 1 tensor name: {_names(unmatched)};"
+            f" rename them with --map OLD_PREFIX=NEW_PREFIX (names look like 'aligner.image.0.weight',"
+            f" 'encoders.image.<...>') or skip them with --ignore PREFIX{also}"
+        )
     return mapped
 
 
 def aligner_dim(tensors: dict[str, Any], path: Path) -> int:
     """`align_dim` read off the aligner's Linear weights (`aligner.<modality>.0.weight`: [align_dim, encoder width])."""
-    dims = {k: int(v.shape[0]) for k, v in tensors.items() if re.fullmatch(r"aligner\.\w+\.0\.weight", k) and v.dim() == 2}
+    dims = {
+        k: int(v.shape[0]) for k, v in tensors.items() if re.fullmatch(r"aligner\.\w+\.0\.weight", k) and v.dim() == 2
+    }
     if len(set(dims.values())) != 1:
         found = ", ".join(f"{k} {v}" for k, v in sorted(dims.items())) or "no aligner.<modality>.0.weight"
-        raise UserError(f"aligner file {path}: cannot tell align_dim from its Linear weights ({found}); pass --align-dim D")
+        raise UserError(
+            f"aligner file {path}: cannot tell align_dim from its Linear weights ({found}); pass --align-dim D"
+        )
     return next(iter(dims.values()))
 
 
@@ -148,8 +182,10 @@ def check_supplied(tensors: dict[str, Any], shapes: dict[str, tuple[int, ...]], 
     """Every aligner tensor of the architecture comes from the file, and every tensor has the model's shape."""
     missing = sorted(k for k in shapes if k.startswith("aligner.") and k not in tensors)
     if missing:
-        raise UserError(f"aligner file {path}: {len(missing)} aligner tensor(s) missing: {_names(missing)}"
-                        " (each modality needs <modality>.0.weight/.bias (Linear) and .1.weight/.bias (LayerNorm))")
+        raise UserError(
+            f"aligner file {path}: {len(missing)} aligner tensor(s) missing: {_names(missing)}"
+            " (each modality needs <modality>.0.weight/.bias (Linear) and .1.weight/.bias (LayerNorm))"
+        )
     for k, v in tensors.items():
         if tuple(v.shape) != shapes[k]:
             raise UserError(f"aligner file {path}: tensor {k!r} has shape {list(v.shape)}, expected {list(shapes[k])}")
@@ -171,10 +207,16 @@ class Phase1Import:
         if self.source is None:
             origin = "aligner freshly initialised"
         else:
-            replaced = f", {self.encoder_tensors} of them encoder tensors replacing the folders'" if self.encoder_tensors else ""
+            replaced = (
+                f", {self.encoder_tensors} of them encoder tensors replacing the folders'"
+                if self.encoder_tensors
+                else ""
+            )
             origin = f"{self.from_file} tensors from {self.source}{replaced}"
-        return (f"wrote {self.out}: {', '.join(self.modalities)} encoders + aligner (align_dim {self.align_dim}); {origin};"
-                f" {self.parameters:,} parameters")
+        return (
+            f"wrote {self.out}: {', '.join(self.modalities)} encoders + aligner (align_dim {self.align_dim}); {origin};"
+            f" {self.parameters:,} parameters"
+        )
 
 
 def write_phase1_atomically(model: Any, out: Path) -> None:
@@ -188,9 +230,16 @@ def write_phase1_atomically(model: Any, out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def import_phase1(paths: dict[str, Path], out: Path, weights: Optional[Path] = None, align_dim: Optional[int] = None,
-                  maps: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), force: bool = False,
-                  seed: int = 0) -> Phase1Import:
+def import_phase1(
+    paths: dict[str, Path],
+    out: Path,
+    weights: Optional[Path] = None,
+    align_dim: Optional[int] = None,
+    maps: Sequence[tuple[str, str]] = (),
+    ignore: Sequence[str] = (),
+    force: bool = False,
+    seed: int = 0,
+) -> Phase1Import:
     """Write a Phase 1 checkpoint: encoders from the local Hugging Face folders in `paths`, the aligner (and any encoder
     tensors) from `weights` (mapped and checked as described above), or a fresh aligner from `seed` without it."""
     out = Path(out)
@@ -214,5 +263,12 @@ def import_phase1(paths: dict[str, Path], out: Path, weights: Optional[Path] = N
         check_supplied(tensors, phase1_shapes(phase1_architecture(encoders, dim)), weights)
     model = phase1_from_encoders(encoders, dim, tensors, seed)
     write_phase1_atomically(model, out)
-    return Phase1Import(out, list(encoders), dim, weights, len(tensors), sum(k.startswith("encoders.") for k in tensors),
-                        sum(p.numel() for p in model.parameters()))
+    return Phase1Import(
+        out,
+        list(encoders),
+        dim,
+        weights,
+        len(tensors),
+        sum(k.startswith("encoders.") for k in tensors),
+        sum(p.numel() for p in model.parameters()),
+    )

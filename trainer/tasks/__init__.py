@@ -1,4 +1,5 @@
 """Training tasks: each builds its model, data and loss; the engine runs any of them."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """What the engine needs from a task. The engine knows nothing else about models or data."""
+
 from __future__ import annotations
 
 from typing import Any, Optional, Protocol

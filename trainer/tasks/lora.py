@@ -5,6 +5,7 @@ each one also carries `adapter/` (a PEFT adapter directory, gathered under ZeRO-
 non-empty) and `projectors.safetensors`, so an export is a copy. The frozen weights' sha256 is
 recorded at start and a resume from a checkpoint made with other frozen weights is refused.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,17 @@ from trainer.data.prefetch import Prefetcher, default_workers
 from trainer.data.sampler import ResumableSampler
 from trainer.errors import UserError
 from trainer.log import get_logger
-from trainer.models.multimodal import (adapter_expected_shapes, build_multimodal, check_adapter_tensors, load_phase1,
-                                       make_projectors, parameter_table, read_phase1_header, resolve_phase1_checkpoint,
-                                       verify_phase1)
+from trainer.models.multimodal import (
+    adapter_expected_shapes,
+    build_multimodal,
+    check_adapter_tensors,
+    load_phase1,
+    make_projectors,
+    parameter_table,
+    read_phase1_header,
+    resolve_phase1_checkpoint,
+    verify_phase1,
+)
 from trainer.tensors import tensors_sha256
 from trainer.ranks import RankInfo
 from trainer.tasks.base import TaskHooks
@@ -30,7 +39,12 @@ log = get_logger("lora")
 
 ADAPTER_DIR = "adapter"
 EXPORT_INFO = "trainer_export.json"
-GENERATION_KEYS = ("text_tokenizer", "max_length", "default_instruction", "fields")  # what `trainer generate` reads besides the weights
+GENERATION_KEYS = (
+    "text_tokenizer",
+    "max_length",
+    "default_instruction",
+    "fields",
+)  # what `trainer generate` reads besides the weights
 PROJECTORS_FILE = "projectors.safetensors"
 
 
@@ -63,7 +77,9 @@ class LoraTask(TaskHooks):
         if self._phase1 is None:
             self._phase1 = resolve_phase1_checkpoint(self.lc.phase1_checkpoint)
             if str(self._phase1) != self.lc.phase1_checkpoint:
-                log.info("lora.phase1_checkpoint %s: using the newest match, %s", self.lc.phase1_checkpoint, self._phase1)
+                log.info(
+                    "lora.phase1_checkpoint %s: using the newest match, %s", self.lc.phase1_checkpoint, self._phase1
+                )
         return self._phase1
 
     @property
@@ -74,7 +90,9 @@ class LoraTask(TaskHooks):
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(m for m in ("image", "audio", "text") if m in self.lc.soft_tokens and m in self.architecture["modalities"])
+        return tuple(
+            m for m in ("image", "audio", "text") if m in self.lc.soft_tokens and m in self.architecture["modalities"]
+        )
 
     def llm_config(self) -> dict:
         if self._llm_config is None:
@@ -125,8 +143,14 @@ class LoraTask(TaskHooks):
         found, problems = scan_index(Path(d.path), d.train_file, self.modalities, d.default_instruction, names=d.fields)
         val_index = self.val_index()
         if val_index is not None:
-            extra, more = scan_index(Path(d.path), d.val_file or "val.jsonl", self.modalities, d.default_instruction,
-                                     field="data.val_file", names=d.fields)
+            extra, more = scan_index(
+                Path(d.path),
+                d.val_file or "val.jsonl",
+                self.modalities,
+                d.default_instruction,
+                field="data.val_file",
+                names=d.fields,
+            )
             found_val = [s for s in extra if s.split != "test"]
             problems += more
         else:
@@ -135,7 +159,9 @@ class LoraTask(TaskHooks):
         val_long = response_room(self._featurizer(), found_val, val_index) if val_index is not None else {}
         self.left_out = sum(1 for s in found if s.split == "test")
         train = [s for s in found if s.split == "train" and s.line not in too_long]
-        val = [s for s in found if s.split == "val" and s.line not in too_long] + [s for s in found_val if s.line not in val_long]
+        val = [s for s in found if s.split == "val" and s.line not in too_long] + [
+            s for s in found_val if s.line not in val_long
+        ]
         return train, val, problems + list(too_long.values()) + list(val_long.values())
 
     def _files(self) -> str:
@@ -151,28 +177,44 @@ class LoraTask(TaskHooks):
         arch = verify_phase1(self.phase1_path)
         absent = [m for m in self.lc.soft_tokens if m not in arch["modalities"]]
         if absent:
-            log.warning("lora.soft_tokens names %s, which the Phase 1 checkpoint has no encoder for: not used", ", ".join(absent))
+            log.warning(
+                "lora.soft_tokens names %s, which the Phase 1 checkpoint has no encoder for: not used",
+                ", ".join(absent),
+            )
         if not self.modalities:
-            raise UserError(f"lora.soft_tokens {sorted(self.lc.soft_tokens)}: none of these modalities is in the Phase 1"
-                            f" checkpoint ({sorted(arch['modalities'])})")
+            raise UserError(
+                f"lora.soft_tokens {sorted(self.lc.soft_tokens)}: none of these modalities is in the Phase 1"
+                f" checkpoint ({sorted(arch['modalities'])})"
+            )
         tok, text = self._tokenizers()
-        for problem in (check_vocab(tok, int(cfg.get("vocab_size", 0)), f"lora.llm_path {self.llm_path}"),
-                        check_vocab(text, int(arch["modalities"]["text"]["config"]["vocab_size"]), "Phase 1 text encoder")
-                        if "text" in self.modalities else None):
+        for problem in (
+            check_vocab(tok, int(cfg.get("vocab_size", 0)), f"lora.llm_path {self.llm_path}"),
+            check_vocab(text, int(arch["modalities"]["text"]["config"]["vocab_size"]), "Phase 1 text encoder")
+            if "text" in self.modalities
+            else None,
+        ):
             if problem:
                 raise UserError(problem)
         samples, val, problems = self._scan()
         if problems and self.cfg.data.on_bad_sample == "error":
-            raise UserError(f"{len(problems)} bad line(s) in {self._files()}: {first_problems(problems)}"
-                            " (fix them, or set data.on_bad_sample: skip)")
+            raise UserError(
+                f"{len(problems)} bad line(s) in {self._files()}: {first_problems(problems)}"
+                " (fix them, or set data.on_bad_sample: skip)"
+            )
         if problems:
-            log.warning("%d bad line(s) in %s will be skipped: %s", len(problems), self._files(), first_problems(problems, 3))
+            log.warning(
+                "%d bad line(s) in %s will be skipped: %s", len(problems), self._files(), first_problems(problems, 3)
+            )
         if not samples:
             raise UserError(f"{self.index}: no usable training samples")
-        return DataSizes(len(samples), len(val), str(self.val_index() or f"{self.index} (\"split\": \"val\" lines)"))
+        return DataSizes(len(samples), len(val), str(self.val_index() or f'{self.index} ("split": "val" lines)'))
 
     def model_hints(self) -> dict[str, int]:
-        return {"hidden_size": int(self.llm_config().get("hidden_size", 0))} if self.llm_path.joinpath("config.json").is_file() else {}
+        return (
+            {"hidden_size": int(self.llm_config().get("hidden_size", 0))}
+            if self.llm_path.joinpath("config.json").is_file()
+            else {}
+        )
 
     def import_model_classes(self) -> None:
         from transformers import AutoModelForCausalLM  # noqa: F401
@@ -187,8 +229,9 @@ class LoraTask(TaskHooks):
 
         hf_logging.disable_progress_bar()  # one bar per rank of "Loading weights" adds nothing to the log
         phase1 = load_phase1(self.phase1_path)
-        llm = AutoModelForCausalLM.from_pretrained(str(self.llm_path), dtype=torch.float32,
-                                                   attn_implementation=self.cfg.model.attn_implementation)
+        llm = AutoModelForCausalLM.from_pretrained(
+            str(self.llm_path), dtype=torch.float32, attn_implementation=self.cfg.model.attn_implementation
+        )
         llm.config.use_cache = False
         if self.cfg.model.gradient_checkpointing:
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -196,14 +239,25 @@ class LoraTask(TaskHooks):
         names = {n.rsplit(".", 1)[-1] for n, _ in llm.named_modules()}
         unknown = [t for t in self.lc.target_modules if t not in names]
         if unknown:
-            raise UserError(f"lora.target_modules: {unknown} not in the LLM (it has e.g. "
-                            f"{sorted(n for n in names if n.endswith('proj'))[:8]})")
-        lora = LoraConfig(r=self.lc.r, lora_alpha=self.lc.alpha, lora_dropout=self.lc.dropout,
-                          target_modules=list(self.lc.target_modules), task_type="CAUSAL_LM")
+            raise UserError(
+                f"lora.target_modules: {unknown} not in the LLM (it has e.g. "
+                f"{sorted(n for n in names if n.endswith('proj'))[:8]})"
+            )
+        lora = LoraConfig(
+            r=self.lc.r,
+            lora_alpha=self.lc.alpha,
+            lora_dropout=self.lc.dropout,
+            target_modules=list(self.lc.target_modules),
+            task_type="CAUSAL_LM",
+        )
         torch.manual_seed(self.cfg.train.seed)
         llm = get_peft_model(llm, lora)
-        projectors = make_projectors(self.architecture, self.lc.projector_hidden, int(llm.config.hidden_size),
-                                     {m: self.lc.soft_tokens[m] for m in self.modalities})
+        projectors = make_projectors(
+            self.architecture,
+            self.lc.projector_hidden,
+            int(llm.config.hidden_size),
+            {m: self.lc.soft_tokens[m] for m in self.modalities},
+        )
         phase1.requires_grad_(False)
         phase1.eval()
         model = build_multimodal(phase1, projectors, llm)
@@ -212,23 +266,33 @@ class LoraTask(TaskHooks):
         return model
 
     def describe_model(self, model: Any) -> list[str]:
-        return [f"LLM {self.llm_path} with LoRA r={self.lc.r} alpha={self.lc.alpha:g} on {', '.join(self.lc.target_modules)};"
-                f" soft tokens {dict((m, self.lc.soft_tokens[m]) for m in self.modalities)}",
-                *parameter_table(model.named_parameters()),
-                f"frozen weights sha256 {self.frozen_sha256}"]
+        return [
+            f"LLM {self.llm_path} with LoRA r={self.lc.r} alpha={self.lc.alpha:g} on {', '.join(self.lc.target_modules)};"
+            f" soft tokens {dict((m, self.lc.soft_tokens[m]) for m in self.modalities)}",
+            *parameter_table(model.named_parameters()),
+            f"frozen weights sha256 {self.frozen_sha256}",
+        ]
 
     # -------------------------------------------------------------------------------- data
     def setup_data(self, ranks: RankInfo, micro_batch: int, grad_accum: int) -> None:
         self.samples, self.val_samples, self.skipped = self._scan()
         if not self.samples:
             raise UserError(f"{self.index}: no usable training samples")
-        self.sampler = ResumableSampler(len(self.samples), self.cfg.train.seed, ranks.rank, ranks.world_size, micro_batch, grad_accum)
+        self.sampler = ResumableSampler(
+            len(self.samples), self.cfg.train.seed, ranks.rank, ranks.world_size, micro_batch, grad_accum
+        )
         self.workers = default_workers(self.cfg.data.num_workers, ranks.local_world_size)
         held = f"; validation: {len(self.val_samples)} sample(s)" if self.val_samples else "; no validation samples"
-        log.info("data: %d sample(s) in %s%s%s%s, modalities %s; batches prepared %s", len(self.samples), self.index,
-                 f" ({len(self.skipped)} bad line(s) skipped)" if self.skipped else "", held,
-                 f" ({self.left_out} \"split\": \"test\" line(s) left out)" if self.left_out else "", ", ".join(self.modalities),
-                 f"ahead by {self.workers} worker process(es)" if self.workers else "on the training thread")
+        log.info(
+            "data: %d sample(s) in %s%s%s%s, modalities %s; batches prepared %s",
+            len(self.samples),
+            self.index,
+            f" ({len(self.skipped)} bad line(s) skipped)" if self.skipped else "",
+            held,
+            f' ({self.left_out} "split": "test" line(s) left out)' if self.left_out else "",
+            ", ".join(self.modalities),
+            f"ahead by {self.workers} worker process(es)" if self.workers else "on the training thread",
+        )
 
     def val_size(self) -> int:
         return len(self.val_samples)
@@ -299,7 +363,9 @@ class LoraTask(TaskHooks):
 
     def tokens_per_micro_batch(self) -> int:
         """Sequence positions per micro-batch: soft tokens plus max_length (every batch is padded to it)."""
-        return self.cfg.train.micro_batch_size * (self.lc.max_length + sum(self.lc.soft_tokens[m] for m in self.modalities))
+        return self.cfg.train.micro_batch_size * (
+            self.lc.max_length + sum(self.lc.soft_tokens[m] for m in self.modalities)
+        )
 
     def flops_per_token(self, model: Any) -> Optional[float]:
         """4N + attention: frozen weights need no weight gradients (forward 2N, backward 2N through activations)."""
@@ -311,8 +377,15 @@ class LoraTask(TaskHooks):
 
     def data_position(self, step: int) -> dict[str, Any]:
         assert self.sampler is not None
-        return {"step": step, "samples_seen": self.sampler.samples_before(step), "epoch": round(self.sampler.epoch_of(step), 6),
-                "num_samples": self.sampler.n, "val_samples": len(self.val_samples), "skipped_lines": len(self.skipped), "seed": self.cfg.train.seed}
+        return {
+            "step": step,
+            "samples_seen": self.sampler.samples_before(step),
+            "epoch": round(self.sampler.epoch_of(step), 6),
+            "num_samples": self.sampler.n,
+            "val_samples": len(self.val_samples),
+            "skipped_lines": len(self.skipped),
+            "seed": self.cfg.train.seed,
+        }
 
     # ------------------------------------------------------------------------ checkpoints
     def on_save(self, model: Any, ckpt_dir: Any, writer: bool, final: bool) -> dict[str, Any]:
@@ -326,19 +399,33 @@ class LoraTask(TaskHooks):
                 adapter = {n: p.detach().cpu().clone() for n, p in trainable if n.startswith("llm.")}
                 from peft import get_peft_model_state_dict
 
-                state = get_peft_model_state_dict(model.llm, state_dict={n[len("llm."):]: v for n, v in adapter.items()})
+                state = get_peft_model_state_dict(
+                    model.llm, state_dict={n[len("llm.") :]: v for n, v in adapter.items()}
+                )
                 out = Path(ckpt_dir) / ADAPTER_DIR
                 model.llm.save_pretrained(str(out), state_dict=state, safe_serialization=True)
                 check_adapter_tensors(load_file(str(out / "adapter_model.safetensors")), self.adapter_shapes, str(out))
-                save_file({n[len("projectors."):]: p.detach().cpu().contiguous() for n, p in trainable if n.startswith("projectors.")},
-                          str(Path(ckpt_dir) / PROJECTORS_FILE), metadata={"modalities": json.dumps(self.modalities)})
-        extra: dict[str, Any] = {"frozen_sha256": self.frozen_sha256, "lora": {"r": self.lc.r, "alpha": self.lc.alpha,
-                                 "target_modules": list(self.lc.target_modules)}, "llm_path": str(self.llm_path),
-                                 "phase1_checkpoint": str(self.phase1_path),
-                                 "soft_tokens": {m: self.lc.soft_tokens[m] for m in self.modalities},
-                                 "projector_hidden": self.lc.projector_hidden, "text_tokenizer": self.lc.text_tokenizer,
-                                 "max_length": self.lc.max_length, "default_instruction": self.cfg.data.default_instruction,
-                                 "fields": dict(self.cfg.data.fields)}
+                save_file(
+                    {
+                        n[len("projectors.") :]: p.detach().cpu().contiguous()
+                        for n, p in trainable
+                        if n.startswith("projectors.")
+                    },
+                    str(Path(ckpt_dir) / PROJECTORS_FILE),
+                    metadata={"modalities": json.dumps(self.modalities)},
+                )
+        extra: dict[str, Any] = {
+            "frozen_sha256": self.frozen_sha256,
+            "lora": {"r": self.lc.r, "alpha": self.lc.alpha, "target_modules": list(self.lc.target_modules)},
+            "llm_path": str(self.llm_path),
+            "phase1_checkpoint": str(self.phase1_path),
+            "soft_tokens": {m: self.lc.soft_tokens[m] for m in self.modalities},
+            "projector_hidden": self.lc.projector_hidden,
+            "text_tokenizer": self.lc.text_tokenizer,
+            "max_length": self.lc.max_length,
+            "default_instruction": self.cfg.data.default_instruction,
+            "fields": dict(self.cfg.data.fields),
+        }
         if final:
             frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
             with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
@@ -354,15 +441,19 @@ class LoraTask(TaskHooks):
         for n, p in model.named_parameters():
             should_train = n.startswith("projectors.") or (n.startswith("llm.") and "lora_" in n)
             if p.requires_grad != should_train:
-                out.append(f"{n} is {'trainable' if p.requires_grad else 'frozen'}, expected {'trainable' if should_train else 'frozen'}")
+                out.append(
+                    f"{n} is {'trainable' if p.requires_grad else 'frozen'}, expected {'trainable' if should_train else 'frozen'}"
+                )
         return out
 
     def check_resume(self, metadata: dict[str, Any]) -> None:
         saved = metadata.get("frozen_sha256")
         if saved and self.frozen_sha256 and saved != self.frozen_sha256:
-            raise UserError(f"--resume: the checkpoint was trained on frozen weights with sha256 {saved[:16]}..., this"
-                            f" config's LLM and Phase 1 checkpoint hash to {self.frozen_sha256[:16]}... (different base"
-                            " weights: resuming would train the adapters against another model)")
+            raise UserError(
+                f"--resume: the checkpoint was trained on frozen weights with sha256 {saved[:16]}..., this"
+                f" config's LLM and Phase 1 checkpoint hash to {self.frozen_sha256[:16]}... (different base"
+                " weights: resuming would train the adapters against another model)"
+            )
 
     # ------------------------------------------------------------------------------ export
     def export(self, ckpt: Path, out: Path, metadata: dict[str, Any]) -> list[str]:
@@ -373,17 +464,38 @@ class LoraTask(TaskHooks):
 
         src = ckpt / ADAPTER_DIR
         if not (src / "adapter_model.safetensors").is_file() or not (ckpt / PROJECTORS_FILE).is_file():
-            raise UserError(f"{ckpt}: no {ADAPTER_DIR}/adapter_model.safetensors or {PROJECTORS_FILE} (not a lora checkpoint?)")
+            raise UserError(
+                f"{ckpt}: no {ADAPTER_DIR}/adapter_model.safetensors or {PROJECTORS_FILE} (not a lora checkpoint?)"
+            )
         adapter_cfg = json.loads((src / "adapter_config.json").read_text())
         check_adapter_file(load_file(str(src / "adapter_model.safetensors")), int(adapter_cfg["r"]), str(src))
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copy2(src / name, out / name)
         shutil.copy2(ckpt / PROJECTORS_FILE, out / PROJECTORS_FILE)
-        info = {k: metadata.get(k) for k in ("run_id", "step", "loss", "frozen_sha256", "llm_path", "phase1_checkpoint", "lora",
-                                             "soft_tokens", "projector_hidden", *GENERATION_KEYS)}
+        info = {
+            k: metadata.get(k)
+            for k in (
+                "run_id",
+                "step",
+                "loss",
+                "frozen_sha256",
+                "llm_path",
+                "phase1_checkpoint",
+                "lora",
+                "soft_tokens",
+                "projector_hidden",
+                *GENERATION_KEYS,
+            )
+        }
         (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        (out / "README.md").write_text(EXPORT_README.format(step=metadata.get("step"), run=metadata.get("run_id"),
-                                                            llm=metadata.get("llm_path"), phase1=metadata.get("phase1_checkpoint")))
+        (out / "README.md").write_text(
+            EXPORT_README.format(
+                step=metadata.get("step"),
+                run=metadata.get("run_id"),
+                llm=metadata.get("llm_path"),
+                phase1=metadata.get("phase1_checkpoint"),
+            )
+        )
         return ["adapter_config.json", "adapter_model.safetensors", PROJECTORS_FILE, EXPORT_INFO, "README.md"]
 
 
@@ -394,7 +506,9 @@ def check_adapter_file(state: dict, r: int, where: str) -> None:
         raise UserError(f"{where}: no LoRA tensors in the adapter")
     for k, v in lora.items():
         if v.numel() == 0 or (".lora_A." in k and v.shape[0] != r) or (".lora_B." in k and v.shape[-1] != r):
-            raise UserError(f"{where}: LoRA tensor {k} has shape {tuple(v.shape)}, expected rank {r} and no empty dimension")
+            raise UserError(
+                f"{where}: LoRA tensor {k} has shape {tuple(v.shape)}, expected rank {r} and no empty dimension"
+            )
 
 
 EXPORT_README = """# LoRA adapter and projectors (step {step} of run {run})
@@ -445,7 +559,9 @@ class LoraGenerator:
         adapter = src / ADAPTER_DIR if (src / ADAPTER_DIR).is_dir() else src
         for need in (adapter / "adapter_config.json", adapter / "adapter_model.safetensors", src / PROJECTORS_FILE):
             if not need.is_file():
-                raise UserError(f"{src}: no {need.relative_to(src)} (a lora checkpoint or `trainer export` folder has it)")
+                raise UserError(
+                    f"{src}: no {need.relative_to(src)} (a lora checkpoint or `trainer export` folder has it)"
+                )
         missing = [k for k in ("llm_path", "phase1_checkpoint", "soft_tokens", "projector_hidden") if not info.get(k)]
         if missing:
             raise UserError(f"{src}: its metadata lacks {', '.join(missing)} (a checkpoint from an older trainer?)")
@@ -457,11 +573,14 @@ class LoraGenerator:
         llm = AutoModelForCausalLM.from_pretrained(str(info["llm_path"]), dtype=torch.float32)
         llm = PeftModel.from_pretrained(llm, str(adapter))
         soft = {m: int(k) for m, k in info["soft_tokens"].items()}
-        projectors = make_projectors(phase1.architecture, int(info["projector_hidden"]), int(llm.config.hidden_size), soft)
+        projectors = make_projectors(
+            phase1.architecture, int(info["projector_hidden"]), int(llm.config.hidden_size), soft
+        )
         projectors.load_state_dict(load_file(str(src / PROJECTORS_FILE)), strict=True)
         self.model = build_multimodal(phase1, projectors, llm).to(device).eval()
-        self.frozen_sha256 = tensors_sha256((n, p) for n, p in self.model.named_parameters()
-                                            if "lora_" not in n and not n.startswith("projectors."))
+        self.frozen_sha256 = tensors_sha256(
+            (n, p) for n, p in self.model.named_parameters() if "lora_" not in n and not n.startswith("projectors.")
+        )
         self.trained_sha256 = info.get("frozen_sha256")
         tok = AutoTokenizer.from_pretrained(str(info["llm_path"]))
         text_tok = AutoTokenizer.from_pretrained(str(info["text_tokenizer"])) if info.get("text_tokenizer") else tok

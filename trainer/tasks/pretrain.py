@@ -1,4 +1,5 @@
 """Pretraining: a GPT-NeoX causal LM on pre-tokenized shards."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,15 @@ from trainer.config.plan import DataSizes
 from trainer.config.schema import RunConfig
 from trainer.data.remote import cache_dir_for, fetch_shards, is_remote, list_remote_shards
 from trainer.data.sampler import ResumableSampler
-from trainer.data.shards import (SHARDS_CHECKED_ENV, TokenShards, WindowSplit, WindowView, check_token_ids, find_shards,
-                                 open_shard)
+from trainer.data.shards import (
+    SHARDS_CHECKED_ENV,
+    TokenShards,
+    WindowSplit,
+    WindowView,
+    check_token_ids,
+    find_shards,
+    open_shard,
+)
 from trainer.ranks import RankInfo
 from trainer.tasks.base import TaskHooks
 from trainer.errors import UserError
@@ -21,7 +29,6 @@ from trainer.progress import report
 from trainer.models.neox import dims_of, human_count, neox_config, parameter_counts
 
 log = get_logger("pretrain")
-
 
 
 class PretrainTask(TaskHooks):
@@ -62,19 +69,25 @@ class PretrainTask(TaskHooks):
         sizes = {}
         for field, path in self._sources():
             if is_remote(path) and not self.local_data_path(path).is_dir():
-                list_remote_shards(path, d.max_files if field == "data.path" else None, field)  # before launch: shards there
+                list_remote_shards(
+                    path, d.max_files if field == "data.path" else None, field
+                )  # before launch: shards there
                 return None  # the token-id scan runs after the download, in the ranks
             sizes[field] = self._check_shards(field, path)
         train = sizes["data.path"]
         if d.val_fraction is not None:
             split = WindowSplit(train, d.val_fraction)
             if split.num_train < 1:
-                raise UserError(f"data.val_fraction {d.val_fraction:g}: leaves no training window of the {train} in {d.path}")
+                raise UserError(
+                    f"data.val_fraction {d.val_fraction:g}: leaves no training window of the {train} in {d.path}"
+                )
             return DataSizes(split.num_train, split.num_val, "data.val_fraction")
         return DataSizes(train, sizes.get("data.val_path", 0), "data.val_path")
 
     def _check_shards(self, field: str, path: str) -> int:
-        files = find_shards(self.local_data_path(path), self.cfg.data.max_files if field == "data.path" else None, field)
+        files = find_shards(
+            self.local_data_path(path), self.cfg.data.max_files if field == "data.path" else None, field
+        )
         check = self.cfg.data.check_token_ids and os.environ.get(SHARDS_CHECKED_ENV) != "1"
         tokens = windows = 0
         for i, f in enumerate(files):
@@ -142,10 +155,18 @@ class PretrainTask(TaskHooks):
                 val_files = find_shards(self.local_data_path(d.val_path), None, "data.val_path")
                 self.val_windows = WindowView(TokenShards(val_files, self.seq_len, "data.val_path"))
                 held = f"; validation: {len(val_files)} shard(s) in {d.val_path}, {len(self.val_windows):,} windows"
-        self.sampler = ResumableSampler(len(self.train_windows), self.cfg.train.seed, ranks.rank, ranks.world_size, micro_batch,
-                                        grad_accum)
-        log.info("data: %d shard(s) in %s, %s tokens, %s windows of %d tokens%s", len(files), d.path,
-                 f"{self.shards.num_tokens:,}", f"{len(self.shards):,}", self.seq_len, held)
+        self.sampler = ResumableSampler(
+            len(self.train_windows), self.cfg.train.seed, ranks.rank, ranks.world_size, micro_batch, grad_accum
+        )
+        log.info(
+            "data: %d shard(s) in %s, %s tokens, %s windows of %d tokens%s",
+            len(files),
+            d.path,
+            f"{self.shards.num_tokens:,}",
+            f"{len(self.shards):,}",
+            self.seq_len,
+            held,
+        )
 
     def val_size(self) -> int:
         return len(self.val_windows) if self.val_windows is not None else 0
@@ -219,7 +240,9 @@ class PretrainTask(TaskHooks):
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise UserError(f"{ckpt}: the checkpoint does not fit {m.preset} (missing {missing[:2]}, unexpected {unexpected[:2]})")
+            raise UserError(
+                f"{ckpt}: the checkpoint does not fit {m.preset} (missing {missing[:2]}, unexpected {unexpected[:2]})"
+            )
         return model
 
 
@@ -237,10 +260,15 @@ class PretrainGenerator:
 
             path = Path(tokenizer)
             try:
-                self.tok = (PreTrainedTokenizerFast(tokenizer_file=str(path)) if path.is_file()
-                            else AutoTokenizer.from_pretrained(str(path)))
+                self.tok = (
+                    PreTrainedTokenizerFast(tokenizer_file=str(path))
+                    if path.is_file()
+                    else AutoTokenizer.from_pretrained(str(path))
+                )
             except Exception as exc:
-                raise UserError(f"--tokenizer {tokenizer}: cannot load a tokenizer ({str(exc).splitlines()[0][:160]})") from None
+                raise UserError(
+                    f"--tokenizer {tokenizer}: cannot load a tokenizer ({str(exc).splitlines()[0][:160]})"
+                ) from None
 
     def encode(self, text: str) -> list[int]:
         assert self.tok is not None, "a text prompt needs a tokenizer"
@@ -258,4 +286,4 @@ class PretrainGenerator:
             raise UserError(f"prompt token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
         x = torch.tensor([ids], device=self.device)
         out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), pad_token_id=0, **generate)
-        return out[0, len(ids):].tolist()
+        return out[0, len(ids) :].tolist()

@@ -5,6 +5,7 @@ explicit run id (the fluent `mlflow.log_metric` from another thread would silent
 run). The run is ended FINISHED, FAILED or KILLED by the engine; a resumed run continues the same
 MLflow run.
 """
+
 from __future__ import annotations
 
 import queue
@@ -41,7 +42,9 @@ class NullTracker:
 
 
 class MlflowTracker:
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, experiment: str, run_name: str, resume_run_id: Optional[str] = None):
+    def __init__(
+        self, cfg: TrackingConfig, run_dir: Path, experiment: str, run_name: str, resume_run_id: Optional[str] = None
+    ):
         from mlflow.tracking import MlflowClient
 
         self.uri = cfg.uri or default_tracking_uri(run_dir)
@@ -60,7 +63,12 @@ class MlflowTracker:
                 self.run_id = resume_run_id
                 self.resumed = True
             except Exception as exc:  # the store was lost with the VM: continue in a new run
-                log.warning("MLflow run %s not found in %s (%s); logging to a new run", resume_run_id, redact(self.uri), type(exc).__name__)
+                log.warning(
+                    "MLflow run %s not found in %s (%s); logging to a new run",
+                    resume_run_id,
+                    redact(self.uri),
+                    type(exc).__name__,
+                )
         if not self.resumed:
             self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         self._finished = False
@@ -108,7 +116,9 @@ class MlflowTracker:
             from trainer.tracking.plots import save_curves
 
             with tempfile.TemporaryDirectory(prefix="trainer-plot-") as tmp:
-                self.client.log_artifact(self.run_id, str(save_curves(curves, Path(tmp) / "curves.png", title)), "plots")
+                self.client.log_artifact(
+                    self.run_id, str(save_curves(curves, Path(tmp) / "curves.png", title)), "plots"
+                )
 
         self._queue.put(job)
 
@@ -155,12 +165,18 @@ class MlflowTracker:
             log.warning("MLflow %s failed: %s", getattr(fn, "__name__", "call"), redact(str(exc))[:300])
 
 
-def make_tracker(cfg: TrackingConfig, run_dir: Path, experiment: str, run_name: str, resume_run_id: Optional[str]) -> "MlflowTracker | NullTracker":
+def make_tracker(
+    cfg: TrackingConfig, run_dir: Path, experiment: str, run_name: str, resume_run_id: Optional[str]
+) -> "MlflowTracker | NullTracker":
     if not cfg.enabled:
         return NullTracker()
     try:
         return MlflowTracker(cfg, run_dir, experiment, run_name, resume_run_id)
     except Exception as exc:  # an unreachable server must not stop a multi-day run
-        log.warning("MLflow tracking is off for this run: cannot use %s (%s: %s)", redact(cfg.uri or str(run_dir)),
-                    type(exc).__name__, redact(str(exc))[:200])
+        log.warning(
+            "MLflow tracking is off for this run: cannot use %s (%s: %s)",
+            redact(cfg.uri or str(run_dir)),
+            type(exc).__name__,
+            redact(str(exc))[:200],
+        )
         return NullTracker()

@@ -3,6 +3,7 @@
 Built on `matplotlib.figure.Figure` directly, not pyplot: no display, no global state, so the
 tracker's background thread can render while the training thread goes on.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,8 +36,15 @@ def curves_figure(curves: Sequence[Curve], title: str = "") -> Any:
         if c.loss:
             ax_loss.plot([p[0] for p in c.loss], [p[1] for p in c.loss], color=color, label=f"{c.label} train")
         if c.val:
-            ax_loss.plot([p[0] for p in c.val], [p[1] for p in c.val], color=color, linestyle="--", marker="o", markersize=4,
-                         label=f"{c.label} val")
+            ax_loss.plot(
+                [p[0] for p in c.val],
+                [p[1] for p in c.val],
+                color=color,
+                linestyle="--",
+                marker="o",
+                markersize=4,
+                label=f"{c.label} val",
+            )
         if c.lr:
             ax_lr.plot([p[0] for p in c.lr], [p[1] for p in c.lr], color=color, label=c.label)
     ax_loss.set_ylabel("loss")

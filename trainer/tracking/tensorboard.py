@@ -1,4 +1,5 @@
 """TensorBoard event files (`tracking.tensorboard: true`): the scalars MLflow gets, in `<run>/tensorboard/`."""
+
 from __future__ import annotations
 
 from pathlib import Path

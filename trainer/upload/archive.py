@@ -7,6 +7,7 @@ uncompressed part goes to the storage client like a file on disk (a resumable up
 seek back and resend after a failure); a compressed part streams the tar through zstd or gzip
 into a storage writer. No temporary tarball either way.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -148,7 +149,7 @@ class TarStream:
             seg_len = len(seg) if isinstance(seg, bytes) else self._files[seg][1]
             take = min(end, start + seg_len) - self._pos
             if isinstance(seg, bytes):
-                piece = seg[self._pos - start:self._pos - start + take]
+                piece = seg[self._pos - start : self._pos - start + take]
             else:
                 piece = self._read_file(seg, self._pos - start, take)
             pieces.append(piece)
@@ -165,12 +166,14 @@ class TarStream:
         while len(data) < length:  # short reads happen only at end of file: the file shrank
             more = os.pread(fd, length - len(data), offset + len(data))
             if not more:
-                raise FileChanged(f"{self.root / self._files[i][0]} changed while it was being archived"
-                                  f" (expected {self._files[i][1]} bytes)")
+                raise FileChanged(
+                    f"{self.root / self._files[i][0]} changed while it was being archived"
+                    f" (expected {self._files[i][1]} bytes)"
+                )
             data += more
         done = self._hashed[i]
         if offset <= done < offset + length:
-            self._crcs[i].update(data if done == offset else data[done - offset:])  # a slice only after a seek back
+            self._crcs[i].update(data if done == offset else data[done - offset :])  # a slice only after a seek back
             self._hashed[i] = offset + length
         return data
 
@@ -225,4 +228,3 @@ def compress_into(tar: TarStream, sink: BinaryIO, compression: Compression) -> t
         stream.write(block)
     stream.close()  # the last frame goes into the counter, which never closes the sink
     return counter.bytes, b64_crc(counter.crc)
-

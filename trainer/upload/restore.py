@@ -7,6 +7,7 @@ names, at relative paths that stay inside the folder. Every file's size and CRC3
 then the staging folder is renamed into place: the checkpoint appears committed, whole, at once.
 A checkpoint that fails any check is skipped with a warning and the next older one is tried.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,14 @@ class RestoreFailed(Exception):
 RESTORE_STREAMS = 4  # parts downloaded and unpacked at once
 
 
-def restore(storage: Storage, prefix: str, manifest: dict, run_dir: Path,
-            progress: Optional[Callable[[int], None]] = None, streams: int = RESTORE_STREAMS) -> Path:
+def restore(
+    storage: Storage,
+    prefix: str,
+    manifest: dict,
+    run_dir: Path,
+    progress: Optional[Callable[[int], None]] = None,
+    streams: int = RESTORE_STREAMS,
+) -> Path:
     """Download, verify and unpack one remote checkpoint into `<run_dir>/<run_id>/checkpoints/<tag>`.
 
     Each part streams from the bucket straight into the unpacker (no temporary archive), `streams`
@@ -55,8 +62,14 @@ def restore(storage: Storage, prefix: str, manifest: dict, run_dir: Path,
     staging.mkdir(parents=True)
     parts = list(manifest["parts"])
     started, total = time.monotonic(), int(manifest.get("bytes") or 0)
-    log.info("downloading %s from %s (%.1f MB in %d part(s), %d at a time)", final.name, storage.display(prefix), total / MB,
-             len(parts), max(1, min(streams, len(parts))))
+    log.info(
+        "downloading %s from %s (%.1f MB in %d part(s), %d at a time)",
+        final.name,
+        storage.display(prefix),
+        total / MB,
+        len(parts),
+        max(1, min(streams, len(parts))),
+    )
     files = {f["path"]: f for f in manifest["files"]}
     lock = threading.Lock()
     tally = {"bytes": 0, "parts": 0, "said": started}
@@ -67,7 +80,9 @@ def restore(storage: Storage, prefix: str, manifest: dict, run_dir: Path,
         with lock:
             tally["bytes"] += n
             tally["parts"] += 1
-            line = f"restoring {final.name}: {gb(tally['bytes'])} of {gb(total)} ({tally['parts']} of {len(parts)} parts)"
+            line = (
+                f"restoring {final.name}: {gb(tally['bytes'])} of {gb(total)} ({tally['parts']} of {len(parts)} parts)"
+            )
             report(line)
             if time.monotonic() - tally["said"] >= 15:
                 tally["said"] = time.monotonic()
@@ -89,8 +104,14 @@ def restore(storage: Storage, prefix: str, manifest: dict, run_dir: Path,
             pool.shutdown(wait=True, cancel_futures=True)
         if seen != set(files):
             raise RestoreFailed(f"the parts lack {sorted(set(files) - seen)[:5]} that the manifest lists")
-        write_upload_state(staging, UploadState.UPLOADED, url=storage.display(prefix), bytes=manifest.get("bytes"),
-                           manifest_crc32c=manifest.get("manifest_crc32c"), restored=True)
+        write_upload_state(
+            staging,
+            UploadState.UPLOADED,
+            url=storage.display(prefix),
+            bytes=manifest.get("bytes"),
+            manifest_crc32c=manifest.get("manifest_crc32c"),
+            restored=True,
+        )
         fsync_tree(staging)  # (every file was fsynced as it was unpacked)
         os.rename(staging, final)  # metadata.json is inside: committed whole, at once
         fsync_dir(store.root)
@@ -98,13 +119,19 @@ def restore(storage: Storage, prefix: str, manifest: dict, run_dir: Path,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     seconds = time.monotonic() - started
-    log.info("restored %s: %.1f MB in %.1f s = %.0f MB/s (every part's and file's CRC32C verified)", final, total / MB, seconds,
-             total / MB / max(seconds, 1e-9))
+    log.info(
+        "restored %s: %.1f MB in %.1f s = %.0f MB/s (every part's and file's CRC32C verified)",
+        final,
+        total / MB,
+        seconds,
+        total / MB / max(seconds, 1e-9),
+    )
     return final
 
 
-def fill_missing(storage: Storage, prefix: str, manifest: dict, ckpt_dir: Path,
-                 wanted: Optional[Callable[[str], bool]] = None) -> list[str]:
+def fill_missing(
+    storage: Storage, prefix: str, manifest: dict, ckpt_dir: Path, wanted: Optional[Callable[[str], bool]] = None
+) -> list[str]:
     """Download into the local checkpoint `ckpt_dir` the files its manifest lists that are not there (a node of a
     run without a shared filesystem holds only its own ranks' files), or only those `wanted` accepts, each verified
     like a restore. Only the parts holding them are fetched; the files are moved in when all are verified. Returns
@@ -119,8 +146,13 @@ def fill_missing(storage: Storage, prefix: str, manifest: dict, ckpt_dir: Path,
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     started = time.monotonic()
-    log.info("fetching %d file(s) of %s that this node lacks from %s (%d part(s))", len(missing), ckpt_dir.name,
-             storage.display(prefix), len(parts))
+    log.info(
+        "fetching %d file(s) of %s that this node lacks from %s (%d part(s))",
+        len(missing),
+        ckpt_dir.name,
+        storage.display(prefix),
+        len(parts),
+    )
     try:
         for part in parts:
             _fetch_part(storage, prefix, part, manifest.get("compression", "none"), files, staging)
@@ -130,11 +162,15 @@ def fill_missing(storage: Storage, prefix: str, manifest: dict, ckpt_dir: Path,
         fsync_dir(ckpt_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("fetched %s into %s in %.1f s (CRC32C verified)", ", ".join(missing), ckpt_dir.name, time.monotonic() - started)
+    log.info(
+        "fetched %s into %s in %.1f s (CRC32C verified)", ", ".join(missing), ckpt_dir.name, time.monotonic() - started
+    )
     return missing
 
 
-def restore_newest(storage: Storage, run_dir: Path, task: Optional[str] = None, model: Optional[dict] = None) -> Optional[Path]:
+def restore_newest(
+    storage: Storage, run_dir: Path, task: Optional[str] = None, model: Optional[dict] = None
+) -> Optional[Path]:
     """The newest remote checkpoint that restores and verifies, as a local folder; None if there is none.
 
     One whose bytes do not match its manifest is skipped for the next older. A storage failure (the service
@@ -167,7 +203,9 @@ class _Checksummed:
             pass
 
 
-def _fetch_part(storage: Storage, prefix: str, part: dict, compression: str, files: dict[str, dict], dest: Path) -> set[str]:
+def _fetch_part(
+    storage: Storage, prefix: str, part: dict, compression: str, files: dict[str, dict], dest: Path
+) -> set[str]:
     """Stream one part into `dest`: exactly its manifest files, each checked as written; then the part's own
     size and CRC32C. Returns the files written."""
     import gzip
@@ -185,13 +223,16 @@ def _fetch_part(storage: Storage, prefix: str, part: dict, compression: str, fil
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, zstandard.ZstdError, FileNotFoundError, NotFound) as exc:
         raise RestoreFailed(f"part {label} is damaged or missing ({type(exc).__name__}: {exc})") from None
     if counted.size != part["size"] or b64_crc(counted.crc) != part["crc32c"]:
-        raise RestoreFailed(f"part {label} does not match the manifest (size {counted.size} crc32c {b64_crc(counted.crc)},"
-                            f" manifest {part['size']} {part['crc32c']})")
+        raise RestoreFailed(
+            f"part {label} does not match the manifest (size {counted.size} crc32c {b64_crc(counted.crc)},"
+            f" manifest {part['size']} {part['crc32c']})"
+        )
     return seen
 
 
-def _unpack(stream: "_Checksummed", label: str, compression: str, expected: set[str], files: dict[str, dict],
-            dest: Path) -> set[str]:
+def _unpack(
+    stream: "_Checksummed", label: str, compression: str, expected: set[str], files: dict[str, dict], dest: Path
+) -> set[str]:
     """Extract exactly the `expected` regular files, each with the size and CRC32C the manifest gives it;
     anything else in the archive is an error."""
     import google_crc32c
@@ -223,7 +264,9 @@ def _unpack(stream: "_Checksummed", label: str, compression: str, expected: set[
                 os.fsync(out.fileno())
             want = files[name]
             if size != want["size"] or b64_crc(crc) != want["crc32c"]:
-                raise RestoreFailed(f"{name} does not match the manifest after unpacking (size {size}, crc32c {b64_crc(crc)})")
+                raise RestoreFailed(
+                    f"{name} does not match the manifest after unpacking (size {size}, crc32c {b64_crc(crc)})"
+                )
             seen.add(name)
     if seen != expected:
         raise RestoreFailed(f"part {label} lacks {sorted(expected - seen)[:5]}")

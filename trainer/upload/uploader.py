@@ -10,6 +10,7 @@ A checkpoint without `manifest.json` is incomplete and invisible to readers. The
 each checkpoint lives in `upload_state.json` inside the local checkpoint folder, so other processes
 (`trainer upload status`, retention) can read it.
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,8 +28,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from trainer.checkpoint.layout import (MANIFEST, MANIFEST_FORMAT, MB, METADATA, UPLOAD_STATE_FILE, UploadState, read_upload_state, step_of,
-                                       remote_prefix, utc_now, write_upload_state)
+from trainer.checkpoint.layout import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MB,
+    METADATA,
+    UPLOAD_STATE_FILE,
+    UploadState,
+    read_upload_state,
+    step_of,
+    remote_prefix,
+    utc_now,
+    write_upload_state,
+)
 from trainer.checkpoint.remote import verify_remote
 from trainer.checkpoint.store import Checkpoint, best_checkpoint, read_metadata
 from trainer.checkpoint.universal import is_derived
@@ -42,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = get_logger("upload")
 
 _RANKED_FILE = re.compile(r"(?:zero_pp_rank_|rng_state_rank)(\d+)")
+
 
 @dataclass(frozen=True)
 class NodeInfo:
@@ -70,7 +83,13 @@ def local_files(ckpt_dir: Path, node: NodeInfo) -> list[tuple[str, int]]:
     out = []
     for p in sorted(Path(ckpt_dir).rglob("*")):
         rel = str(p.relative_to(ckpt_dir))
-        if p.is_file() and p.name != UPLOAD_STATE_FILE and not p.name.startswith(".") and not is_derived(rel) and node.owns(rel):
+        if (
+            p.is_file()
+            and p.name != UPLOAD_STATE_FILE
+            and not p.name.startswith(".")
+            and not is_derived(rel)
+            and node.owns(rel)
+        ):
             out.append((rel, p.stat().st_size))
     return out
 
@@ -89,17 +108,27 @@ def _check_against_metadata(meta: dict, results: list[PartResult]) -> None:
         for f in part.files:
             rec = recorded.get(f.path)
             if rec and (rec.get("size") != f.size or (rec.get("crc32c") and rec["crc32c"] != f.crc32c)):
-                raise UploadFailed(f"{f.path} no longer matches the size and CRC32C metadata.json recorded at the save"
-                                   f" ({f.size} bytes, CRC32C {f.crc32c}; recorded {rec.get('size')}, {rec.get('crc32c')}):"
-                                   " damaged on this disk since; not uploaded")
+                raise UploadFailed(
+                    f"{f.path} no longer matches the size and CRC32C metadata.json recorded at the save"
+                    f" ({f.size} bytes, CRC32C {f.crc32c}; recorded {rec.get('size')}, {rec.get('crc32c')}):"
+                    " damaged on this disk since; not uploaded"
+                )
 
 
 class CheckpointUploader:
     """Uploads one checkpoint folder at a time; used by the background thread and the CLI."""
 
-    def __init__(self, storage: Storage, compression: Compression = "none", workers: int = 4, retries: int = 5,
-                 node: NodeInfo = NodeInfo(), node_wait_s: float = 600.0, backoff_s: float = 1.0,
-                 keep_remote: Optional[int] = None):
+    def __init__(
+        self,
+        storage: Storage,
+        compression: Compression = "none",
+        workers: int = 4,
+        retries: int = 5,
+        node: NodeInfo = NodeInfo(),
+        node_wait_s: float = 600.0,
+        backoff_s: float = 1.0,
+        keep_remote: Optional[int] = None,
+    ):
         self.storage = storage
         self.compression = compression
         self.workers = workers
@@ -119,32 +148,59 @@ class CheckpointUploader:
             ok, _, manifest = verify_remote(self.storage, prefix)
         except Exception as exc:
             reason = describe_error(exc)[:500]
-            write_upload_state(ckpt_dir, UploadState.FAILED, url=self.storage.display(prefix), error=reason, failed_at=utc_now())
+            write_upload_state(
+                ckpt_dir, UploadState.FAILED, url=self.storage.display(prefix), error=reason, failed_at=utc_now()
+            )
             raise UploadFailed(f"{tag}: {reason}") from exc
         if ok and manifest is not None:
             log.info("%s is already uploaded and verified at %s", tag, self.storage.display(prefix))
-            return write_upload_state(ckpt_dir, UploadState.UPLOADED, url=self.storage.display(prefix), bytes=manifest.get("bytes"),
-                               manifest_crc32c=manifest.get("manifest_crc32c"), skipped=True)
+            return write_upload_state(
+                ckpt_dir,
+                UploadState.UPLOADED,
+                url=self.storage.display(prefix),
+                bytes=manifest.get("bytes"),
+                manifest_crc32c=manifest.get("manifest_crc32c"),
+                skipped=True,
+            )
         files = local_files(ckpt_dir, self.node)
         if self.node.num_nodes == 1:
-            missing = [r for r in range(int(meta.get("world_size", 1))) if not (ckpt_dir / f"rng_state_rank{r:05d}.pt").exists()]
+            missing = [
+                r
+                for r in range(int(meta.get("world_size", 1)))
+                if not (ckpt_dir / f"rng_state_rank{r:05d}.pt").exists()
+            ]
             if missing:
-                reason = (f"this folder lacks the files of rank(s) {missing[:8]} (a multi-node run without a shared"
-                          " filesystem): each node uploads its own part during training")
+                reason = (
+                    f"this folder lacks the files of rank(s) {missing[:8]} (a multi-node run without a shared"
+                    " filesystem): each node uploads its own part during training"
+                )
                 write_upload_state(ckpt_dir, UploadState.FAILED, error=reason, failed_at=utc_now())
                 raise UploadFailed(f"{tag}: {reason}")
         total = sum(size for _, size in files)
         groups = plan_parts(files, self.workers)
         started = time.monotonic()
-        write_upload_state(ckpt_dir, UploadState.UPLOADING, url=self.storage.display(prefix), bytes=total, started_at=utc_now())
-        log.info("archiving %s: %d files, %.1f MB into %d part(s) (%s)", tag, len(files), total / MB, len(groups), self.compression)
+        write_upload_state(
+            ckpt_dir, UploadState.UPLOADING, url=self.storage.display(prefix), bytes=total, started_at=utc_now()
+        )
+        log.info(
+            "archiving %s: %d files, %.1f MB into %d part(s) (%s)",
+            tag,
+            len(files),
+            total / MB,
+            len(groups),
+            self.compression,
+        )
         log.info("uploading %s to %s", tag, self.storage.display(prefix))
         try:
             self._remove_stale_parts(prefix)
             names = [f"{self.node.part_prefix}-{i:03d}{SUFFIX[self.compression]}" for i in range(len(groups))]
-            pool = ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(groups))), thread_name_prefix="upload-part")
+            pool = ThreadPoolExecutor(
+                max_workers=max(1, min(self.workers, len(groups))), thread_name_prefix="upload-part"
+            )
             try:  # the largest parts first; the first failure cancels the parts not yet started
-                futures = [pool.submit(self._upload_part, ckpt_dir, prefix, n, g, progress) for n, g in zip(names, groups)]
+                futures = [
+                    pool.submit(self._upload_part, ckpt_dir, prefix, n, g, progress) for n, g in zip(names, groups)
+                ]
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
                 for f in done:
                     if f.exception() is not None:
@@ -156,12 +212,21 @@ class CheckpointUploader:
             manifest = self._publish(prefix, meta, results)
         except Exception as exc:
             reason = describe_error(exc)[:500]
-            if is_permanent(exc):  # e.g. a full disk: free what the parts that did finish took (unreachable: the next try sweeps)
+            if is_permanent(
+                exc
+            ):  # e.g. a full disk: free what the parts that did finish took (unreachable: the next try sweeps)
                 try:
                     self._remove_stale_parts(prefix)
                 except Exception as cleanup_exc:
                     log.warning("could not remove the parts of the failed upload: %s", describe_error(cleanup_exc))
-            write_upload_state(ckpt_dir, UploadState.FAILED, url=self.storage.display(prefix), bytes=total, error=reason, failed_at=utc_now())
+            write_upload_state(
+                ckpt_dir,
+                UploadState.FAILED,
+                url=self.storage.display(prefix),
+                bytes=total,
+                error=reason,
+                failed_at=utc_now(),
+            )
             raise UploadFailed(f"{tag}: {reason}") from exc
         seconds = time.monotonic() - started
         rate = total / MB / seconds if seconds > 0 else 0.0
@@ -171,8 +236,16 @@ class CheckpointUploader:
                 self.prune_remote(meta["run_id"], self.keep_remote)
             except Exception as exc:  # the upload itself is complete; pruning is retried after the next one
                 log.warning("remote retention failed: %s", str(exc)[:300])
-        return write_upload_state(ckpt_dir, UploadState.UPLOADED, url=self.storage.display(prefix), bytes=total, seconds=round(seconds, 3),
-                           rate_mb_s=round(rate, 2), parts=len(results), manifest_crc32c=manifest.get("manifest_crc32c"))
+        return write_upload_state(
+            ckpt_dir,
+            UploadState.UPLOADED,
+            url=self.storage.display(prefix),
+            bytes=total,
+            seconds=round(seconds, 3),
+            rate_mb_s=round(rate, 2),
+            parts=len(results),
+            manifest_crc32c=manifest.get("manifest_crc32c"),
+        )
 
     def prune_remote(self, run_id: str, keep: int) -> list[str]:
         """Remote retention: keep the run's newest `keep` complete checkpoints and the best by its best metric."""
@@ -182,7 +255,9 @@ class CheckpointUploader:
                 raw = self.storage.get_bytes(name)
                 if raw:
                     m = json.loads(raw)
-                    complete.append(Checkpoint(Path(name.rsplit("/", 1)[0]), {"step": int(m["step"]), **m.get("checkpoint", {})}))
+                    complete.append(
+                        Checkpoint(Path(name.rsplit("/", 1)[0]), {"step": int(m["step"]), **m.get("checkpoint", {})})
+                    )
         complete.sort(key=lambda c: c.step)
         keepers = {str(c.path) for c in complete[-keep:]}
         best = best_checkpoint(complete)
@@ -218,8 +293,10 @@ class CheckpointUploader:
             for base in bases:
                 self.storage.delete(f"{prefix}/{base}")
             swept.append(prefix)
-            log.info("removed %s: an upload that never completed, of a checkpoint no longer on this machine",
-                     self.storage.display(prefix))
+            log.info(
+                "removed %s: an upload that never completed, of a checkpoint no longer on this machine",
+                self.storage.display(prefix),
+            )
         return swept
 
     def _remove_stale_parts(self, prefix: str) -> None:
@@ -229,15 +306,27 @@ class CheckpointUploader:
             if base.startswith(self.node.part_prefix + "-") or base == f"node{self.node.node_rank:02d}.json":
                 self.storage.delete(name)
 
-    def _upload_part(self, ckpt_dir: Path, prefix: str, name: str, files: list[tuple[str, int]],
-                     progress: Optional[Callable[[int], None]]) -> PartResult:
+    def _upload_part(
+        self,
+        ckpt_dir: Path,
+        prefix: str,
+        name: str,
+        files: list[tuple[str, int]],
+        progress: Optional[Callable[[int], None]],
+    ) -> PartResult:
         key = f"{prefix}/{name}"
         last_exc: Optional[BaseException] = None
         for attempt in range(self.retries + 1):
             if attempt:
                 delay = min(60.0, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-                log.warning("retrying %s in %.1f s (attempt %d of %d): %s", self.storage.display(key), delay, attempt + 1,
-                            self.retries + 1, str(last_exc)[:200])
+                log.warning(
+                    "retrying %s in %.1f s (attempt %d of %d): %s",
+                    self.storage.display(key),
+                    delay,
+                    attempt + 1,
+                    self.retries + 1,
+                    str(last_exc)[:200],
+                )
                 time.sleep(delay)
                 self.storage.delete(key)
             try:
@@ -250,8 +339,10 @@ class CheckpointUploader:
                             sent = compress_into(tar, sink, self.compression)
                         info = self.storage.stat(key)
                     if info is None or info.size != sent[0] or (info.crc32c and info.crc32c != sent[1]):
-                        raise UploadFailed(f"{self.storage.display(key)} does not match what was sent"
-                                           f" (sent {sent[0]} bytes crc32c {sent[1]}, stored {info})")
+                        raise UploadFailed(
+                            f"{self.storage.display(key)} does not match what was sent"
+                            f" (sent {sent[0]} bytes crc32c {sent[1]}, stored {info})"
+                        )
                     result = PartResult(name, info.size, info.crc32c or str(sent[1]), tar.entries())
                 if progress is not None:
                     progress(sum(size for _, size in files))
@@ -332,7 +423,9 @@ class BackgroundUploader:
             self._cond.notify_all()
         log.info("queued %s for background upload", Path(ckpt_dir).name)
         if waiting > self.queue_size:
-            log.warning("upload backpressure: %d checkpoints waiting (uploads are slower than saves); none is skipped", waiting)
+            log.warning(
+                "upload backpressure: %d checkpoints waiting (uploads are slower than saves); none is skipped", waiting
+            )
 
     def pending(self) -> list[Path]:
         with self._cond:
@@ -372,7 +465,12 @@ class BackgroundUploader:
                 self._child.kill()
             self._cond.notify_all()
         for p in abandoned:
-            write_upload_state(p, UploadState.FAILED, error="interrupted: the job ended before this upload finished", failed_at=utc_now())
+            write_upload_state(
+                p,
+                UploadState.FAILED,
+                error="interrupted: the job ended before this upload finished",
+                failed_at=utc_now(),
+            )
         self._thread.join(timeout=5)
         return done
 
@@ -380,9 +478,24 @@ class BackgroundUploader:
         if self.url is None:
             return self.uploader.upload(job)["state"]
         u, n = self.uploader, self.uploader.node
-        cmd = [sys.executable, "-m", "trainer.upload.worker", str(job), "--url", self.url, "--compression", u.compression,
-               "--workers", str(u.workers), "--retries", str(u.retries), "--node", f"{n.node_rank},{n.num_nodes},{n.ranks_per_node}",
-               "--parent", str(os.getpid())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "trainer.upload.worker",
+            str(job),
+            "--url",
+            self.url,
+            "--compression",
+            u.compression,
+            "--workers",
+            str(u.workers),
+            "--retries",
+            str(u.retries),
+            "--node",
+            f"{n.node_rank},{n.num_nodes},{n.ranks_per_node}",
+            "--parent",
+            str(os.getpid()),
+        ]
         if u.keep_remote:
             cmd += ["--keep-remote", str(u.keep_remote)]
         with self._cond:
@@ -421,11 +534,18 @@ class BackgroundUploader:
                     continue
                 self.results[job.name] = "failed"
                 if self._closed:
-                    log.warning("upload of %s interrupted: the job is ending (the checkpoint stays local; `trainer"
-                                " upload-all` uploads it)", job.name)
+                    log.warning(
+                        "upload of %s interrupted: the job is ending (the checkpoint stays local; `trainer"
+                        " upload-all` uploads it)",
+                        job.name,
+                    )
                 else:
-                    log.error("upload failed after %d attempts: %s (the checkpoint stays local; `trainer upload-all`"
-                              " retries)", self.uploader.retries + 1, exc)
+                    log.error(
+                        "upload failed after %d attempts: %s (the checkpoint stays local; `trainer upload-all`"
+                        " retries)",
+                        self.uploader.retries + 1,
+                        exc,
+                    )
             except Exception:
                 self.results[job.name] = "failed"
                 log.exception("upload of %s crashed", job.name)

@@ -4,6 +4,7 @@ Tarring, checksumming and HTTP in the training process would compete with the tr
 the GIL and the CPU; in a separate, lower-priority process they do not. Exit 0: uploaded; 1: failed
 (the reason is in the checkpoint's upload_state.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     setup_logging()
     node = NodeInfo(*(int(x) for x in args.node.split(",")))
-    uploader = CheckpointUploader(open_storage(args.url), args.compression, args.workers, args.retries, node,
-                                  keep_remote=args.keep_remote)
+    uploader = CheckpointUploader(
+        open_storage(args.url), args.compression, args.workers, args.retries, node, keep_remote=args.keep_remote
+    )
     try:
         uploader.upload(args.ckpt)
     except UploadFailed:
