@@ -51,8 +51,11 @@ test: setup sysdeps
 	$(BIN)/python -m pytest -q
 
 # pyflakes and syntax errors over the code (ruff.toml); seconds
+LINTED = trainer tests tools launch setup.py
+
 lint: setup
-	$(BIN)/ruff check trainer tests tools launch setup.py
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/ruff check $(LINTED)
 
 bench: setup data/tiny_shards/shard_00000.npy
 	$(BIN)/python tools/bench_train.py neox-tiny

@@ -29,7 +29,8 @@ def _lrs(ckpt: Path) -> dict[int, float]:
 
 
 def _continues(resumed: Path, reference: Path, after: int, steps: int = 21) -> None:
-    """`resumed` (resumed at step `after`) has `reference`'s losses: the first step within 1e-5, the rest within 1e-3."""
+    """`resumed` (resumed at step `after`) has `reference`'s losses: the first step within 1e-5, the rest within
+    1e-3."""
     a, b = _losses(reference), _losses(resumed)
     span = range(after + 1, after + 1 + steps)
     assert all(s in a and s in b for s in span), (sorted(a), sorted(b))

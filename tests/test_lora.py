@@ -102,7 +102,8 @@ def test_lora_learns_keeps_frozen_weights_resumes_exactly_and_exports(
 
 
 def _exported_logits_match_the_checkpoint(ckpt: Path, out: Path, config: Path, tiny_mm: Path) -> None:
-    """The trained weights from DeepSpeed's shards vs the exported PEFT adapter and projectors: same logits, same tensors."""
+    """The trained weights from DeepSpeed's shards vs the exported PEFT adapter and projectors: same logits, same
+    tensors."""
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from peft import PeftModel
@@ -413,7 +414,8 @@ def test_data_fields_rename_the_instruction_and_response(tiny_mm: Path, tmp_path
     r = run_cli("train", str(cfg), "--num-ranks", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert (
-        f"train.jsonl:{len(renamed) + 1}: missing field 'answer' (data.fields.response) (a non-empty string, or a `text`"
+        f"train.jsonl:{len(renamed) + 1}: missing field 'answer' (data.fields.response) (a non-empty string, or a "
+        "`text`"
         " file whose contents are the response); the line has ['reply'] (name yours with data.fields.response)"
     ) in r.stderr
     assert not (tmp_path / "bad" / "runs").exists()

@@ -165,7 +165,8 @@ def _sigterm(proc: subprocess.Popen) -> tuple[str, float]:
 def test_a_hung_bucket_holds_no_job_past_its_grace_period(proxy: FaultProxy, tiny_config: Path, tmp_path: Path) -> None:
     """The bucket stops answering (connections open, no replies). During uploads: a SIGTERM still ends the job within
     preemption.grace_s (+ the launcher's teardown), the checkpoints it saved named as local. During the restore on a
-    fresh machine: a SIGTERM leaves at once (nothing trained yet, nothing to save), and nothing half-restored is listed."""
+    fresh machine: a SIGTERM leaves at once (nothing trained yet, nothing to save), and nothing half-restored is
+    listed."""
     grace = 10.0
     cfg = yaml.safe_load(tiny_config.read_text())
     cfg["train"].update(max_steps=100_000, log_every=1)

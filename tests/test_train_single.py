@@ -624,9 +624,10 @@ def _flip_a_byte(path: Path) -> None:
 def test_a_damaged_local_checkpoint_is_named_repaired_from_the_bucket_or_stepped_back(
     tiny_config: Path, tmp_path: Path
 ) -> None:
-    """Every file's size and CRC32C is in metadata.json. A truncated or bit-flipped shard of a checkpoint is found before
-    DeepSpeed loads anything: `--resume` of it exactly is one line, exit 2; `--resume auto` replaces the damaged file
-    from its verified copy in the bucket, or, without one, steps back to the newest intact checkpoint (a new run)."""
+    """Every file's size and CRC32C is in metadata.json. A truncated or bit-flipped shard of a checkpoint is found
+    before DeepSpeed loads anything: `--resume` of it exactly is one line, exit 2; `--resume auto` replaces the damaged
+    file from its verified copy in the bucket, or, without one, steps back to the newest intact checkpoint (a new
+    run)."""
     from trainer.checkpoint.integrity import file_record
 
     runs, bucket = tmp_path / "runs", f"file://{tmp_path / 'bucket'}/ckpts"

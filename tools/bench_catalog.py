@@ -97,7 +97,8 @@ def main() -> None:
     one, eight = statistics.median(times[1]), statistics.median(times[8])
     rtt = f", plus a simulated {args.rtt_ms:.0f} ms round trip per read" if args.rtt_ms else ""
     print(
-        f"{args.checkpoints} manifests, {size / args.checkpoints / 1024:.0f} KiB each, fake-gcs-server on 127.0.0.1{rtt},"
+        f"{args.checkpoints} manifests, {size / args.checkpoints / 1024:.0f} KiB each, fake-gcs-server on "
+        f"127.0.0.1{rtt},"
         f" median of {args.rounds} alternating rounds\n"
     )
     print("| threads | seconds | manifests/s |\n|---|---|---|")

@@ -331,11 +331,13 @@ def med(xs: list[float]) -> str:
 
 def report(results: list[dict], restore_rows: list, args: argparse.Namespace) -> None:
     print(
-        f"\n### {args.preset}, 1 CPU rank, {args.signals} SIGTERM restart(s), OMP_NUM_THREADS={args.threads}, {args.steps} steps, save_every {args.save_every},"
+        f"\n### {args.preset}, 1 CPU rank, {args.signals} SIGTERM restart(s), OMP_NUM_THREADS={args.threads}, "
+        f"{args.steps} steps, save_every {args.save_every},"
         f" micro batch 1 x grad_accum 4, seq 128, grace {args.grace:.0f} s, file:// bucket\n"
     )
     print(
-        "| checkpoint.async | scheduled saves | blocked per save (s) | background write (s) | step, nothing beside (s) |"
+        "| checkpoint.async | scheduled saves | blocked per save (s) | background write (s) | step, nothing beside (s) "
+        "|"
         " step during write (s) | step during upload (s) | write/neither | upload/neither | peak RSS (GiB) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -356,16 +358,19 @@ def report(results: list[dict], restore_rows: list, args: argparse.Namespace) ->
         )
     if base.get("async") and base.get("sync"):
         print(
-            f"\nblocked per scheduled save, async / sync: {statistics.median(base['async']) / statistics.median(base['sync']):.3f}"
+            "\nblocked per scheduled save, async / sync: "
+            f"{statistics.median(base['async']) / statistics.median(base['sync']):.3f}"
         )
     print(
-        "\n| checkpoint.async | SIGTERM | exit after signal (s) | exit code | stop line | committed | uploaded | peak RSS (GiB) |"
+        "\n| checkpoint.async | SIGTERM | exit after signal (s) | exit code | stop line | committed | uploaded | peak "
+        "RSS (GiB) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         for s in r["stops"]:
             print(
-                f"| {'on' if r['name'] == 'async' else 'off'} | attempt {s['attempt']} | {s['exit_s']:.1f} | {s['rc']} |"
+                f"| {'on' if r['name'] == 'async' else 'off'} | attempt {s['attempt']} | {s['exit_s']:.1f} | {s['rc']} "
+                "|"
                 f" {s['stop']}{' (write abandoned)' if s['abandoned'] else ''} | {', '.join(s['committed']) or '-'} |"
                 f" {', '.join(s['uploaded']) or '-'} | {s['peak_rss'] / 2**30:.1f} |"
             )
@@ -385,7 +390,8 @@ def report(results: list[dict], restore_rows: list, args: argparse.Namespace) ->
         ref = max(n / MB / secs for _, n, secs in restore_rows[1:])
         for label, nbytes, secs in restore_rows:
             print(
-                f"| {label} | {nbytes / MB:,.0f} | {secs:.1f} | {nbytes / MB / secs:.0f} | {nbytes / MB / secs / ref:.2f} |"
+                f"| {label} | {nbytes / MB:,.0f} | {secs:.1f} | {nbytes / MB / secs:.0f} | "
+                f"{nbytes / MB / secs / ref:.2f} |"
             )
 
 

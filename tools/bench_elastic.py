@@ -189,7 +189,8 @@ def main() -> None:
         rows["read"].append(read_all(files))
         rows["write"].append(write_bytes(ckpt.parent / ".bench-floor", out_bytes["one-pass"]))
         print(
-            f"round {i + 1}: ds_to_universal {rows['ds_to_universal'][-1]:.1f} s, one pass {rows['one-pass'][-1]:.1f} s;"
+            f"round {i + 1}: ds_to_universal {rows['ds_to_universal'][-1]:.1f} s, one pass {rows['one-pass'][-1]:.1f} "
+            "s;"
             f" floor read {rows['read'][-1]:.1f} s + write {rows['write'][-1]:.1f} s",
             flush=True,
         )
@@ -206,7 +207,8 @@ def main() -> None:
         ("one-pass", "one-pass conversion, as a resume runs it (fsync, rename)"),
     ):
         print(
-            f"| {label} | {gb(bytes_in)} | {gb(out_bytes[name])} | {med(rows[name]):.1f} | {med(rows[name]) / floor:.2f}x |"
+            f"| {label} | {gb(bytes_in)} | {gb(out_bytes[name])} | {med(rows[name]):.1f} | "
+            f"{med(rows[name]) / floor:.2f}x |"
         )
     print(
         f"| floor: read the ZeRO files once, write the one-pass output's bytes, fsync | {gb(bytes_in)} |"

@@ -103,7 +103,8 @@ def main() -> int:
     if not args.no_header:
         print(HEADER)
     print(
-        f"| {args.preset} | {accelerator_name()} | {args.micro_batch} x {args.seq_len} | {batches} | {samples} | {step:.3f} | {ev:.3f} |"
+        f"| {args.preset} | {accelerator_name()} | {args.micro_batch} x {args.seq_len} | {batches} | {samples} | "
+        f"{step:.3f} | {ev:.3f} |"
         f" {ev / max(1, -(-samples // args.micro_batch)):.3f} | {share(100)} | {share(20)} |"
     )
     return 0

@@ -160,7 +160,8 @@ def main() -> None:
                 n += 1
                 r = trial(mode, bed, root, shards, n, args.grace)
                 print(
-                    f"trial {t + 1} {mode}: exit {r['exit_s']:.2f} s (code {r['code']}), ranks gone {r['gone_s']:.2f} s,"
+                    f"trial {t + 1} {mode}: exit {r['exit_s']:.2f} s (code {r['code']}), ranks gone {r['gone_s']:.2f} "
+                    "s,"
                     f" step {r['step']} {r['reason']}, uploaded {r['uploaded']}",
                     flush=True,
                 )

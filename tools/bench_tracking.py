@@ -48,7 +48,8 @@ def main() -> int:
         total_s = time.perf_counter() - t0
         logged = len(client.get_metric_history(tracker.run_id, "train/loss"))
     print(
-        "| metrics | synchronous log_metric (s) | tracker, loop time (s) | tracker, total with flush (s) | loop-time ratio |"
+        "| metrics | synchronous log_metric (s) | tracker, loop time (s) | tracker, total with flush (s) | loop-time "
+        "ratio |"
     )
     print("|---|---|---|---|---|")
     print(f"| {args.metrics} | {sync_s:.2f} | {loop_s:.4f} | {total_s:.2f} | {sync_s / loop_s:,.0f}x less |")

@@ -6,7 +6,7 @@
     python tools/bench_train.py lora-tiny                      # Phase 2 LoRA, tiny fixtures
     python tools/bench_train.py lora-qwen2.5-0.5b --precision bf16 --zero 2 --micro-batch 8   # GPU
     python tools/bench_train.py lora-tiny --micro-batch 16 --compare-workers 0,2 --rounds 2     # data.num_workers
-    python tools/bench_train.py neox-tiny --micro-batch 8 --steps 150 --compare-bare --rounds 3  # against bare DeepSpeed
+    python tools/bench_train.py neox-tiny --micro-batch 8 --steps 150 --compare-bare --rounds 3  # bare DeepSpeed
 
 Runs the real engine (the same `Trainer` setup and step as `trainer train`) on one rank with
 random tokens in a temporary shard folder (LoRA: fixtures from tools/make_tiny_multimodal.py, random
@@ -155,7 +155,8 @@ def main() -> int:
     if not args.no_header:
         print(HEADER)
     print(
-        f"| {args.preset} | {accelerator_name()} | {trainer.ranks.world_size} | {precision} | {zero} | {micro} x {args.grad_accum} |"
+        f"| {args.preset} | {accelerator_name()} | {trainer.ranks.world_size} | {precision} | {zero} | {micro} x "
+        f"{args.grad_accum} |"
         f" {seq} | {args.attn} | {'yes' if args.grad_ckpt else 'no'} | {step:.4f} | {tps:,.0f} |"
         f" {f'{util:.1%}' if util is not None else 'n/a (CPU)'} |"
     )

@@ -106,8 +106,10 @@ def bench_throughput(ckpt: Path, workers: int, tmp: Path) -> None:
         r_ours, r_raw = statistics.median(ours), statistics.median(raw)
         trials = " / ".join(f"{o / r:.2f}" for o, r in zip(ours, raw))
         print(
-            f"\n| bytes | workers | raw client upload_many (MB/s) | uploader (MB/s) | ratio of medians | per-trial ratios |"
-            f"\n|---|---|---|---|---|---|\n| {total / MB:.0f} MB in {len(files)} files | {workers} | {r_raw:,.0f} | {r_ours:,.0f} |"
+            "\n| bytes | workers | raw client upload_many (MB/s) | uploader (MB/s) | ratio of medians | per-trial "
+            "ratios |"
+            f"\n|---|---|---|---|---|---|\n| {total / MB:.0f} MB in {len(files)} files | {workers} | {r_raw:,.0f} | "
+            f"{r_ours:,.0f} |"
             f" {r_ours / r_raw:.2f} | {trials} |"
         )
     finally:

@@ -2,7 +2,8 @@
 """Write a Phase 1 checkpoint (trainer-phase1 format, see README) from pretrained encoder folders.
 
     python tools/build_phase1.py --image models/clip-vit-base-patch16 --audio models/whisper-base \\
-        --text models/bert-base-uncased --align-dim 512 [--aligner aligner.safetensors|aligner.pt] --out phase1.safetensors
+        --text models/bert-base-uncased --align-dim 512 [--aligner aligner.safetensors|aligner.pt] \\
+        --out phase1.safetensors
 
 Encoders are loaded with transformers from local folders (CLIP or CLIP-vision, Whisper, BERT); any
 subset of the three modalities. The aligner (Linear then LayerNorm per modality) comes from `--aligner`

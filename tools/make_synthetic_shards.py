@@ -49,7 +49,8 @@ def main() -> None:
         else:
             np.savez(path, tokens=part)
     print(
-        f"wrote {args.shards} shard(s), {args.tokens:,} tokens (vocab {args.vocab}, {np.dtype(dtype).name}) to {args.out}"
+        f"wrote {args.shards} shard(s), {args.tokens:,} tokens (vocab {args.vocab}, {np.dtype(dtype).name}) to "
+        f"{args.out}"
     )
 
 

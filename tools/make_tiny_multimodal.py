@@ -202,7 +202,8 @@ def main() -> int:
     write_phase1(args.out / "phase1.safetensors", n_tok, args.seed, "tiny" if args.size == "tiny" else "full")
     write_media(args.out / "data", samples, args.seed, args.val)
     print(
-        f"wrote {llm} (tokenizer {n_tok} tokens), {args.out / 'phase1.safetensors'}, {args.out / 'data'} ({len(samples)} samples,"
+        f"wrote {llm} (tokenizer {n_tok} tokens), {args.out / 'phase1.safetensors'}, {args.out / 'data'} "
+        f"({len(samples)} samples,"
         f" {args.val} of them validation)"
     )
     return 0

@@ -220,7 +220,8 @@ def main() -> int:
     print(f"reference: {max_steps} steps in {ref_s:.1f} s ({setup_s:.1f} s setup, {train_s:.1f} s training; {work})")
 
     def extend(steps: int, ran: int) -> tuple[int, tuple[float, float]]:
-        """The run finished with trials still to run: go on to more steps (the reference too) rather than pass on fewer."""
+        """The run finished with trials still to run: go on to more steps (the reference too) rather than pass on
+        fewer."""
         steps += max(args.save_every * 2, args.max_steps // 2)
         print(
             f"the run finished after {ran} of {args.trials} trials: extending it to {steps} steps (and the reference)"
@@ -370,7 +371,8 @@ def main() -> int:
     same_weights = weights_equal(a, b)
 
     print(
-        "\n| trial | signal | kill point | step | exit | SIGTERM->exit (s) | in bucket at exit | next start | resumed at | problem |"
+        "\n| trial | signal | kill point | step | exit | SIGTERM->exit (s) | in bucket at exit | next start | resumed "
+        "at | problem |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for t in trials:
@@ -441,7 +443,8 @@ def _check_resume(prev: Optional[Trial], text: str) -> None:
 def _sigterm_problems(
     t: Trial, text: str, local: list[int], remote: set[int], said_local: set[int], run_dir: Path, limit_s: float
 ) -> str:
-    """What a SIGTERM stop got wrong: its exit code and time, its emergency checkpoint, where it left each checkpoint."""
+    """What a SIGTERM stop got wrong: its exit code and time, its emergency checkpoint, where it left each
+    checkpoint."""
     out = ""
     if t.code not in (0, 75):
         out = _join(out, f"exit code {t.code} after SIGTERM")

@@ -19,7 +19,8 @@ Shards are written into a hidden staging folder inside the output folder and mov
 at the end, so a failed run leaves nothing behind.
 
     python tools/tokenize_to_shards.py data/raw_text --tokenizer tokenizers/neox/tokenizer.json --out data/shards
-    python tools/tokenize_to_shards.py a.jsonl b.jsonl --tokenizer tokenizers/neox --out data/shards --tokens-per-shard 10000000
+    python tools/tokenize_to_shards.py a.jsonl b.jsonl --tokenizer tokenizers/neox --out data/shards \\
+        --tokens-per-shard 10000000
 """
 
 from __future__ import annotations

@@ -113,10 +113,12 @@ class Catalog:
             return newest(matching[0][1])
         if len(matching) > 1:
             raise UserError(
-                f"{ref}: matches {len(matching)} runs ({_few(rid[:12] for rid, _ in matching)}); give more of the run id"
+                f"{ref}: matches {len(matching)} runs ({_few(rid[:12] for rid, _ in matching)}); give more of the run "
+                "id"
             )
         raise UserError(
-            f"{ref}: no such checkpoint or run under {self.source} (tags: {_few(sorted({e.tag for e in self.entries}))};"
+            f"{ref}: no such checkpoint or run under {self.source} (tags: "
+            f"{_few(sorted({e.tag for e in self.entries}))};"
             f" runs: {_few(rid[:12] for rid, _ in runs)})"
         )
 
@@ -128,7 +130,8 @@ class Catalog:
             )
         if len(matching) > 1:
             raise UserError(
-                f"{prefix}: matches {len(matching)} runs ({_few(rid[:12] for rid, _ in matching)}); give more of the run id"
+                f"{prefix}: matches {len(matching)} runs ({_few(rid[:12] for rid, _ in matching)}); give more of the "
+                "run id"
             )
         return matching[0]
 

@@ -35,7 +35,8 @@ def verify_remote(storage: Storage, prefix: str) -> tuple[bool, str, Optional[di
         if info.size != part["size"] or (info.crc32c and info.crc32c != part["crc32c"]):
             return (
                 False,
-                f"part {part['name']} has size {info.size} crc32c {info.crc32c}, manifest says {part['size']} {part['crc32c']}",
+                f"part {part['name']} has size {info.size} crc32c {info.crc32c}, manifest says {part['size']} "
+                f"{part['crc32c']}",
                 manifest,
             )
     return True, "verified", manifest

@@ -121,13 +121,15 @@ class Checkpoint:
         if saved_world != world_size and not (saved_stage in ELASTIC_STAGES and stage in (None, *ELASTIC_STAGES)):
             now = f" with ZeRO stage {stage}" if stage is not None and stage != saved_stage else ""
             why = (
-                f"DeepSpeed {ds_version()}'s universal load of ZeRO-3 states does not continue the run (its losses drift"
+                f"DeepSpeed {ds_version()}'s universal load of ZeRO-3 states does not continue the run (its losses "
+                "drift"
                 " from the uninterrupted run's)"
                 if 3 in (saved_stage, stage)
                 else "they are converted to DeepSpeed's universal format"
             )
             raise UserError(
-                f"--resume {spec}: {self.path} was saved by {saved_world} ranks with ZeRO stage {saved_stage}, this job has"
+                f"--resume {spec}: {self.path} was saved by {saved_world} ranks with ZeRO stage {saved_stage}, this "
+                "job has"
                 f" {world_size}{now}; only ZeRO-1/2 checkpoints resume on another world size ({why}): run on"
                 f" {saved_world} rank(s), or train with deepspeed.template zero1 or zero2 to resume on any world size"
             )
@@ -336,8 +338,8 @@ def resolve_resume(
     """The checkpoint `--resume SPEC` names, None for a fresh start, `UserError` if missing (or damaged).
 
     SPEC: `auto` (newest committed checkpoint under run_dir of the same task and model, else a
-    fresh start), `latest` (the same, but it is an error if there is none), a tag `step-00000100` (newest run holding it),
-    `RUN_ID/step-00000100`, or the path of a checkpoint folder.
+    fresh start), `latest` (the same, but it is an error if there is none), a tag `step-00000100` (newest run
+    holding it), `RUN_ID/step-00000100`, or the path of a checkpoint folder.
 
     `verify`: "full" compares every recorded file's size and CRC32C with its metadata (`integrity.damage`), "sizes"
     only sizes, "none" nothing. A damaged checkpoint is first given to `repair` (with the damaged files' relative

@@ -113,7 +113,8 @@ def list_cmd(
     url: UrlOpt = None,
     timeout: TimeoutOpt = 30.0,
 ) -> int:
-    """Committed checkpoints, grouped by run (newest run first): step, epoch, loss, val loss, best, time, size, upload state."""
+    """Committed checkpoints, grouped by run (newest run first): step, epoch, loss, val loss, best, time, size, upload
+    state."""
     from rich.table import Table
 
     from trainer.checkpoint.catalog import scan, verify as verify_all

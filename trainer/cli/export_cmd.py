@@ -35,5 +35,6 @@ def export(
         )
     meta, files = export_checkpoint(entry.local, out)
     typer.echo(
-        f"exported {meta.get('task', '')} checkpoint {entry.local.name} (step {meta['step']}) to {out}: {', '.join(files)}"
+        f"exported {meta.get('task', '')} checkpoint {entry.local.name} (step {meta['step']}) to {out}: "
+        f"{', '.join(files)}"
     )

@@ -60,7 +60,8 @@ def generate(
     ] = None,
     runs: Annotated[str, typer.Option("--runs", "-r", help="Folder of runs where references are looked up.")] = "runs",
 ) -> None:
-    """Generate with a trained model: lora answers media + an instruction (or a JSONL of them), pretrain continues a prompt."""
+    """Generate with a trained model: lora answers media + an instruction (or a JSONL of them), pretrain continues a
+    prompt."""
     from trainer.errors import UserError
     from trainer.tasks.generate import open_generator, open_source, sampling, samples_of
 
@@ -75,7 +76,8 @@ def generate(
         raise UserError(f"{source}: a {task} model takes --prompt or --prompt-ids, not media or --jsonl")
     if task == "lora" and (prompt_ids or tokenizer):
         raise UserError(
-            f"{source}: a lora model takes --prompt and media (its tokenizer is the LLM's), not --prompt-ids/--tokenizer"
+            f"{source}: a lora model takes --prompt and media (its tokenizer is the LLM's), not "
+            "--prompt-ids/--tokenizer"
         )
     if task != "lora" and (prompt is None) == (prompt_ids is None):
         raise UserError("give the prompt: --prompt TEXT (with --tokenizer) or --prompt-ids '5 17 9'")

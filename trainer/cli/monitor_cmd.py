@@ -95,7 +95,8 @@ def _node_log(run: Path, node: int, lines: int, refresh: float, once: bool) -> i
 
 
 def _follow(log: Path, lines: int, refresh: float, once: bool) -> None:
-    """`tail -f` (`tail` with once): the last lines, then whatever is appended (a new file after a restart is picked up)."""
+    """`tail -f` (`tail` with once): the last lines, then whatever is appended (a new file after a restart is picked
+    up)."""
     from trainer.monitor import tail
 
     for line in tail(log, lines):

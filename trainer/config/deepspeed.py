@@ -41,7 +41,8 @@ def load_template(name: str) -> dict:
         path = next((d / f"{name}.json" for d in template_dirs() if (d / f"{name}.json").exists()), None)
         if path is None:
             raise UserError(
-                f"deepspeed.template: unknown template {name!r}; expected one of {', '.join(list_templates())} or a JSON path"
+                f"deepspeed.template: unknown template {name!r}; expected one of {', '.join(list_templates())} or a "
+                "JSON path"
             )
     try:
         data = json.loads(path.read_text())
@@ -110,7 +111,8 @@ def render_ds_config(
     if t.global_batch_size is not None and t.global_batch_size != t.micro_batch_size * t.grad_accum * world_size:
         raise UserError(
             f"{source}: train.global_batch_size: {t.global_batch_size} != train.micro_batch_size {t.micro_batch_size}"
-            f" x train.grad_accum {t.grad_accum} x world size {world_size} = {t.micro_batch_size * t.grad_accum * world_size}"
+            f" x train.grad_accum {t.grad_accum} x world size {world_size} = "
+            f"{t.micro_batch_size * t.grad_accum * world_size}"
         )
     values: dict[str, Any] = {
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,

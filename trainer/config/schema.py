@@ -38,7 +38,8 @@ class ModelConfig(Section):
     intermediate_size: Optional[int] = Field(default=None, ge=1)
     """Width of the MLP; None: the preset's (4 x hidden: 8192 / 4096 / 256)."""
     vocab_size: Optional[int] = Field(default=None, ge=2)
-    """Vocabulary size before padding; defaults to the preset's (50257 for neox-1.2b and neox-410m, 512 for neox-tiny)."""
+    """Vocabulary size before padding; defaults to the preset's (50257 for neox-1.2b and neox-410m, 512 for
+    neox-tiny)."""
     pad_vocab_to: int = Field(default=128, ge=1)
     """Pad the embedding rows up to a multiple of this (efficient matmuls on tensor cores)."""
     seq_len: Optional[int] = Field(default=None, ge=8)
@@ -67,7 +68,8 @@ class DataConfig(Section):
     path: str = "data/tiny_shards"
     """Folder of pre-tokenized shards (`*.npy` memory-mapped, or `*.npz` with one array), or gs://BUCKET/PREFIX."""
     cache_dir: Optional[str] = None
-    """Where shards from gs:// are downloaded (verified by CRC32C); None: ~/.cache/trainer/shards (or $TRAINER_CACHE)."""
+    """Where shards from gs:// are downloaded (verified by CRC32C); None: ~/.cache/trainer/shards (or
+    $TRAINER_CACHE)."""
     max_files: Optional[int] = Field(default=None, ge=1)
     """Use only the first N shard files in name order (None: all)."""
     check_token_ids: bool = True
@@ -156,7 +158,8 @@ class OptimConfig(Section):
     """Instead of `warmup_steps`: warm up over this share of the schedule (optim.decay_steps or the run's steps,
     derived from train.epochs when given), rounded to whole steps."""
     decay_steps: Optional[int] = Field(default=None, ge=1)
-    """Steps of the whole schedule (warmup included); None: train.max_steps. Fix it to extend a run without changing its LR curve."""
+    """Steps of the whole schedule (warmup included); None: train.max_steps. Fix it to extend a run without changing its
+    LR curve."""
     weight_decay: float = Field(default=0.1, ge=0)
     """AdamW weight decay (not applied to biases and norm weights)."""
     betas: tuple[float, float] = (0.9, 0.95)

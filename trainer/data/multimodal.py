@@ -300,7 +300,8 @@ def response_room(featurizer: Featurizer, samples: list[Sample], index: Path) ->
         n = len(featurizer.prompt_ids(s.instruction))
         if n >= featurizer.max_length:
             out[s.line] = (
-                f"{index}:{s.line}: the prompt is {n} tokens, max_length {featurizer.max_length} leaves no room for the response"
+                f"{index}:{s.line}: the prompt is {n} tokens, max_length {featurizer.max_length} leaves no room for "
+                "the response"
             )
     return out
 

@@ -383,9 +383,12 @@ class CheckpointManager:
         keep = self.cfg.checkpoint.keep_last
         newest = committed[-1].tag if committed else "none"
         return UserError(
-            f"checkpoint {tag}: no space left on {disk_of(self.store.root)}: a checkpoint takes {gb(need)} on this node,"
-            f" {gb(free)} is free, so {gb(max(0, need - free))} more is needed (checkpoint.keep_last {keep} keeps {keep} +"
-            f" the one being saved); the partial save was removed, the committed checkpoints are intact (newest: {newest})",
+            f"checkpoint {tag}: no space left on {disk_of(self.store.root)}: a checkpoint takes {gb(need)} on this "
+            "node,"
+            f" {gb(free)} is free, so {gb(max(0, need - free))} more is needed (checkpoint.keep_last {keep} keeps "
+            f"{keep} +"
+            " the one being saved); the partial save was removed, the committed checkpoints are intact (newest: "
+            f"{newest})",
             shared=shared,
         )
 

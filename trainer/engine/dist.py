@@ -58,7 +58,8 @@ def _unlink_shm_buffers() -> None:
     valid after the unlink, and nothing is left behind however the ranks end.
     """
     barrier()  # each rank's init maps all of its peers' segments before it returns
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{os.environ['RANK']}"
+    env = os.environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['RANK']}"
     try:
         os.unlink(os.path.join("/dev/shm", name))
     except OSError:

@@ -57,7 +57,8 @@ def describe(record: Optional[dict]) -> str:
     secs = record["seconds"]
     parts = ", ".join(f"{p} {_duration(secs.get(p, 0.0))}" for p in PHASES if secs.get(p, 0.0) >= 0.05)
     n = int(record.get("attempts") or 1)
-    return f"goodput {record['goodput']:.1%} of {_duration(record['total_s'])} over {n} attempt{'s' if n != 1 else ''}: {parts}"
+    attempts = f"{n} attempt{'s' if n != 1 else ''}"
+    return f"goodput {record['goodput']:.1%} of {_duration(record['total_s'])} over {attempts}: {parts}"
 
 
 def _duration(s: float) -> str:

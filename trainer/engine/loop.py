@@ -248,7 +248,8 @@ class Trainer:
         return RunDecision(ckpt.run_id, str(ckpt.path), meta, restored=restored)
 
     def _repair_from_bucket(self, ckpt: Checkpoint, damaged: list[str]) -> bool:
-        """Replace the damaged files of a local checkpoint by their verified copies in the bucket (True), if it has them."""
+        """Replace the damaged files of a local checkpoint by their verified copies in the bucket (True), if it has
+        them."""
         from trainer.upload.restore import fill_missing
 
         aside = {rel: ckpt.path / f"{rel}.damaged" for rel in damaged}
@@ -333,7 +334,8 @@ class Trainer:
 
     def _convert_for_this_world(self, decision: RunDecision) -> Path:
         """The resumed checkpoint in DeepSpeed's universal format (converted once on each node that lacks it; a
-        conversion already beside it is reused). Said in one line: what was resumed, from how many ranks onto how many."""
+        conversion already beside it is reused). Said in one line: what was resumed, from how many ranks onto how
+        many."""
         from trainer.checkpoint.universal import ensure_universal, missing_states, missing_states_error
         from trainer.upload.restore import fill_missing
 
@@ -406,7 +408,8 @@ class Trainer:
             node.hosts,
         )
         meta = decision.metadata
-        # the global batch on this world size (a checkpoint saved on another one keeps its own), then what follows from it
+        # the global batch on this world size (a checkpoint saved on another one keeps its own), then what follows from
+        # it
         self.cfg = cfg = resolve_batch(cfg, r.world_size, self.source, meta)
         self.ds_config = render_ds_config(cfg, r.world_size, self.task.model_hints().get("hidden_size"), self.source)
         self.stage = zero_stage(self.ds_config)
@@ -836,7 +839,8 @@ def grace_problems(cfg: RunConfig, step_time: float, save_s: Optional[float]) ->
         return [
             (
                 "step",
-                f"a {unit} takes {wait:.1f} s, more than the {p.grace_s:g} s grace (minus {p.exit_reserve_s:g} s to leave):"
+                f"a {unit} takes {wait:.1f} s, more than the {p.grace_s:g} s grace (minus {p.exit_reserve_s:g} s to "
+                "leave):"
                 f" a SIGTERM cannot be honoured at a {unit} boundary with these settings; the run resumes from its last"
                 " checkpoint (lower train.micro_batch_size" + ("" if micro else ", or raise train.grad_accum") + ")",
             )
@@ -845,8 +849,10 @@ def grace_problems(cfg: RunConfig, step_time: float, save_s: Optional[float]) ->
         return [
             (
                 "save",
-                f"a {unit} ({wait:.1f} s) and an emergency save (~{save_s:.1f} s) take more than the {p.grace_s:g} s grace"
-                f" (minus {p.exit_reserve_s:g} s to leave): a SIGTERM will usually stop without saving, losing the work since"
+                f"a {unit} ({wait:.1f} s) and an emergency save (~{save_s:.1f} s) take more than the {p.grace_s:g} s "
+                "grace"
+                f" (minus {p.exit_reserve_s:g} s to leave): a SIGTERM will usually stop without saving, losing the "
+                "work since"
                 " the last checkpoint (save more often, or lower the step time)",
             )
         ]

@@ -293,7 +293,8 @@ def written_by_torch_save(path: Path) -> bool:
 
 
 def is_torch_file(path: Path) -> bool:
-    """Whether the file is meant for torch.load: written by torch.save, or named so (.pt, .pth, .ckpt, .bin) and not safetensors."""
+    """Whether the file is meant for torch.load: written by torch.save, or named so (.pt, .pth, .ckpt, .bin) and not
+    safetensors."""
     path = Path(path)
     return written_by_torch_save(path) or (path.suffix.lower() in TORCH_SUFFIXES and not is_safetensors_file(path))
 
@@ -377,7 +378,8 @@ def read_phase1_header(path: Path) -> dict:
 
 def verify_phase1(path: Path) -> dict:
     """Check a Phase 1 checkpoint without loading its tensors: format, version, and every tensor name and
-    shape against the architecture in its header (the modules are built on the meta device). Returns the architecture."""
+    shape against the architecture in its header (the modules are built on the meta device). Returns the
+    architecture."""
     from safetensors import safe_open
 
     arch = read_phase1_header(path)
@@ -442,7 +444,8 @@ def parameter_table(named: Iterable[tuple[str, Any]]) -> list[str]:
         out.append(f"{comp:<18} {a + b:>14,} {a:>14,} {b:>14,} {(a + b) / total:>7.2%}")
     out.append(f"{'total':<18} {total:>14,} {trainable:>14,} {total - trainable:>14,} {1:>7.2%}")
     out.append(
-        f"trainable {trainable:,} ({trainable / total:.2%}), frozen {total - trainable:,} ({(total - trainable) / total:.2%})"
+        f"trainable {trainable:,} ({trainable / total:.2%}), frozen {total - trainable:,} "
+        f"({(total - trainable) / total:.2%})"
     )
     return out
 

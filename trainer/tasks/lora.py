@@ -73,7 +73,8 @@ class LoraTask(TaskHooks):
     # ------------------------------------------------------------------------------ inputs
     @property
     def phase1_path(self) -> Path:
-        """lora.phase1_checkpoint, a glob resolved to its newest match (named in the log; checkpoints record the file)."""
+        """lora.phase1_checkpoint, a glob resolved to its newest match (named in the log; checkpoints record the
+        file)."""
         if self._phase1 is None:
             self._phase1 = resolve_phase1_checkpoint(self.lc.phase1_checkpoint)
             if str(self._phase1) != self.lc.phase1_checkpoint:
@@ -172,7 +173,8 @@ class LoraTask(TaskHooks):
         return None
 
     def preflight(self) -> None:
-        """Everything a launch needs, checked on one process: LLM folder, Phase 1 checkpoint, tokenizers, every JSONL line."""
+        """Everything a launch needs, checked on one process: LLM folder, Phase 1 checkpoint, tokenizers, every JSONL
+        line."""
         cfg = self.llm_config()
         arch = verify_phase1(self.phase1_path)
         absent = [m for m in self.lc.soft_tokens if m not in arch["modalities"]]
@@ -267,7 +269,8 @@ class LoraTask(TaskHooks):
 
     def describe_model(self, model: Any) -> list[str]:
         return [
-            f"LLM {self.llm_path} with LoRA r={self.lc.r} alpha={self.lc.alpha:g} on {', '.join(self.lc.target_modules)};"
+            f"LLM {self.llm_path} with LoRA r={self.lc.r} alpha={self.lc.alpha:g} on "
+            f"{', '.join(self.lc.target_modules)};"
             f" soft tokens {dict((m, self.lc.soft_tokens[m]) for m in self.modalities)}",
             *parameter_table(model.named_parameters()),
             f"frozen weights sha256 {self.frozen_sha256}",
@@ -298,7 +301,8 @@ class LoraTask(TaskHooks):
         return len(self.val_samples)
 
     def batch(self, step: int, micro: int, device: Any) -> dict[str, Any]:
-        """Micro-batch `micro` of step `step`: prepared here, or ahead by `data.num_workers` processes (same tensors)."""
+        """Micro-batch `micro` of step `step`: prepared here, or ahead by `data.num_workers` processes (same
+        tensors)."""
         assert self.sampler is not None
         if self.prefetch is None and self.workers:
             self.prefetch = Prefetcher(self._prepare, self.sampler.grad_accum, self.workers)
@@ -389,7 +393,8 @@ class LoraTask(TaskHooks):
 
     # ------------------------------------------------------------------------ checkpoints
     def on_save(self, model: Any, ckpt_dir: Any, writer: bool, final: bool) -> dict[str, Any]:
-        """The PEFT adapter and the projectors beside DeepSpeed's files; on the final save, the frozen weights re-hashed."""
+        """The PEFT adapter and the projectors beside DeepSpeed's files; on the final save, the frozen weights re-
+        hashed."""
         import deepspeed
         from safetensors.torch import load_file, save_file
 
@@ -442,7 +447,8 @@ class LoraTask(TaskHooks):
             should_train = n.startswith("projectors.") or (n.startswith("llm.") and "lora_" in n)
             if p.requires_grad != should_train:
                 out.append(
-                    f"{n} is {'trainable' if p.requires_grad else 'frozen'}, expected {'trainable' if should_train else 'frozen'}"
+                    f"{n} is {'trainable' if p.requires_grad else 'frozen'}, expected "
+                    f"{'trainable' if should_train else 'frozen'}"
                 )
         return out
 
@@ -538,7 +544,9 @@ import json
 
 info = json.load(open("THIS_FOLDER/trainer_export.json"))
 phase1 = load_phase1("{phase1}")
-projectors = make_projectors(phase1.architecture, info["projector_hidden"], model.config.hidden_size, info["soft_tokens"])
+projectors = make_projectors(
+    phase1.architecture, info["projector_hidden"], model.config.hidden_size, info["soft_tokens"]
+)
 projectors.load_state_dict(load_file("THIS_FOLDER/projectors.safetensors"))
 mm = build_multimodal(phase1, projectors, model)  # mm(**batch) -> loss; mm.soft_tokens(batch) -> soft tokens
 ```

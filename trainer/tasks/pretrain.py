@@ -121,7 +121,8 @@ class PretrainTask(TaskHooks):
         return model
 
     def state_bytes_estimate(self) -> int:
-        """A checkpoint's bytes: the weights in the training precision plus Adam's fp32 master, exp_avg and exp_avg_sq."""
+        """A checkpoint's bytes: the weights in the training precision plus Adam's fp32 master, exp_avg and
+        exp_avg_sq."""
         import torch
         from transformers import GPTNeoXForCausalLM
 
@@ -133,7 +134,8 @@ class PretrainTask(TaskHooks):
         c = parameter_counts(model)
         d = self.dims
         return [
-            f"model {self.cfg.model.preset}: {d['num_layers']} layers, hidden {d['hidden_size']}, {d['num_heads']} heads,"
+            f"model {self.cfg.model.preset}: {d['num_layers']} layers, hidden {d['hidden_size']}, {d['num_heads']} "
+            "heads,"
             f" seq {self.seq_len}, vocab {d['vocab_size']} (padded to {d['padded_vocab_size']})",
             f"parameters: {c['total']:,} total ({human_count(c['total'])}), {c['non_embedding']:,} non-embedding"
             f" ({human_count(c['non_embedding'])})",
