@@ -3,34 +3,27 @@
 Checkpoints (saving in the background, committing, loading, uploads and retention) are the
 `CheckpointManager`'s; held-out loss is the `Evaluator`'s; where numbers go (console, MLflow,
 TensorBoard, status file, summary) is the `Reporter`'s; where the wall time goes is the `Goodput`
-clock's. The run's length and cadences come from its `Plan`. The loop steps and asks them.
+clock's. Which checkpoint the run starts from, and getting its files onto every node, is `ResumeSteps`'
+(engine/resume.py). The run's length and cadences come from its `Plan`. The loop steps and asks them.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
-import math
-import os
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.checkpoint.catalog import trend_of
-from trainer.checkpoint.layout import MANIFEST, remote_prefix, tag_for, utc_now
+from trainer.checkpoint.layout import tag_for, utc_now
 from trainer.checkpoint.store import (
     Checkpoint,
     CheckpointStore,
     all_committed,
     atomic_write,
     is_committed,
-    read_metadata,
-    resolve_resume,
 )
-from trainer.checkpoint.universal import UNIVERSAL_DIR
 from trainer.config.batch import resolve_batch
 from trainer.config.deepspeed import render_ds_config, uses_ds_optimizer, zero_stage
 from trainer.config.load import config_hash, config_to_yaml, model_identity, public_config_dict
@@ -38,136 +31,22 @@ from trainer.config.plan import DataSizes, Plan, resolve_plan
 from trainer.config.schema import RunConfig
 from trainer.engine import dist
 from trainer.engine.checkpointing import CheckpointManager, capture_rng
-from trainer.engine.evaluate import EvalResult, Evaluator
+from trainer.engine.evaluate import Evaluator
 from trainer.engine.goodput import Goodput, PhaseClock, process_started_monotonic
+from trainer.engine.grace import grace_problems
 from trainer.engine.metrics import accelerator_name, mfu, peak_flops, system_info
 from trainer.engine.optim import optimizer_factory, param_groups, scheduler_factory
 from trainer.engine.report import Reporter, curve_of
+from trainer.engine.resume import ResumeSteps
 from trainer.engine.signals import StopFlag, watch_launchers
-from trainer.errors import EXIT_OK, EXIT_PREEMPTED, UserError
+from trainer.engine.state import LossWindow, RunState
+from trainer.errors import EXIT_OK, EXIT_PREEMPTED
 from trainer.tasks.base import Task
-from trainer.log import add_log_file, add_node_log, get_logger, redact
-from trainer.progress import gb
+from trainer.log import add_log_file, add_node_log, get_logger
 from trainer.ranks import node_identity, rank_info
-from trainer.storage import describe_error, is_storage_error, open_storage
+from trainer.storage import open_storage
 
 log = get_logger("engine")
-
-
-def new_run_id() -> str:
-    return f"{uuid.uuid4().hex}_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}"
-
-
-@dataclass
-class RunState:
-    """What the loop carries from step to step and into every checkpoint's metadata."""
-
-    step: int = 0
-    loss_history: list[list[float]] = field(default_factory=list)
-    lr_history: list[list[float]] = field(default_factory=list)
-    best_loss: Optional[float] = None
-    best_step: Optional[int] = None
-    last_loss: Optional[float] = None
-    val_history: list[list[float]] = field(default_factory=list)  # [step, val loss] of every evaluation
-    best_val_loss: Optional[float] = None
-    best_val_step: Optional[int] = None
-    last_ppl: Optional[float] = None
-
-    def record(self, step: int, loss: float, lr: float) -> None:
-        self.loss_history.append([step, loss])
-        self.lr_history.append([step, lr])
-        self.last_loss = loss
-        if math.isfinite(loss) and (self.best_loss is None or loss < self.best_loss):
-            self.best_loss, self.best_step = loss, step
-
-    def record_val(self, r: EvalResult) -> bool:
-        """Add an evaluation; True if its loss is the best so far."""
-        self.val_history.append([r.step, r.loss])
-        self.last_ppl = r.perplexity
-        better = math.isfinite(r.loss) and (self.best_val_loss is None or r.loss < self.best_val_loss)
-        if better:
-            self.best_val_loss, self.best_val_step = r.loss, r.step
-        return better
-
-    def val_at(self, step: int) -> Optional[float]:
-        """The validation loss measured at `step` (None if that step was not evaluated)."""
-        return self.val_history[-1][1] if self.val_history and self.val_history[-1][0] == step else None
-
-    def best(self, metric: str) -> tuple[Optional[float], Optional[int]]:
-        return (self.best_val_loss, self.best_val_step) if metric == "val_loss" else (self.best_loss, self.best_step)
-
-    def validation_metrics(self, step: int, metric: str) -> Optional[dict]:
-        """Where the held-out loss stands after `step` (None before the first evaluation)."""
-        if not self.val_history:
-            return None
-        trend, change = trend_of([float(v) for _, v in self.val_history])
-        last_step, last = self.val_history[-1]
-        return {
-            "current_val_loss": last,
-            "current_step": last_step,
-            "perplexity": self.last_ppl if last_step == step else None,
-            "best_val_loss": self.best_val_loss,
-            "best_val_step": self.best_val_step,
-            "steps_since_best": step - self.best_val_step if self.best_val_step is not None else None,
-            "evaluations": len(self.val_history),
-            "trend": trend,
-            "trend_change": round(change, 6) if change is not None else None,
-            "best_metric": metric,
-        }
-
-    @classmethod
-    def from_metadata(cls, meta: dict) -> "RunState":
-        return cls(
-            step=int(meta["step"]),
-            loss_history=list(meta.get("loss_history", [])),
-            lr_history=list(meta.get("lr_history", [])),
-            best_loss=meta.get("best_loss"),
-            best_step=meta.get("best_step"),
-            last_loss=meta.get("loss"),
-            val_history=list(meta.get("val_history") or []),
-            best_val_loss=meta.get("best_val_loss"),
-            best_val_step=meta.get("best_val_step"),
-            last_ppl=(meta.get("validation_metrics") or {}).get("perplexity"),
-        )
-
-
-@dataclass(frozen=True)
-class RunDecision:
-    """Rank 0's choice at the start, shared with every rank: the run id and the checkpoint to resume (if any)."""
-
-    run_id: str
-    resume: Optional[str] = None  # the checkpoint folder
-    metadata: Optional[dict] = None  # its metadata.json (mlflow_run_id cleared on a branch)
-    branched_from: Optional[str] = None  # set when the checkpoint has newer ones: a new run continues it
-    restored: Optional[str] = None  # the bucket prefix it was restored from on this start
-
-
-class LossWindow:
-    """Sums losses on the device between log points; one all-reduce turns them into a global mean."""
-
-    def __init__(self) -> None:
-        self.total: Any = 0.0
-        self.count = 0
-        self.steps = 0
-        self.started = time.perf_counter()
-
-    def restart_clock(self) -> None:
-        """An empty window's time starts now (what came before it, an evaluation, is not step time)."""
-        if self.count == 0:
-            self.started = time.perf_counter()
-
-    def add(self, loss: Any) -> None:
-        self.total = self.total + loss.detach().float()
-        self.count += 1
-
-    def close(self) -> tuple[float, int, float]:
-        """(global mean loss, steps in window, seconds) and start a new window. Collective."""
-        local = float(self.total) if self.count else 0.0
-        total, count = dist.all_reduce_sum([local, float(self.count)])
-        elapsed = time.perf_counter() - self.started
-        steps = self.steps
-        self.__init__()
-        return (total / count if count else float("nan")), steps, elapsed
 
 
 class Trainer:
@@ -195,85 +74,6 @@ class Trainer:
         self._grace_warned: set[str] = set()
 
     # ----------------------------------------------------------------------------------- setup
-    def _decide_run(self) -> RunDecision:
-        """On rank 0: which checkpoint to resume (if any) and the run id. Shared with all ranks."""
-        from trainer.upload.restore import restore_newest
-
-        model = model_identity(self.cfg)
-        with self.clock.phase_of("restore"):  # every recorded file's size and CRC32C checked before anything loads
-            ckpt = resolve_resume(
-                self.cfg.run_dir,
-                self.cfg.checkpoint.resume,
-                task=self.cfg.task,
-                model=model,
-                verify="full",
-                repair=self._repair_from_bucket if self.cfg.upload.url else None,
-            )
-        restored = None
-        if ckpt is None and self.cfg.checkpoint.resume == "auto" and self.cfg.upload.url:
-            log.info("no local checkpoint: looking for the newest complete one in %s", redact(self.cfg.upload.url))
-            damaged_here = {c.path for c in all_committed(Path(self.cfg.run_dir))}  # (all stepped past above)
-            try:
-                with self.clock.phase_of("restore"):
-                    path = restore_newest(open_storage(self.cfg.upload.url), self.cfg.run_dir, self.cfg.task, model)
-            except Exception as exc:
-                if not is_storage_error(exc):
-                    raise
-                raise UserError(
-                    f"--resume auto: could not restore from {redact(self.cfg.upload.url)} ({describe_error(exc)});"
-                    " nothing was trained: run the same command again when the bucket answers, or pass"
-                    " --resume none to start a new run"
-                ) from None
-            if path is not None:
-                ckpt, restored = Checkpoint(path, read_metadata(path)), remote_prefix(read_metadata(path))
-                if path in damaged_here:  # restore() keeps a local folder of that tag, and this one failed its check
-                    raise UserError(
-                        f"--resume auto: {path} is damaged (named above) and could not be repaired from the"
-                        " bucket; pass --resume with an older checkpoint, or --resume none"
-                    )
-        if ckpt is None:
-            return RunDecision(self.cfg.run_id or new_run_id())
-        meta = dict(ckpt.metadata)
-        newer = [c.tag for c in CheckpointStore(ckpt.path.parent.parent).committed() if c.step > ckpt.step]
-        if newer:  # never overwrite the later checkpoints of that run: continue as a new run
-            run_id = new_run_id()
-            log.warning(
-                "resuming from %s, which has newer checkpoints (%s): continuing as a new run %s",
-                ckpt.tag,
-                ", ".join(newer),
-                run_id,
-            )
-            meta["mlflow_run_id"] = None
-            return RunDecision(run_id, str(ckpt.path), meta, branched_from=str(ckpt.path))
-        return RunDecision(ckpt.run_id, str(ckpt.path), meta, restored=restored)
-
-    def _repair_from_bucket(self, ckpt: Checkpoint, damaged: list[str]) -> bool:
-        """Replace the damaged files of a local checkpoint by their verified copies in the bucket (True), if it has
-        them."""
-        from trainer.upload.restore import fill_missing
-
-        aside = {rel: ckpt.path / f"{rel}.damaged" for rel in damaged}
-        try:
-            storage, prefix = open_storage(self.cfg.upload.url), remote_prefix(ckpt.metadata)  # type: ignore[arg-type]
-            raw = storage.get_bytes(f"{prefix}/{MANIFEST}")
-            manifest = json.loads(raw) if raw else {}
-            if not raw or not set(damaged) <= {f["path"] for f in manifest.get("files", [])}:
-                log.warning("%s holds no complete copy of %s to repair it from", redact(self.cfg.upload.url), ckpt.tag)
-                return False
-            for rel, bad in aside.items():  # set aside, not deleted: put back if the bucket's copy does not come
-                if (ckpt.path / rel).exists():
-                    os.replace(ckpt.path / rel, bad)
-            fill_missing(storage, prefix, manifest, ckpt.path, lambda name: name in damaged)
-        except Exception as exc:  # the bucket cannot be read now, or its copy is damaged too
-            log.warning("could not repair %s from %s: %s", ckpt.tag, redact(self.cfg.upload.url), describe_error(exc))
-            for rel, bad in aside.items():
-                if bad.exists() and not (ckpt.path / rel).exists():
-                    os.replace(bad, ckpt.path / rel)
-            return False
-        for bad in aside.values():
-            bad.unlink(missing_ok=True)
-        return True
-
     def say_where_checkpoints_are(self) -> None:
         """For a job stopped while starting: the committed checkpoints under run_dir not in the bucket, each named as
         still local (with its path), as the drain says them at the end of a run (first rank of each node)."""
@@ -281,98 +81,6 @@ class Trainer:
 
         if self.ranks.is_local_main and self.cfg.upload.url:
             report_locations(all_committed(Path(self.cfg.run_dir)), uploaded_too=False)
-
-    def _restore_on_this_node(self, decision: RunDecision) -> None:
-        """Nodes without a shared filesystem: each node's first rank fetches the checkpoint rank 0 chose, and on the
-        same world size the files its ranks load that another node wrote (the model states, under ZeRO-1/2)."""
-        from trainer.checkpoint.integrity import damaged_files, describe_damage
-        from trainer.checkpoint.universal import missing_for_ranks, needed_by_ranks
-        from trainer.upload.restore import fill_missing, restore
-
-        src, meta, r = Path(decision.resume), decision.metadata, self.ranks
-        mine = range(r.rank, r.rank + max(1, r.local_world_size))
-        stage = int(meta.get("zero_stage", self.stage))
-
-        def fetch() -> None:
-            damaged = ""
-            if is_committed(src) and not r.is_main:  # (rank 0 verified its node's copy when it chose it)
-                same_world = int(meta.get("world_size", r.world_size)) == r.world_size
-                wanted = (lambda name: needed_by_ranks(name, mine, stage)) if same_world else None
-                if bad := damaged_files(src, read_metadata(src), wanted=wanted):
-                    damaged = f"; its damaged files were removed ({describe_damage(bad)})"
-                    log.warning(
-                        "this node's copy of %s is damaged (%s): fetching the files again", src, describe_damage(bad)
-                    )
-                    for rel, _ in bad:
-                        (src / rel).unlink(missing_ok=True)
-            if decision.restored and not is_committed(src):
-                storage = open_storage(self.cfg.upload.url)  # type: ignore[arg-type]
-                manifest = json.loads(storage.get_bytes(f"{decision.restored}/{MANIFEST}") or b"{}")
-                with self.clock.phase_of("restore"):
-                    restore(storage, decision.restored, manifest, self.cfg.run_dir)
-            if is_committed(src) and (
-                int(meta.get("world_size", r.world_size)) != r.world_size or not missing_for_ranks(src, mine, stage)
-            ):
-                return  # (another world size: the conversion fetches what it needs)
-            url = self.cfg.upload.url
-            raw = open_storage(url).get_bytes(f"{remote_prefix(meta)}/{MANIFEST}") if url else None
-            if raw is None:
-                where = f"{redact(url)} holds no complete copy of it" if url else "no upload.url to fetch them from"
-                what = "lacks files its ranks load, written on another node" if is_committed(src) else "is missing"
-                raise UserError(
-                    f"--resume: this node's copy of {src} {what} (nodes without a shared filesystem), and {where}"
-                    f"{damaged}"
-                )
-            storage, prefix, manifest = open_storage(url), remote_prefix(meta), json.loads(raw)  # type: ignore[arg-type]
-            with self.clock.phase_of("restore"):
-                if not is_committed(src):  # a node that never had it (a replaced VM): the whole checkpoint
-                    restore(storage, prefix, manifest, self.cfg.run_dir)
-                else:
-                    fill_missing(storage, prefix, manifest, src, lambda name: needed_by_ranks(name, mine, stage))
-
-        dist.agree(fetch, dist.local_mains(self.ranks), f"each node restoring {Path(str(decision.resume)).name}")
-
-    def _convert_for_this_world(self, decision: RunDecision) -> Path:
-        """The resumed checkpoint in DeepSpeed's universal format (converted once on each node that lacks it; a
-        conversion already beside it is reused). Said in one line: what was resumed, from how many ranks onto how
-        many."""
-        from trainer.checkpoint.universal import ensure_universal, missing_states, missing_states_error
-        from trainer.upload.restore import fill_missing
-
-        src, r, url = Path(decision.resume), self.ranks, self.cfg.upload.url
-        saved_world = int(decision.metadata["world_size"])
-        done: dict = {}
-
-        def convert() -> None:
-            with self.clock.phase_of("restore"):
-                if (missing := missing_states(src, saved_world)) and url:  # a node of a run without a shared filesystem
-                    storage = open_storage(url)
-                    prefix = remote_prefix(decision.metadata)
-                    raw = storage.get_bytes(f"{prefix}/{MANIFEST}")
-                    if raw:
-                        fill_missing(storage, prefix, json.loads(raw), src)
-                        missing = missing_states(src, saved_world)
-                if missing:
-                    raise missing_states_error(src, saved_world, missing, redact(url) if url else None)
-                done["conversion"] = ensure_universal(src)
-
-        dist.agree(convert, dist.local_mains(r), f"each node converting {src.name} to the universal format")
-        conv = done.get("conversion")
-        if r.is_main and conv is not None:
-            how = (
-                f"converted to universal in {conv.seconds:.1f} s"
-                if conv.seconds is not None
-                else "reusing its universal conversion"
-            )
-            log.info(
-                "resuming %s saved on %d ranks onto %d: %s (%s)",
-                src.name,
-                self.resumed_from_world_size,
-                r.world_size,
-                how,
-                gb(conv.bytes),
-            )
-        return src / UNIVERSAL_DIR
 
     def setup(self) -> None:
         from trainer.dsimport import import_deepspeed
@@ -394,9 +102,8 @@ class Trainer:
         sizes = dist.on_main_then_share(self.task.preflight, r, "rank 0 checking the data")
         if cfg.upload.url:
             dist.on_main_then_share(lambda: open_storage(cfg.upload.url).check(), r, "rank 0 checking upload.url")
-        decision = dist.on_main_then_share(
-            self._decide_run, r, "rank 0 choosing (and restoring) the checkpoint to resume"
-        )
+        steps = ResumeSteps(cfg, r, self.clock)
+        decision = dist.on_main_then_share(steps.decide, r, "rank 0 choosing (and restoring) the checkpoint to resume")
         node = node_identity(r)  # each node's log, from here on (what each node restores or fetches is in it)
         add_node_log(
             Path(cfg.run_dir),
@@ -429,7 +136,7 @@ class Trainer:
                 r,
                 "rank 0 checking the checkpoint to resume",
             )
-            self._restore_on_this_node(decision)
+            steps.restore_on_this_node(decision, self.stage)
             if int(meta.get("world_size", r.world_size)) != r.world_size:
                 self.resumed_from_world_size = int(meta["world_size"])
         self.run_id = decision.run_id
@@ -440,7 +147,7 @@ class Trainer:
             self.store.remove_partials()  # this run's only: another job may be saving in its own run folder
             self.run_root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        universal = self._convert_for_this_world(decision) if self.resumed_from_world_size else None
+        universal = steps.convert_for_this_world(decision) if self.resumed_from_world_size else None
         if r.is_main:
             add_log_file(self.run_root / "train.log", r.rank)
             atomic_write(self.run_root / "config.yaml", config_to_yaml(cfg))
@@ -823,37 +530,3 @@ class Trainer:
         """Mark the tracking run FAILED (called on an exception)."""
         if self.report is not None:
             self.report.fail()
-
-
-def grace_problems(cfg: RunConfig, step_time: float, save_s: Optional[float]) -> list[tuple[str, str]]:
-    """(kind, why) a stop signal cannot be honoured within `preemption.grace_s` with these settings (empty: it can).
-
-    A stop is acted on at the next micro-batch boundary (`preemption.check_micro_batches`, grad_accum > 1)
-    or step boundary; then a save needs its time, and leaving needs `exit_reserve_s`."""
-    p, ga = cfg.preemption, cfg.train.grad_accum
-    micro = ga > 1 and p.check_micro_batches
-    wait = step_time / ga if micro else step_time
-    unit = "micro-batch" if micro else "step"
-    budget = p.grace_s - p.exit_reserve_s
-    if wait > budget:
-        return [
-            (
-                "step",
-                f"a {unit} takes {wait:.1f} s, more than the {p.grace_s:g} s grace (minus {p.exit_reserve_s:g} s to "
-                "leave):"
-                f" a SIGTERM cannot be honoured at a {unit} boundary with these settings; the run resumes from its last"
-                " checkpoint (lower train.micro_batch_size" + ("" if micro else ", or raise train.grad_accum") + ")",
-            )
-        ]
-    if save_s is not None and wait + 1.2 * save_s > budget:
-        return [
-            (
-                "save",
-                f"a {unit} ({wait:.1f} s) and an emergency save (~{save_s:.1f} s) take more than the {p.grace_s:g} s "
-                "grace"
-                f" (minus {p.exit_reserve_s:g} s to leave): a SIGTERM will usually stop without saving, losing the "
-                "work since"
-                " the last checkpoint (save more often, or lower the step time)",
-            )
-        ]
-    return []

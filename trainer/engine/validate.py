@@ -194,7 +194,7 @@ class Validator:
     def preemption_timing(self) -> str:
         """Can a SIGTERM be honoured in `preemption.grace_s`? The step time measured here, scaled to the
         configured batch, and the measured save time, against the grace period."""
-        from trainer.engine.loop import grace_problems
+        from trainer.engine.grace import grace_problems
 
         micro, accum = self.configured
         step_s = self.step_s / self.cfg.train.micro_batch_size * micro * accum  # one rank, configured micro batch
