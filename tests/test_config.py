@@ -79,6 +79,24 @@ def test_an_empty_config_file_is_a_user_error_not_all_defaults(tmp_path: Path) -
     assert load_config(path) == RunConfig()
 
 
+@pytest.mark.parametrize(
+    "url, why",
+    [
+        ("s3://bucket/prefix", "expected gs://BUCKET/PREFIX or file:///PATH"),
+        ("gs:///prefix", "names no bucket"),
+        ("file://host/ckpts", "expected file:///absolute/path"),
+    ],
+)
+def test_an_upload_url_the_backends_cannot_take_is_one_line_naming_file_line_and_field(
+    tmp_path: Path, url: str, why: str
+) -> None:
+    path = write_yaml(tmp_path / "u.yaml", {"task": "pretrain", "upload": {"url": url}})
+    with pytest.raises(UserError) as exc:
+        load_config(path)
+    line = str(exc.value)
+    assert line.startswith(f"{path}:3: upload.url:") and why in line and "\n" not in line, line
+
+
 def test_partial_section_keeps_other_defaults(tmp_path: Path) -> None:
     cfg = load_config(write_yaml(tmp_path / "p.yaml", {"optim": {"lr": 0.01}, "train": {"grad_accum": 4}}))
     assert cfg.optim.lr == 0.01

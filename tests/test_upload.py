@@ -367,7 +367,7 @@ def test_drain_before_a_deadline_takes_the_newest_first(tmp_path: Path) -> None:
     """An older upload in flight is set aside for the newest checkpoint, then finished after it."""
     import time
 
-    from trainer.upload.uploader import BackgroundUploader
+    from trainer.upload.background import BackgroundUploader
 
     run_root = tmp_path / "runs" / "run1"
     ckpts = [

@@ -125,7 +125,8 @@ def bench_step_time(steps: int, tmp: Path, upload_mb: int) -> None:
     from trainer.launcher.command import become_one_rank
     from trainer.tasks import build_task
     from trainer.storage import open_storage
-    from trainer.upload.uploader import BackgroundUploader, CheckpointUploader
+    from trainer.upload.background import BackgroundUploader
+    from trainer.upload.uploader import CheckpointUploader
 
     become_one_rank()
     data = tmp / "shards"

@@ -453,15 +453,22 @@ def is_permanent(exc: BaseException) -> bool:
     )
 
 
-def open_storage(url: str, retry_deadline_s: float = 120.0) -> Storage:
-    """The backend for an upload URL; `UserError` for a URL that is not file:// or gs://."""
+def url_problem(url: str) -> Optional[str]:
+    """What is wrong with a storage URL (None: one of the two forms the backends take). The config's validation
+    and `open_storage` both ask this."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise UserError(f"upload.url {url}: expected file:///absolute/path (three slashes)")
-        return FileStorage(url, Path(parsed.path))
+        return None if parsed.netloc in ("", "localhost") else "expected file:///absolute/path (three slashes)"
     if parsed.scheme == "gs":
-        if not parsed.netloc:
-            raise UserError(f"upload.url {url}: expected gs://BUCKET/PREFIX")
-        return GCSStorage(url, parsed.netloc, parsed.path, retry_deadline_s)
-    raise UserError(f"upload.url {url}: expected gs://BUCKET/PREFIX or file:///PATH")
+        return None if parsed.netloc else "names no bucket: expected gs://BUCKET/PREFIX"
+    return "expected gs://BUCKET/PREFIX or file:///PATH"
+
+
+def open_storage(url: str, retry_deadline_s: float = 120.0) -> Storage:
+    """The backend for an upload URL; `UserError` for a URL that is not file:// or gs://."""
+    if why := url_problem(url):
+        raise UserError(f"upload.url {url}: {why}")
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return FileStorage(url, Path(parsed.path))
+    return GCSStorage(url, parsed.netloc, parsed.path, retry_deadline_s)

@@ -278,16 +278,10 @@ class UploadConfig(Section):
 
     @model_validator(mode="after")
     def _url_scheme(self) -> "UploadConfig":
-        if self.url is not None:
-            from urllib.parse import urlparse
+        from trainer.storage import url_problem
 
-            parsed = urlparse(self.url)
-            if parsed.scheme not in ("gs", "file"):
-                raise ValueError(f"upload.url must be gs://BUCKET/PREFIX or file:///PATH, got {self.url!r}")
-            if parsed.scheme == "gs" and not parsed.netloc:
-                raise ValueError(f"upload.url {self.url!r} names no bucket (gs://BUCKET/PREFIX)")
-            if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
-                raise ValueError(f"upload.url {self.url!r}: use file:///absolute/path (three slashes)")
+        if self.url is not None and (why := url_problem(self.url)):
+            raise ValueError(f"upload.url {self.url!r}: {why}")
         return self
 
 

@@ -24,10 +24,10 @@ from trainer.checkpoint.store import (
     atomic_write,
     is_committed,
 )
-from trainer.config.batch import resolve_batch
-from trainer.config.deepspeed import render_ds_config, uses_ds_optimizer, zero_stage
+from trainer.config.deepspeed import uses_ds_optimizer
 from trainer.config.load import config_hash, config_to_yaml, model_identity, public_config_dict
-from trainer.config.plan import DataSizes, Plan, resolve_plan
+from trainer.config.plan import DataSizes, Plan
+from trainer.config.resolve import resolve_run
 from trainer.config.schema import RunConfig
 from trainer.engine import dist
 from trainer.engine.checkpointing import CheckpointManager, capture_rng
@@ -92,12 +92,8 @@ class Trainer:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         dist.init_distributed()
         cfg, r = self.cfg, self.ranks
-        render_ds_config(
-            resolve_batch(cfg, r.world_size, self.source),
-            r.world_size,
-            self.task.model_hints().get("hidden_size"),
-            self.source,
-        )  # bad input before any work
+        hidden = self.task.model_hints().get("hidden_size")
+        resolve_run(cfg, r.world_size, self.source, hidden)  # bad input before any work
         dist.agree(self.task.prepare_data, dist.local_mains(r), "the first rank of each node preparing the data")
         sizes = dist.on_main_then_share(self.task.preflight, r, "rank 0 checking the data")
         if cfg.upload.url:
@@ -115,12 +111,10 @@ class Trainer:
             node.hosts,
         )
         meta = decision.metadata
-        # the global batch on this world size (a checkpoint saved on another one keeps its own), then what follows from
-        # it
-        self.cfg = cfg = resolve_batch(cfg, r.world_size, self.source, meta)
-        self.ds_config = render_ds_config(cfg, r.world_size, self.task.model_hints().get("hidden_size"), self.source)
-        self.stage = zero_stage(self.ds_config)
-        self.plan = resolve_plan(cfg, sizes or DataSizes(1), r.world_size)
+        # the global batch on this world size (a checkpoint saved on another one keeps its own), then what follows
+        run = resolve_run(cfg, r.world_size, self.source, hidden, sizes or DataSizes(1), meta)
+        self.cfg = cfg = run.cfg
+        self.ds_config, self.stage, self.plan = run.ds_config, run.stage, run.plan
         self.report = Reporter(cfg, r, self.plan)
         if decision.resume:
             resume = Checkpoint(Path(decision.resume), meta)
@@ -171,7 +165,8 @@ class Trainer:
             log.info(line)
         self.initialize_engine(model)
         if cfg.upload.url and r.is_local_main:
-            from trainer.upload.uploader import NodeInfo, make_uploader
+            from trainer.upload.background import make_uploader
+            from trainer.upload.uploader import NodeInfo
 
             node = NodeInfo(
                 r.rank // r.local_world_size, max(1, r.world_size // r.local_world_size), r.local_world_size

@@ -57,8 +57,9 @@ class Validator:
     # ------------------------------------------------------------------------------ checks
     def configuration(self) -> str:
         from trainer.config.batch import resolve_batch
-        from trainer.config.deepspeed import render_ds_config
         from trainer.config.load import load_config
+        from trainer.config.plan import DataSizes
+        from trainer.config.resolve import resolve_run
         from trainer.tasks import build_task
 
         cfg = resolve_batch(load_config(self.config, self.overrides), 1, str(self.config))
@@ -73,12 +74,12 @@ class Validator:
         cfg.train.grad_accum = 1
         cfg.train.micro_batch_size = min(cfg.train.micro_batch_size, 2)
         self.cfg, self.task = cfg, build_task(cfg)
-        self.ds_config = render_ds_config(cfg, 1, self.task.model_hints().get("hidden_size"), str(self.config))
-        from trainer.config.plan import DataSizes, resolve_plan
-
+        hidden = self.task.model_hints().get("hidden_size")
+        resolve_run(cfg, 1, str(self.config), hidden)  # as the ranks do: batch and DeepSpeed settings first
         self.task.prepare_data()
         sizes = self.task.preflight() or DataSizes(1)
-        self.plan = resolve_plan(cfg, sizes, 1)
+        run = resolve_run(cfg, 1, str(self.config), hidden, sizes)
+        self.ds_config, self.plan = run.ds_config, run.plan
         val = f", {sizes.val:,} validation samples" if sizes.val else ", no validation data"
         return (
             f"task {cfg.task}, ZeRO stage {self.ds_config['zero_optimization']['stage']}, {cfg.train.precision},"

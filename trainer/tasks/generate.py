@@ -63,7 +63,7 @@ def open_source(ref: str, runs: str) -> tuple[str, Path, dict]:
 
 def open_generator(task: str, src: Path, info: dict, device: str, tokenizer: Optional[str]) -> Any:
     if task == "lora":
-        from trainer.tasks.lora import LoraGenerator
+        from trainer.tasks.lora_files import LoraGenerator
 
         return LoraGenerator(src, info, device)
     from trainer.tasks.pretrain import PretrainGenerator
