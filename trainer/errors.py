@@ -7,13 +7,13 @@ EXIT_BUG = 1
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with state saved; run the same command again
 
-# `trainer train` names a file here; rank 0 writes its exit code into it. DeepSpeed's launchers do not
-# always pass a rank's code up (the runner dies of SIGTERM; the per-node launcher exits 1 when signalled).
-STATUS_FILE_ENV = "TRAINER_STATUS_FILE"
-# Set to this, rank 0 prints its exit code as a line on stderr instead: across nodes (`trainer train --hostfile`) rank
-# 0's
-# machine need not be the one waiting, and the line comes back through pdsh.
-STATUS_TO_STDERR = "-"
+# `trainer train` names a file here (the exit-code file); rank 0 writes its exit code into it. DeepSpeed's launchers do
+# not always pass a rank's code up (the runner dies of SIGTERM; the per-node launcher exits 1 when signalled).
+# ("Status" is the run's status.json only: runstatus.py.)
+EXIT_CODE_FILE_ENV = "TRAINER_EXIT_CODE_FILE"
+# Set to this, rank 0 prints its exit code as a line on stderr instead: across nodes (`trainer train --hostfile`)
+# rank 0's machine need not be the one waiting, and the line comes back through pdsh.
+EXIT_CODE_TO_STDERR = "-"
 EXIT_LINE = "trainer: rank 0 exit code {code}"
 
 

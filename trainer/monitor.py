@@ -1,4 +1,4 @@
-"""What `trainer monitor` shows: a run's status file, its checkpoints and uploads, and its log tail.
+"""What `trainer monitor` shows: a run's status.json, its checkpoints and uploads, and its log tail.
 
 Everything is read from the run folder, so the monitor works from another shell, another user or a
 cron job, and never touches the training processes.

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from trainer.checkpoint.layout import (
     MANIFEST,
+    CheckpointFacts,
     METADATA,
     TAG_PREFIX,
     UploadState,
@@ -33,7 +34,7 @@ from trainer.errors import UserError
 
 
 @dataclass
-class Entry:
+class Entry(CheckpointFacts):
     """One committed checkpoint, local or remote."""
 
     metadata: dict
@@ -44,23 +45,6 @@ class Entry:
     local: Optional[Path] = None
     remote_prefix: Optional[str] = None  # remote entries: the prefix under `storage`
     storage: Any = None
-
-    @property
-    def run_id(self) -> str:
-        return str(self.metadata["run_id"])
-
-    @property
-    def tag(self) -> str:
-        return str(self.metadata.get("tag") or tag_for(self.step))
-
-    @property
-    def step(self) -> int:
-        return int(self.metadata["step"])
-
-    @property
-    def loss(self) -> Optional[float]:
-        v = self.metadata.get("loss")
-        return float(v) if v is not None else None
 
     @property
     def size(self) -> int:

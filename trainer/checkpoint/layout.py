@@ -38,6 +38,30 @@ def step_of(tag: str) -> Optional[int]:
     return int(rest) if rest != tag and rest.isdigit() else None
 
 
+class CheckpointFacts:
+    """What every view of a committed checkpoint reads from its metadata.json: a local folder (`store.Checkpoint`)
+    and a catalog entry, local or in a bucket (`catalog.Entry`). Subclasses hold `metadata`."""
+
+    metadata: dict
+
+    @property
+    def run_id(self) -> str:
+        return str(self.metadata["run_id"])
+
+    @property
+    def step(self) -> int:
+        return int(self.metadata["step"])
+
+    @property
+    def tag(self) -> str:
+        return str(self.metadata.get("tag") or tag_for(self.step))
+
+    @property
+    def loss(self) -> Optional[float]:
+        v = self.metadata.get("loss")
+        return float(v) if v is not None else None
+
+
 def rng_file_name(rank: int) -> str:
     return f"rng_state_rank{rank:05d}.pt"
 

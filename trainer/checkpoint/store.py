@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
-from trainer.checkpoint.layout import METADATA, METADATA_FORMAT, TAG_PREFIX
+from trainer.checkpoint.layout import METADATA, METADATA_FORMAT, TAG_PREFIX, CheckpointFacts
 from trainer.config.load import architecture_difference
 from trainer.errors import NothingToDo, UserError
 from trainer.log import get_logger
@@ -67,25 +67,11 @@ def fsync_tree(folder: Path, files: bool = False) -> None:
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class Checkpoint(CheckpointFacts):
+    """A committed checkpoint folder and its metadata."""
+
     path: Path
     metadata: dict
-
-    @property
-    def tag(self) -> str:
-        return self.path.name
-
-    @property
-    def step(self) -> int:
-        return int(self.metadata["step"])
-
-    @property
-    def run_id(self) -> str:
-        return str(self.metadata["run_id"])
-
-    @property
-    def loss(self) -> Optional[float]:
-        return self.metadata.get("loss")
 
     def matches(self, task: Optional[str], model: Optional[dict]) -> bool:
         """Was this checkpoint saved by the same task and model architecture (when it recorded them)?"""

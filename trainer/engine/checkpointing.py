@@ -158,7 +158,7 @@ class CheckpointManager:
         self.describe = describe  # (step, reason) -> the metadata of a checkpoint captured now
         self.side_files = side_files
         self.uploader = uploader
-        self.on_commit = on_commit  # rank 0, after a commit: status file, curves
+        self.on_commit = on_commit  # rank 0, after a commit: status.json, curves
         self.engine: Any = None
         self.files: Optional[SnapshotCheckpointEngine] = None
         self.pending: Optional[PendingSave] = None

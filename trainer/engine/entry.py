@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
-from trainer.errors import EXIT_BUG, EXIT_LINE, EXIT_PREEMPTED, STATUS_FILE_ENV, STATUS_TO_STDERR, UserError
+from trainer.errors import EXIT_BUG, EXIT_LINE, EXIT_PREEMPTED, EXIT_CODE_FILE_ENV, EXIT_CODE_TO_STDERR, UserError
 from trainer.log import to_log_files
 
 
@@ -87,13 +87,13 @@ def _epilogue(code: int) -> int:
         logging.INFO if code in (0, 75) else logging.WARNING,
         f"rank {os.environ.get('RANK', '0')} exits with code {code}",
     )
-    status = os.environ.get(STATUS_FILE_ENV)
-    if status and int(os.environ.get("RANK", "0")) == 0:
+    code_file = os.environ.get(EXIT_CODE_FILE_ENV)
+    if code_file and int(os.environ.get("RANK", "0")) == 0:
         try:
-            if status == STATUS_TO_STDERR:  # a multi-node job over ssh: the line comes back through pdsh
+            if code_file == EXIT_CODE_TO_STDERR:  # a multi-node job over ssh: the line comes back through pdsh
                 print(EXIT_LINE.format(code=code), file=sys.stderr, flush=True)
             else:
-                Path(status).write_text(f"{code}\n")
+                Path(code_file).write_text(f"{code}\n")
         except OSError:
             pass
     return code

@@ -2,7 +2,7 @@
 
 Checkpoints (saving in the background, committing, loading, uploads and retention) are the
 `CheckpointManager`'s; held-out loss is the `Evaluator`'s; where numbers go (console, MLflow,
-TensorBoard, status file, summary) is the `Reporter`'s; where the wall time goes is the `Goodput`
+TensorBoard, status.json, summary) is the `Reporter`'s; where the wall time goes is the `Goodput`
 clock's. Which checkpoint the run starts from, and getting its files onto every node, is `ResumeSteps`'
 (engine/resume.py). The run's length and cadences come from its `Plan`. The loop steps and asks them.
 """
@@ -306,7 +306,7 @@ class Trainer:
         return {"config.yaml": config_to_yaml(self.cfg), "ds_config.json": json.dumps(self.ds_config, indent=2) + "\n"}
 
     def _on_commit(self, tag: str, meta: dict) -> None:
-        """Rank 0, after a commit: the curves to MLflow (on its thread), the status file, the ledger."""
+        """Rank 0, after a commit: the curves to MLflow (on its thread), status.json, the ledger."""
         assert self.report is not None
         self.report.committed(tag, curve_of(self.run_id, self.state))
         self.goodput.flush()

@@ -42,7 +42,7 @@ class Reporter:
 
     # ----------------------------------------------------------------------------------- start
     def open(self, run_root: Path, run_id: str, step: int) -> None:
-        """Rank 0: the status file, from the first moment the run has a folder."""
+        """Rank 0: status.json, from the first moment the run has a folder."""
         self.run_root, self.run_id = run_root, run_id
         if self.active:
             self.status = StatusWriter(
@@ -159,7 +159,7 @@ class Reporter:
             self.status.update(**fields)
 
     def committed(self, tag: str, curve: Curve) -> None:
-        """After a commit: the curves to MLflow (on its thread) and the status file."""
+        """After a commit: the curves to MLflow (on its thread) and status.json."""
         if not self.active:
             return
         self.tracker.log_curves_later([curve], f"run {self.run_id}")
@@ -184,7 +184,7 @@ class Reporter:
         store_root: Path,
         export: Any,
     ) -> None:
-        """Rank 0: the curves, MLflow's end (tags, KILLED/FINISHED), the status file and the summary lines."""
+        """Rank 0: the curves, MLflow's end (tags, KILLED/FINISHED), status.json and the summary lines."""
         if not self.active:
             return
         assert self.run_root is not None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from trainer.errors import EXIT_PREEMPTED, STATUS_FILE_ENV
+from trainer.errors import EXIT_PREEMPTED, EXIT_CODE_FILE_ENV
 from trainer.launcher.hostfile import is_local
 
 REPO_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "train.py"
@@ -121,10 +121,10 @@ def run_process_group(cmd: list[str], env: dict[str, str], grace_s: float = 25.0
     wrapper waits for them. The exit code is the one rank 0 reported (DeepSpeed's launchers do not
     always pass it up), else the launcher's.
     """
-    fd, status = tempfile.mkstemp(prefix="trainer-status-")
+    fd, code_file = tempfile.mkstemp(prefix="trainer-exit-code-")
     os.close(fd)
-    os.unlink(status)  # rank 0 creates it when it exits
-    proc = subprocess.Popen(cmd, env={**env, STATUS_FILE_ENV: status}, start_new_session=True)
+    os.unlink(code_file)  # rank 0 creates it when it exits
+    proc = subprocess.Popen(cmd, env={**env, EXIT_CODE_FILE_ENV: code_file}, start_new_session=True)
 
     stopped: list[int] = []
 
@@ -148,7 +148,7 @@ def run_process_group(cmd: list[str], env: dict[str, str], grace_s: float = 25.0
         for s, handler in previous.items():
             signal.signal(s, handler)
     try:
-        return int(Path(status).read_text())
+        return int(Path(code_file).read_text())
     except (OSError, ValueError):
         if stopped and code in _died_of(stopped[0]):  # a rank died of the signal before its handler was in place
             print(
@@ -160,7 +160,7 @@ def run_process_group(cmd: list[str], env: dict[str, str], grace_s: float = 25.0
             return EXIT_PREEMPTED
         return 128 - code if code < 0 else code
     finally:
-        Path(status).unlink(missing_ok=True)
+        Path(code_file).unlink(missing_ok=True)
 
 
 def _died_of(signum: int) -> set[int]:

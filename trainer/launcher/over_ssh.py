@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Optional
 
-from trainer.errors import EXIT_PREEMPTED, STATUS_FILE_ENV, STATUS_TO_STDERR
+from trainer.errors import EXIT_PREEMPTED, EXIT_CODE_FILE_ENV, EXIT_CODE_TO_STDERR
 
 _EXIT = re.compile(r"^(?P<host>[^\s:]+): trainer: rank 0 exit code (?P<code>-?\d+)\s*$")
 _NODE_EXIT = re.compile(r"^pdsh@[^:]+: (?P<host>[^\s:]+): ssh exited with exit code (?P<code>\d+)")
@@ -129,10 +129,14 @@ def run_over_ssh(cmd: list[str], env: dict[str, str], hosts: list[str], master_p
     from trainer.launcher.remote_env import write_env_file
 
     # what the user's shell has (not this machine's CPU defaults, nor its own data check), and rank 0's exit line
-    env_file = write_env_file({**os.environ, STATUS_FILE_ENV: STATUS_TO_STDERR})
+    env_file = write_env_file({**os.environ, EXIT_CODE_FILE_ENV: EXIT_CODE_TO_STDERR})
     try:
         return _run(
-            cmd, {**env, STATUS_FILE_ENV: STATUS_TO_STDERR, "DS_ENV_FILE": str(env_file)}, hosts, master_port, grace_s
+            cmd,
+            {**env, EXIT_CODE_FILE_ENV: EXIT_CODE_TO_STDERR, "DS_ENV_FILE": str(env_file)},
+            hosts,
+            master_port,
+            grace_s,
         )
     finally:
         env_file.unlink(missing_ok=True)
