@@ -13,7 +13,7 @@ PACKAGE = REPO / "trainer"
 
 def _imports() -> dict[tuple[str, str], list[str]]:
     """(importing part, imported module) -> where, for every `trainer.*` import; a part is a subpackage
-    (`engine`) or a top-level module (`storage`)."""
+    (`engine`, `storage`) or a top-level module (`log`)."""
     out: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
     for f in sorted(PACKAGE.rglob("*.py")):
         part = f.relative_to(PACKAGE).parts[0].removesuffix(".py")

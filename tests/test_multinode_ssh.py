@@ -143,11 +143,9 @@ def test_two_nodes_over_ssh_stop_save_upload_and_resume_exactly(
     url = f"gs://{BUCKET}/mn-{uuid.uuid4().hex[:6]}"
     storage = open_storage(url)
 
-    ref_cfg = write_cfg(
-        tiny_shards, tmp_path / "ref.yaml", bed.disk / "ref", f"{url}-ref", max_steps=40
-    )  # (its own bucket
-    # prefix: with the same one, the run below would start from this run's checkpoint, as --resume auto does on a fresh
-    # VM)
+    # its own bucket prefix: with the same one, the run below would start from this run's checkpoint, as --resume auto
+    # does on a fresh VM
+    ref_cfg = write_cfg(tiny_shards, tmp_path / "ref.yaml", bed.disk / "ref", f"{url}-ref", max_steps=40)
     ref = trainer_train(bed, ref_cfg, hostfile)
     out, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, out[-4000:]

@@ -49,9 +49,9 @@ def test_a_chunk_lost_mid_part_is_sent_again_from_where_the_server_is(
 ) -> None:
     """1 MiB chunks, the third one lost on the way: the same resumable session goes on from the server's offset
     (the client seeks the part's stream back and sends that chunk again), with no re-sending of the whole part."""
-    import trainer.storage
+    import trainer.storage.gcs
 
-    monkeypatch.setattr(trainer.storage, "CHUNK_BYTES", 1024 * 1024)  # what TRAINER_UPLOAD_CHUNK_MB=1 sets
+    monkeypatch.setattr(trainer.storage.gcs, "CHUNK_BYTES", 1024 * 1024)  # what TRAINER_UPLOAD_CHUNK_MB=1 sets
     ckpt = fake_checkpoint(tmp_path / "runs" / "run1", 5, size=6_000_000)
     proxy.drop_chunk = 3
     state = CheckpointUploader(open_storage(URL, retry_deadline_s=30), compression, workers=1, retries=0).upload(ckpt)
@@ -74,9 +74,9 @@ def test_a_chunk_stored_but_unanswered_never_reaches_a_manifest_corrupt(
     """The third chunk reaches the server but its answer is lost; the client sends it again. GCS ignores bytes it
     already has; this emulator appends them again, so the stored object is longer than the part. The CRC32C the
     client compares at the end catches it, the part is uploaded again, and the manifest names only good bytes."""
-    import trainer.storage
+    import trainer.storage.gcs
 
-    monkeypatch.setattr(trainer.storage, "CHUNK_BYTES", 1024 * 1024)
+    monkeypatch.setattr(trainer.storage.gcs, "CHUNK_BYTES", 1024 * 1024)
     ckpt = fake_checkpoint(tmp_path / "runs" / "run1", 5, size=6_000_000)
     proxy.drop_chunk, proxy.drop_after_forwarding = 3, True
     state = CheckpointUploader(

@@ -51,13 +51,9 @@ from trainer.ranks import RankInfo
 
 log = get_logger("checkpoint")
 
-# The write state each rank contributes to the loop's all-reduce (MAX over ranks).
-WRITE_DONE, WRITE_BUSY, WRITE_FAILED, WRITE_DISK_FULL = (
-    0.0,
-    1.0,
-    2.0,
-    3.0,
-)  # (a full disk anywhere: one line everywhere)
+# The write state each rank contributes to the loop's all-reduce (MAX over ranks: a full disk anywhere is one line
+# everywhere).
+WRITE_DONE, WRITE_BUSY, WRITE_FAILED, WRITE_DISK_FULL = 0.0, 1.0, 2.0, 3.0
 
 
 def report_locations(ckpts: list[Any], uploaded_too: bool = True) -> None:

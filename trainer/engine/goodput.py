@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from trainer.checkpoint.layout import utc_now
+
 PHASES = ("startup", "restore", "productive", "recomputed", "checkpoint", "eval", "exit")
 LEDGER = "goodput.json"
 
@@ -144,7 +146,7 @@ class Goodput:
         self._ledger = ledger
         self._me = {
             "id": attempt_id,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "started_at": utc_now(),
             "resumed_from_step": None if resumed is None else int(resumed["step"]),
             "seconds": zero(),
             "commits": {},
@@ -173,7 +175,7 @@ class Goodput:
         if self.ledger_path is None or self._me is None:
             return
         self._me["seconds"] = self.clock.now()
-        self._me["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._me["updated_at"] = utc_now()
         tmp = self.ledger_path.with_name(f".{LEDGER}.tmp")
         try:
             tmp.write_text(json.dumps(self._ledger, indent=1) + "\n")

@@ -66,9 +66,8 @@ class Trainer:
         self.uploader: Any = None
         self.ckpt: Optional[CheckpointManager] = None
         self.state = RunState()
-        self.boundary_rng: Optional[dict] = (
-            None  # RNG at the start of the step in progress (for a stop between micro-batches)
-        )
+        # the RNG at the start of the step in progress (for a stop between micro-batches)
+        self.boundary_rng: Optional[dict] = None
         self.stop_deadline: Optional[float] = None  # monotonic time by which a stopped job must have left
         self.resumed_from_world_size: Optional[int] = None  # the resumed checkpoint's world size, when it differs
         self._grace_warned: set[str] = set()

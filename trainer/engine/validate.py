@@ -66,10 +66,7 @@ class Validator:
         cfg.run_dir = self.tmp / "runs"
         cfg.checkpoint.resume = "none"
         cfg.upload.url = None
-        self.configured = (
-            cfg.train.micro_batch_size,
-            cfg.train.grad_accum,
-        )  # the checks run smaller; timing scales back
+        self.configured = (cfg.train.micro_batch_size, cfg.train.grad_accum)  # checks run smaller; timing scales back
         cfg.train.global_batch_size = None
         cfg.train.grad_accum = 1
         cfg.train.micro_batch_size = min(cfg.train.micro_batch_size, 2)

@@ -29,9 +29,7 @@ from trainer.errors import EXIT_PREEMPTED, EXIT_CODE_FILE_ENV, EXIT_CODE_TO_STDE
 _EXIT = re.compile(r"^(?P<host>[^\s:]+): trainer: rank 0 exit code (?P<code>-?\d+)\s*$")
 _NODE_EXIT = re.compile(r"^pdsh@[^:]+: (?P<host>[^\s:]+): ssh exited with exit code (?P<code>\d+)")
 _HOST_LINE = re.compile(r"^(?P<host>[^\s:@]+): (?P<text>.*\S)\s*$")
-_LAUNCHER_UP = re.compile(
-    r"launch\.py:\d+:main\] nnodes=\d+, num_local_procs=\d+, node_rank=\d+"
-)  # DeepSpeed's launcher
+_LAUNCHER_UP = re.compile(r"launch\.py:\d+:main\] nnodes=\d+, num_local_procs=\d+, node_rank=\d+")  # DeepSpeed's
 _ERROR_TEXT = re.compile(r"^(\[rank\d+\] )?error: |^[\w.]*(Error|Exception|Exit)\b.*:|^Killed\b")
 _NOT_ERROR = re.compile(r"^Exception ignored in")
 

@@ -383,8 +383,8 @@ class LoraTask(TaskHooks):
 
     # ------------------------------------------------------------------------ checkpoints
     def on_save(self, model: Any, ckpt_dir: Any, writer: bool, final: bool) -> dict[str, Any]:
-        """The PEFT adapter and the projectors beside DeepSpeed's files; on the final save, the frozen weights re-
-        hashed."""
+        """The PEFT adapter and the projectors beside DeepSpeed's files; on the final save, the frozen weights
+        re-hashed."""
         import deepspeed
         from safetensors.torch import load_file, save_file
 

@@ -16,12 +16,8 @@ from trainer.tensors import tensors_sha256
 
 ADAPTER_DIR = "adapter"
 EXPORT_INFO = "trainer_export.json"
-GENERATION_KEYS = (
-    "text_tokenizer",
-    "max_length",
-    "default_instruction",
-    "fields",
-)  # what `trainer generate` reads besides the weights
+# what `trainer generate` reads besides the weights
+GENERATION_KEYS = ("text_tokenizer", "max_length", "default_instruction", "fields")
 PROJECTORS_FILE = "projectors.safetensors"
 
 

@@ -69,9 +69,8 @@ class PretrainTask(TaskHooks):
         sizes = {}
         for field, path in self._sources():
             if is_remote(path) and not self.local_data_path(path).is_dir():
-                list_remote_shards(
-                    path, d.max_files if field == "data.path" else None, field
-                )  # before launch: shards there
+                # before launch: the shards are there
+                list_remote_shards(path, d.max_files if field == "data.path" else None, field)
                 return None  # the token-id scan runs after the download, in the ranks
             sizes[field] = self._check_shards(field, path)
         train = sizes["data.path"]
