@@ -23,7 +23,6 @@ partial, never listed or resumed, and removed at the next start.
 from __future__ import annotations
 
 import collections
-import random
 import shutil
 import tempfile
 import time
@@ -43,6 +42,7 @@ from trainer.checkpoint.layout import (
 from trainer.checkpoint.store import CheckpointStore, checkpoint_bytes
 from trainer.engine import dist
 from trainer.engine.goodput import Goodput
+from trainer.engine.rng import capture_rng, restore_rng
 from trainer.engine.snapshot import DiskFull, SnapshotCheckpointEngine, WriteJob
 from trainer.errors import UserError
 from trainer.log import get_logger
@@ -88,28 +88,6 @@ def disk_of(path: Path) -> str:
         p = p.parent
     device = next((part.device for part in psutil.disk_partitions(all=True) if part.mountpoint == str(p)), None)
     return f"the disk mounted at {p}" + (f" ({device})" if device else "")
-
-
-def capture_rng() -> dict[str, Any]:
-    """This process's RNG states (Python, NumPy, torch CPU and CUDA), as saved beside each checkpoint."""
-    import numpy as np
-    import torch
-
-    rng: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    return rng
-
-
-def restore_rng(rng: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
 
 
 @dataclass

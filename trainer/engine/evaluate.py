@@ -23,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 
 from trainer.engine import dist
-from trainer.engine.checkpointing import capture_rng, restore_rng
+from trainer.engine.rng import capture_rng, restore_rng
 from trainer.ranks import RankInfo
 
 SUBSET_SEED = 0x5EED  # the validation subset does not depend on train.seed

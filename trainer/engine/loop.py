@@ -30,7 +30,8 @@ from trainer.config.plan import DataSizes, Plan
 from trainer.config.resolve import resolve_run
 from trainer.config.schema import RunConfig
 from trainer.engine import dist
-from trainer.engine.checkpointing import CheckpointManager, capture_rng
+from trainer.engine.checkpointing import CheckpointManager
+from trainer.engine.rng import capture_rng
 from trainer.engine.evaluate import Evaluator
 from trainer.engine.goodput import Goodput, PhaseClock, process_started_monotonic
 from trainer.engine.grace import grace_problems
