@@ -448,12 +448,14 @@ trainer = Trainer(cfg, build_task(cfg), source=sys.argv[1])
 trainer.setup()
 batch = trainer.task.batch
 
-def stop_in_step_6(step, micro, device):
-    if (step, micro) == (5, 1):  # (0-based) step 5, its second of four micro-batches: stop between micro-batches
+STOP_AT = (int(sys.argv[2]), int(sys.argv[3]))  # (0-based step, micro-batch) during which the stop is requested
+
+def stop_at(step, micro, device):
+    if (step, micro) == STOP_AT:
         trainer.stop.request("test")
     return batch(step, micro, device)
 
-trainer.task.batch = stop_in_step_6
+trainer.task.batch = stop_at
 sys.exit(trainer.train())
 """
 
@@ -462,7 +464,9 @@ def test_a_stop_between_micro_batches_saves_the_last_complete_step_and_resumes_e
     tiny_config: Path, tmp_path: Path
 ) -> None:
     """grad_accum 4 with dropout: a stop during step 6 saves the state after step 5 with the RNG of step 6's start;
-    the resumed run reproduces the uninterrupted one bit for bit (with the RNG of the stop instead, it would not)."""
+    the resumed run reproduces the uninterrupted one bit for bit (with the RNG of the stop instead, it would not).
+    A stop at the end of step 6, an evaluation step, evaluates before its save: that checkpoint holds step 6's
+    validation loss, and its resume ends with the uninterrupted run's validation history."""
     import os
     import subprocess
     import sys
@@ -475,6 +479,7 @@ def test_a_stop_between_micro_batches_saves_the_last_complete_step_and_resumes_e
         train={"max_steps": 8, "log_every": 1, "micro_batch_size": 2, "grad_accum": 4},
         optim={"decay_steps": 8},
         checkpoint={"save_every": 100, "keep_last": 5},
+        eval={"every": 3, "batches": 2},
     )
     ref = _cfg(tiny_config, run_dir=str(tmp_path / "ref"), **common)
     r = run_rank("--config", str(ref))
@@ -491,7 +496,12 @@ def test_a_stop_between_micro_batches_saves_the_last_complete_step_and_resumes_e
         "MASTER_PORT": str(free_port()),
     }
     r = subprocess.run(
-        [sys.executable, "-c", _STOP_MID_STEP, str(cfg)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", _STOP_MID_STEP, str(cfg), "5", "1"],  # step 6's second micro-batch
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 75, r.stdout[-3000:] + r.stderr[-3000:]
     assert "stopped at step 5 (between micro-batches" in r.stdout, r.stdout[-3000:]
@@ -522,6 +532,29 @@ def test_a_stop_between_micro_batches_saves_the_last_complete_step_and_resumes_e
     (final,) = (tmp_path / "runs").glob("*/checkpoints/step-00000008")
     a, b = json.loads((ref_final / "metadata.json").read_text()), json.loads((final / "metadata.json").read_text())
     assert a["loss_history"] == b["loss_history"] and a["lr_history"] == b["lr_history"]
+    assert [s for s, _ in a["val_history"]] == [0, 3, 6, 8] and a["val_history"] == b["val_history"]
+
+    # a stop at the end of step 6 (its last micro-batch), an evaluation step: evaluated first, then saved
+    at6 = tmp_path / "at6.yaml"
+    at6.write_text(cfg.read_text().replace(str(tmp_path / "runs"), str(tmp_path / "at6")))
+    env["MASTER_PORT"] = str(free_port())
+    r = subprocess.run(
+        [sys.executable, "-c", _STOP_MID_STEP, str(at6), "5", "3"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 75 and "stop on evaluation step 6: evaluating first" in r.stdout, r.stdout[-3000:]
+    (saved6,) = (tmp_path / "at6").glob("*/checkpoints/step-*/metadata.json")
+    m6 = json.loads(saved6.read_text())
+    assert m6["step"] == 6 and m6["reason"] == "preemption" and m6["val_loss"] == a["val_history"][2][1]
+    r = run_rank("--config", str(at6))
+    assert r.returncode == 0 and "at step 6" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    (final6,) = (tmp_path / "at6").glob("*/checkpoints/step-00000008")
+    c = json.loads((final6 / "metadata.json").read_text())
+    assert c["loss_history"] == a["loss_history"] and c["val_history"] == a["val_history"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     wa = get_fp32_state_dict_from_zero_checkpoint(str(ref_final.parent), tag=ref_final.name)

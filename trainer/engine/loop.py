@@ -72,6 +72,7 @@ class Trainer:
         self.stop_deadline: Optional[float] = None  # monotonic time by which a stopped job must have left
         self.resumed_from_world_size: Optional[int] = None  # the resumed checkpoint's world size, when it differs
         self._grace_warned: set[str] = set()
+        self._last_eval_s: Optional[float] = None  # how long this process's last evaluation took
 
     # ----------------------------------------------------------------------------------- setup
     def say_where_checkpoints_are(self) -> None:
@@ -372,6 +373,7 @@ class Trainer:
         s = self.state
         with self.clock.phase_of("eval"):
             result = self.evaluator.run(s.step)
+        self._last_eval_s = result.seconds
         improved = s.record_val(result)
         self.report.val_point(
             result, improved, (s.best_val_loss, s.best_val_step), s.validation_metrics(s.step, self.plan.best_metric)
@@ -396,6 +398,8 @@ class Trainer:
             )
             self.ckpt.wait(self.stop_deadline - reserve)
         saved = self.ckpt.last_saved_step == s.step
+        if completed and not saved and self._evaluation_due_here() and self._evaluation_fits():
+            self._evaluate()  # a stop on an evaluation step: its checkpoint holds its validation loss, as without one
         if not saved and self.ckpt.pending is None and self.ckpt.save_fits(s.step, self.stop_deadline):
             self._log_window(window, lr, tokens_per_step)
             self.ckpt.maybe_save(s.step, "preemption", rng=None if completed else self.boundary_rng)
@@ -409,6 +413,24 @@ class Trainer:
             " after saving" if saved else "",
         )
         self.report.stopping(s.step, self.stop.signal_name)
+
+    def _evaluation_due_here(self) -> bool:
+        """Is the step the ranks stopped on an evaluation step not evaluated yet? (The same on every rank.)"""
+        assert self.plan is not None
+        s = self.state
+        return self.evaluator is not None and self.plan.eval_due(s.step) and s.val_at(s.step) is None
+
+    def _evaluation_fits(self) -> bool:
+        """Do an evaluation (as long as this job's last one) and the emergency save both fit before the deadline?
+        Collective: rank 0's answer. Unknown (no evaluation yet in this process): no, the resume runs it instead."""
+        assert self.ckpt is not None and self.stop_deadline is not None
+        last_eval = self._last_eval_s if self._last_eval_s is not None else float("inf")
+        eval_s, save_s = dist.all_reduce_max([last_eval, self.ckpt.emergency_save_s() or 0.0])
+        left = self.stop_deadline - time.monotonic() - self.cfg.preemption.exit_reserve_s
+        fits = bool(dist.broadcast_object(left >= 1.2 * (eval_s + save_s)))
+        if fits:
+            log.info("stop on evaluation step %d: evaluating first (~%.1f s), then saving", self.state.step, eval_s)
+        return fits
 
     def tokens_per_step(self) -> int:
         """Tokens all ranks process together in one optimizer step."""
