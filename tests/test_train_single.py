@@ -486,23 +486,20 @@ def test_a_stop_between_micro_batches_saves_the_last_complete_step_and_resumes_e
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (ref_final,) = (tmp_path / "ref").glob("*/checkpoints/step-00000008")
 
+    def stopped_run(config: Path, step: int, micro: int) -> subprocess.CompletedProcess:
+        """One rank of `config`, stopped during (0-based) step `step`'s micro-batch `micro`."""
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+        return subprocess.run(
+            [sys.executable, "-c", _STOP_MID_STEP, str(config), str(step), str(micro)],
+            cwd=REPO,
+            env={**env, "MASTER_PORT": str(free_port())},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
     cfg = _cfg(tiny_config, run_dir=str(tmp_path / "runs"))
-    env = {
-        **os.environ,
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }
-    r = subprocess.run(
-        [sys.executable, "-c", _STOP_MID_STEP, str(cfg), "5", "1"],  # step 6's second micro-batch
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = stopped_run(cfg, 5, 1)  # step 6's second micro-batch
     assert r.returncode == 75, r.stdout[-3000:] + r.stderr[-3000:]
     assert "stopped at step 5 (between micro-batches" in r.stdout, r.stdout[-3000:]
     (saved,) = (tmp_path / "runs").glob("*/checkpoints/step-*/metadata.json")
@@ -535,19 +532,11 @@ def test_a_stop_between_micro_batches_saves_the_last_complete_step_and_resumes_e
     assert [s for s, _ in a["val_history"]] == [0, 3, 6, 8] and a["val_history"] == b["val_history"]
 
     # a stop at the end of step 6 (its last micro-batch), an evaluation step: evaluated first, then saved
-    at6 = tmp_path / "at6.yaml"
-    at6.write_text(cfg.read_text().replace(str(tmp_path / "runs"), str(tmp_path / "at6")))
-    env["MASTER_PORT"] = str(free_port())
-    r = subprocess.run(
-        [sys.executable, "-c", _STOP_MID_STEP, str(at6), "5", "3"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # (saving at step 3 too: with no save measured yet, the job would not risk the evaluation before its save)
+    at6 = _cfg(tiny_config, run_dir=str(tmp_path / "at6"), checkpoint={"save_every": 3, "keep_last": 5})
+    r = stopped_run(at6, 5, 3)
     assert r.returncode == 75 and "stop on evaluation step 6: evaluating first" in r.stdout, r.stdout[-3000:]
-    (saved6,) = (tmp_path / "at6").glob("*/checkpoints/step-*/metadata.json")
+    (saved6,) = (tmp_path / "at6").glob("*/checkpoints/step-00000006/metadata.json")
     m6 = json.loads(saved6.read_text())
     assert m6["step"] == 6 and m6["reason"] == "preemption" and m6["val_loss"] == a["val_history"][2][1]
     r = run_rank("--config", str(at6))

@@ -67,29 +67,10 @@ def main() -> None:
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     (root / "hostfile").write_text("localhost slots=2\n")
+    train = [sys.executable, "-m", "trainer.cli.main", "train", str(path), "--num-ranks", "2", "--resume", "none"]
     ways = {
-        "trainer train": lambda: [
-            sys.executable,
-            "-m",
-            "trainer.cli.main",
-            "train",
-            str(path),
-            "--num-ranks",
-            "2",
-            "--resume",
-            "none",
-        ],
-        "trainer train, GPU check": lambda: [
-            sys.executable,
-            "-m",
-            "trainer.cli.main",
-            "train",
-            str(path),
-            "--num-ranks",
-            "2",
-            "--resume",
-            "none",
-        ],
+        "trainer train": lambda: train,
+        "trainer train, GPU check": lambda: train,  # (the same command; the environment differs, below)
         "deepspeed runner": lambda: [
             sys.executable,
             "-m",

@@ -127,4 +127,7 @@ def upload_wording(state: dict) -> str:
         )
     if s == UploadState.LOCAL.value:
         return "not uploaded"
-    return UploadState(s).word if s in UploadState._value2member_map_ else s
+    try:
+        return UploadState(s).word
+    except ValueError:  # a state this version does not know: as written
+        return s

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -422,14 +423,27 @@ class Trainer:
 
     def _evaluation_fits(self) -> bool:
         """Do an evaluation (as long as this job's last one) and the emergency save both fit before the deadline?
-        Collective: rank 0's answer. Unknown (no evaluation yet in this process): no, the resume runs it instead."""
+        Collective: rank 0's answer. Either unknown (no evaluation or no save yet in this process): no. The save
+        matters more than the evaluation, which the resume then runs instead."""
         assert self.ckpt is not None and self.stop_deadline is not None
-        last_eval = self._last_eval_s if self._last_eval_s is not None else float("inf")
-        eval_s, save_s = dist.all_reduce_max([last_eval, self.ckpt.emergency_save_s() or 0.0])
+        known = [self._last_eval_s, self.ckpt.emergency_save_s()]
+        eval_s, save_s = dist.all_reduce_max([s if s is not None else float("inf") for s in known])
         left = self.stop_deadline - time.monotonic() - self.cfg.preemption.exit_reserve_s
         fits = bool(dist.broadcast_object(left >= 1.2 * (eval_s + save_s)))
+        step = self.state.step
         if fits:
-            log.info("stop on evaluation step %d: evaluating first (~%.1f s), then saving", self.state.step, eval_s)
+            log.info("stop on evaluation step %d: evaluating first (~%.1f s), then saving", step, eval_s)
+        elif math.isinf(eval_s + save_s):
+            log.info("stop on evaluation step %d: saving without evaluating (no save or evaluation timed yet)", step)
+        else:
+            log.info(
+                "stop on evaluation step %d: an evaluation (~%.1f s) and a save (~%.1f s) do not fit the %.1f s left:"
+                " saving without (the resume evaluates it)",
+                step,
+                eval_s,
+                save_s,
+                left,
+            )
         return fits
 
     def tokens_per_step(self) -> int:
