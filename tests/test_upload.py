@@ -121,7 +121,6 @@ def test_server_killed_mid_upload_fails_with_reason_then_upload_all_completes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import threading
-    import time
 
     emu = Emulator("gcp-storage-emulator", tmp_path / "emu").start()  # the slower emulator: easier to catch mid-upload
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.url)
@@ -129,15 +128,32 @@ def test_server_killed_mid_upload_fails_with_reason_then_upload_all_completes(
         ckpt = fake_checkpoint(tmp_path / "runs" / "run1", 5, size=48_000_000)
         storage = open_storage(f"gs://{BUCKET}/ckpts", retry_deadline_s=3)
         up = CheckpointUploader(storage, "none", workers=2, retries=1, backoff_s=0.05)
+        killed = threading.Lock()
+        put_stream = storage.put_stream
+
+        # a part's stream that kills the server on its first read: mid-upload, however fast this machine is
+        class KillsTheServerOnItsFirstRead:
+            def __init__(self, stream: object) -> None:
+                self.stream = stream
+
+            def read(self, *args: int) -> bytes:
+                data = self.stream.read(*args)  # type: ignore[attr-defined]
+                if killed.acquire(blocking=False):
+                    assert read_state(ckpt)["state"] == "uploading"
+                    emu.stop()  # down for the whole retry budget
+                return data
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(self.stream, name)
+
+        monkeypatch.setattr(
+            storage, "put_stream", lambda key, s, n: put_stream(key, KillsTheServerOnItsFirstRead(s), n)
+        )
         outcome: list = []
         t = threading.Thread(target=lambda: outcome.append(_try(up.upload, ckpt)))
         t.start()
-        deadline = time.monotonic() + 60
-        while read_state(ckpt)["state"] != "uploading" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.3)
-        emu.stop()  # killed mid-upload, down for the whole retry budget
         t.join(timeout=300)
+        assert killed.locked()  # the kill came mid-upload
         assert isinstance(outcome[0], UploadFailed), outcome
         st = read_state(ckpt)
         assert st["state"] == "failed" and st["error"]
